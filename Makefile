@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` (the quickstart study) and `make test` (the test suite).
+# Both create .venv and install the pinned set (requirements.lock) when pyproject.toml or the lock
+# changed; the second run is fast.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench figure clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/memlayers study run studies/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/memlayers bench memory
+	$(VENV)/bin/memlayers bench fit
+	$(VENV)/bin/memlayers bench train
+
+figure: $(STAMP)
+	$(VENV)/bin/memlayers report runs/quickstart/ --figure docs/headline.png
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,105 @@
+"""Exact parameter and FLOP accounting from a config, without building the model.
+
+Parameters are counted by kind: embedding (input table + untied output head), memory values
+(every distinct value table), the rest, and *active* parameters — those a token uses: all
+non-value, non-expert parameters, the top-k experts' share of each MoE layer, and the rows a
+memory layer reads (heads * topk * value_dim per memory layer).
+
+Forward FLOPs per token count 2 per multiply-add of every matmul:
+  attention projections 2*D*(H*E) + 2*2*D*(G*E) + 2*(H*E)*D, attention mixing 2*2*(H*E)*ctx
+  with ctx = (seq_len + 1) / 2 (the mean causal context), SwiGLU 2*3*D*F, MoE router 2*D*X
+  plus topk experts 2*3*D*F_e (plus a shared expert), memory layer: query 2*D*h*K,
+  sub-key scoring 2*h*n*K, value read 2*h*k*V, Memory+ gate and output 2*D*V each, and the
+  output head 2*D*vocab. A value table adds N*V parameters and NO FLOPs beyond the k rows read.
+  Norms, rotary embeddings, softmaxes and top-k selection are not counted.
+Training FLOPs = 3 x forward FLOPs (forward + backward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from memlayers.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Accounting:
+    total_params: int
+    embedding_params: int
+    memory_value_params: int
+    active_params: int
+    forward_flops_per_token: int
+    train_flops_per_token: int
+
+    @property
+    def non_embedding_params(self) -> int:
+        return self.total_params - self.embedding_params
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "non_embedding_params": self.non_embedding_params}
+
+
+@dataclass(frozen=True)
+class _Counts:
+    params: int = 0
+    active: int = 0
+    flops: int = 0
+
+    def __add__(self, other: "_Counts") -> "_Counts":
+        return _Counts(self.params + other.params, self.active + other.active, self.flops + other.flops)
+
+
+def _dense(d: int, f: int) -> _Counts:
+    return _Counts(3 * d * f, 3 * d * f, 2 * 3 * d * f)
+
+
+def _attention(cfg: ModelConfig, seq_len: int) -> _Counts:
+    d, qe, kve = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    params = d * qe + 2 * d * kve + qe * d
+    mixing = 2 * 2 * qe * (seq_len + 1) // 2
+    return _Counts(params, params, 2 * params + mixing)
+
+
+def _moe(cfg: ModelConfig) -> _Counts:
+    d, moe, fe = cfg.dim, cfg.moe, cfg.expert_hidden_dim
+    expert = _dense(d, fe)
+    counts = _Counts(d * moe.experts, d * moe.experts, 2 * d * moe.experts)
+    counts += _Counts(moe.experts * expert.params, moe.topk * expert.active, moe.topk * expert.flops)
+    return counts + (_dense(d, cfg.hidden_dim) if moe.shared_expert else _Counts())
+
+
+def _memory_layer(cfg: ModelConfig) -> _Counts:
+    """A memory layer without its value table (the table is counted once per distinct table)."""
+    d, mem, kd, v = cfg.dim, cfg.memory, cfg.key_dim, cfg.dim
+    params = d * mem.heads * kd + mem.heads * mem.sub_keys * kd + (kd // 2 if cfg.qk_norm else 0)
+    flops = 2 * d * mem.heads * kd + 2 * mem.heads * mem.sub_keys * kd + 2 * mem.heads * mem.topk * v
+    if cfg.gated:
+        params += 2 * d * v
+        flops += 2 * d * v + 2 * v * d
+    return _Counts(params, params + mem.heads * mem.topk * v, flops)
+
+
+def memory_value_params(cfg: ModelConfig) -> int:
+    if not cfg.memory_layers:
+        return 0
+    tables = 1 if cfg.shared_values else len(cfg.memory_layers)
+    return tables * cfg.memory.slots * cfg.dim
+
+
+def account(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
+    """Parameters by kind and FLOPs per token of `cfg` at `seq_len` (default max_seq_len)."""
+    cfg.validate()
+    seq_len = seq_len or cfg.max_seq_len
+    d = cfg.dim
+    embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    body = _Counts()
+    for layer in range(cfg.n_layers):
+        body += _attention(cfg, seq_len) + _Counts(2 * d, 2 * d, 0)
+        kind = cfg.ffn_kind(layer)
+        body += _moe(cfg) if kind == "moe" else _memory_layer(cfg) if kind == "memory" else _dense(d, cfg.hidden_dim)
+    head_flops = 2 * d * cfg.vocab_size
+    values = memory_value_params(cfg)
+    total = embedding + body.params + d + values
+    active = embedding + body.active + d
+    forward = body.flops + head_flops
+    return Accounting(total, embedding, values, active, forward, 3 * forward)

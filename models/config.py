@@ -1,0 +1,177 @@
+"""Model configs: the transformer shape and the feed-forward family with its options.
+
+Families: `dense` (SwiGLU everywhere), `moe` (every FFN a mixture of experts), `pkm`
+(product-key memory replacing the FFN in chosen layers, own values per layer) and `memory_plus`
+(the paper's layer: qk-norm, swilu gating, several layers sharing ONE value table).
+All configs validate on construction through `validate(path)`; errors name the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from memlayers.models.schema import ConfigError, require
+
+Family = Literal["dense", "moe", "pkm", "memory_plus"]
+FAMILIES: tuple[str, ...] = ("dense", "moe", "pkm", "memory_plus")
+MEMORY_FAMILIES: tuple[str, ...] = ("pkm", "memory_plus")
+
+
+@dataclass
+class MemoryConfig:
+    slots: int = 65536            # N = n^2 value rows; n sub-keys per half
+    heads: int = 4                # query heads, each reads `topk` rows
+    topk: int = 32                # rows read per head per token
+    key_dim: Optional[int] = None  # full key dim d_k (two halves of d_k/2); None -> dim // 4
+    n_layers: Optional[int] = None  # memory layers; None -> 3 (memory_plus) or 1 (pkm)
+    layers: Optional[list[int]] = None  # explicit layer indices; None -> evenly spaced
+    qk_norm: Optional[bool] = None  # None -> True for memory_plus, False for pkm
+    gated: Optional[bool] = None    # swilu gate + output projection; None -> as qk_norm
+    shared_values: Optional[bool] = None  # one table for all memory layers; None -> memory_plus
+    sparse_grad: bool = True      # row-sparse value gradients (False: paper-faithful dense)
+    temperature: Optional[float] = None  # qk-norm score scale on cosines; None -> sqrt(key_dim/2)
+
+    @property
+    def sub_keys(self) -> int:
+        return math.isqrt(self.slots)
+
+    def validate(self, path: str = "memory") -> None:
+        require(self.slots > 0 and math.isqrt(self.slots) ** 2 == self.slots, f"{path}.slots",
+                f"must be a perfect square n*n (product keys), got {self.slots}")
+        require(self.heads >= 1, f"{path}.heads", f"must be >= 1, got {self.heads}")
+        require(1 <= self.topk <= self.sub_keys, f"{path}.topk",
+                f"must be between 1 and sqrt(slots)={self.sub_keys}, got {self.topk}")
+        if self.key_dim is not None:
+            require(self.key_dim >= 2 and self.key_dim % 2 == 0, f"{path}.key_dim",
+                    f"must be an even integer >= 2, got {self.key_dim}")
+        if self.temperature is not None:
+            require(self.temperature > 0, f"{path}.temperature", f"must be > 0, got {self.temperature}")
+        if self.n_layers is not None:
+            require(self.n_layers >= 1, f"{path}.n_layers", f"must be >= 1, got {self.n_layers}")
+
+
+@dataclass
+class MoEConfig:
+    experts: int = 8              # E experts per MoE layer
+    topk: int = 2                 # experts per token (token choice)
+    expert_ffn_dim: Optional[int] = None  # None -> ffn_dim // topk (active FLOPs ~ dense)
+    shared_expert: bool = False   # an always-on SwiGLU beside the routed experts
+    balance_coef: float = 0.01    # Switch load-balancing loss weight
+
+    def validate(self, path: str = "moe") -> None:
+        require(self.experts >= 1, f"{path}.experts", f"must be >= 1, got {self.experts}")
+        require(1 <= self.topk <= self.experts, f"{path}.topk",
+                f"must be between 1 and experts={self.experts}, got {self.topk}")
+        if self.expert_ffn_dim is not None:
+            require(self.expert_ffn_dim >= 1, f"{path}.expert_ffn_dim", f"must be >= 1, got {self.expert_ffn_dim}")
+        require(self.balance_coef >= 0, f"{path}.balance_coef", f"must be >= 0, got {self.balance_coef}")
+
+
+@dataclass
+class ModelConfig:
+    family: Family = "dense"
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # grouped KV heads; None -> n_heads
+    ffn_dim: Optional[int] = None     # None -> Llama rule: 8/3 * dim rounded up to ffn_multiple
+    ffn_multiple: int = 16
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    memory: Optional[MemoryConfig] = None
+    moe: Optional[MoEConfig] = None
+
+    # ---- derived shapes -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        raw = int(8 * self.dim / 3)
+        return self.ffn_multiple * math.ceil(raw / self.ffn_multiple)
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        assert self.moe is not None
+        return self.moe.expert_ffn_dim or max(1, self.hidden_dim // self.moe.topk)
+
+    @property
+    def key_dim(self) -> int:
+        assert self.memory is not None
+        return self.memory.key_dim or max(2, 2 * (self.dim // 8))
+
+    @property
+    def memory_plus(self) -> bool:
+        return self.family == "memory_plus"
+
+    @property
+    def qk_norm(self) -> bool:
+        assert self.memory is not None
+        return self.memory_plus if self.memory.qk_norm is None else self.memory.qk_norm
+
+    @property
+    def gated(self) -> bool:
+        assert self.memory is not None
+        return self.qk_norm if self.memory.gated is None else self.memory.gated
+
+    @property
+    def shared_values(self) -> bool:
+        assert self.memory is not None
+        return self.memory_plus if self.memory.shared_values is None else self.memory.shared_values
+
+    @property
+    def memory_layers(self) -> list[int]:
+        """Indices of the layers whose FFN is a memory layer (evenly spaced by default)."""
+        if self.family not in MEMORY_FAMILIES or self.memory is None:
+            return []
+        if self.memory.layers is not None:
+            return sorted(self.memory.layers)
+        count = self.memory.n_layers or min(3 if self.memory_plus else 1, self.n_layers)
+        return [(i + 1) * self.n_layers // (count + 1) for i in range(count)]
+
+    def ffn_kind(self, layer: int) -> str:
+        """'dense' | 'moe' | 'memory' for layer `layer`."""
+        if self.family == "moe":
+            return "moe"
+        return "memory" if layer in self.memory_layers else "dense"
+
+    def validate(self, path: str = "model") -> None:
+        require(self.family in FAMILIES, f"{path}.family",
+                f"unknown family {self.family!r} (expected one of {', '.join(FAMILIES)})")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_multiple"):
+            require(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require(self.dim % self.n_heads == 0, f"{path}.n_heads",
+                f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        require(self.head_dim % 2 == 0, f"{path}.dim", f"head dim {self.head_dim} must be even (rotary embeddings)")
+        require(self.n_heads % self.kv_heads == 0, f"{path}.n_kv_heads",
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
+        if self.ffn_dim is not None:
+            require(self.ffn_dim >= 1, f"{path}.ffn_dim", f"must be >= 1, got {self.ffn_dim}")
+        require(self.init_std > 0, f"{path}.init_std", f"must be > 0, got {self.init_std}")
+        if self.family in MEMORY_FAMILIES:
+            require(self.memory is not None, f"{path}.memory", f"family {self.family!r} needs a memory section")
+            self.memory.validate(f"{path}.memory")
+            layers = self.memory_layers
+            require(len(set(layers)) == len(layers) and all(0 <= i < self.n_layers for i in layers),
+                    f"{path}.memory.layers",
+                    f"need distinct layer indices in [0, {self.n_layers}), got {layers}")
+        elif self.memory is not None:
+            raise ConfigError(f"{path}.memory", f"only families {MEMORY_FAMILIES} take a memory section")
+        if self.family == "moe":
+            require(self.moe is not None, f"{path}.moe", "family 'moe' needs a moe section")
+            self.moe.validate(f"{path}.moe")
+        elif self.moe is not None:
+            raise ConfigError(f"{path}.moe", "only family 'moe' takes a moe section")

@@ -1,0 +1,124 @@
+"""The Llama-style decoder: pre-norm blocks of attention + a per-layer feed-forward.
+
+The feed-forward of layer i is SwiGLU, MoE or a memory layer, as `ModelConfig.ffn_kind(i)`
+says. For memory_plus the model owns ONE value table that its memory layers share.
+
+Legend: B batch, T sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlayers.models.attention import Attention, rope_tables
+from memlayers.models.config import ModelConfig
+from memlayers.models.feedforward import SwiGLU
+from memlayers.models.init import trunc_normal_
+from memlayers.models.memory import MemoryLayer
+from memlayers.models.moe import MoE
+from memlayers.models.values import ValueTable
+
+
+def build_ffn(cfg: ModelConfig, layer: int, shared_values: ValueTable | None) -> nn.Module:
+    kind = cfg.ffn_kind(layer)
+    if kind == "moe":
+        moe = cfg.moe
+        return MoE(cfg.dim, cfg.expert_hidden_dim, moe.experts, moe.topk,
+                   cfg.hidden_dim if moe.shared_expert else None)
+    if kind == "memory":
+        return MemoryLayer(cfg.dim, cfg.memory, shared_values, key_dim=cfg.key_dim,
+                           qk_norm=cfg.qk_norm, gated=cfg.gated)
+    return SwiGLU(cfg.dim, cfg.hidden_dim)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, shared_values: ValueTable | None) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = build_ffn(cfg, layer, shared_values)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos, sin)
+        return h_BTD + self.ffn(self.ffn_norm(h_BTD))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.memory_values = None
+        if cfg.family == "memory_plus" and cfg.shared_values:
+            self.memory_values = ValueTable(cfg.memory.slots, cfg.dim, sparse_grad=cfg.memory.sparse_grad)
+        self.layers = nn.ModuleList(Block(cfg, i, self.memory_values) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        cfg = self.cfg
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        trunc_normal_(self.tok_embeddings.weight, 1.0 if self.output is not None else std)
+        if self.output is not None:
+            trunc_normal_(self.output.weight, cfg.dim ** -0.5)
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.layers:
+            block.attention.init_weights(std, out_std)
+            block.ffn.init_weights(std, out_std)
+        if self.memory_values is not None:
+            self.memory_values.init_weights()
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, V), fp32."""
+        h_BTD = self.tok_embeddings(tokens_BT)
+        for block in self.layers:
+            h_BTD = block(h_BTD, self.rope_cos, self.rope_sin)
+        h_BTD = self.norm(h_BTD)
+        weight_VD = self.output.weight if self.output is not None else self.tok_embeddings.weight
+        return F.linear(h_BTD, weight_VD).float()
+
+    def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total loss for the optimizer, cross-entropy alone); total adds MoE balance loss."""
+        logits_BTV = self(tokens_BT)
+        ce = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
+        return ce + self.aux_loss(), ce
+
+    def aux_loss(self) -> torch.Tensor:
+        moes = self.moe_layers()
+        if not moes:
+            return torch.zeros((), device=self.tok_embeddings.weight.device)
+        return self.cfg.moe.balance_coef * sum(m.balance_loss for m in moes)
+
+    # ---- structure ----------------------------------------------------------------------------
+    def memory_layers(self) -> list[MemoryLayer]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MemoryLayer)]
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+
+    def value_tables(self) -> list[ValueTable]:
+        """Distinct value tables (one for memory_plus, one per layer for pkm)."""
+        tables: dict[int, ValueTable] = {}
+        for layer in self.memory_layers():
+            tables.setdefault(id(layer.table), layer.table)
+        return list(tables.values())
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return [t.weight for t in self.value_tables()]

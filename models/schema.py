@@ -63,7 +63,7 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping, got {_describe(value)}")
-        return {k: _convert(v, args[1] if args else Any, f"{path}.{k}") for k, v in value.items()}
+        return {k: _convert(v, args[1] if args else Any, join(path, k)) for k, v in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected true or false, got {_describe(value)}")
@@ -83,18 +83,23 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
     return value
 
 
+def join(path: str, key: str) -> str:
+    """'a.b' + 'c' -> 'a.b.c'; the root path '' + 'c' -> 'c'."""
+    return f"{path}.{key}" if path else key
+
+
 def from_dict(cls: type[T], data: Any, path: str) -> T:
     """Build dataclass `cls` from mapping `data`; errors name `path.field`."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(path, f"expected a mapping, got {_describe(data)}")
+        raise ConfigError(path or "config", f"expected a mapping, got {_describe(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise ConfigError(f"{path}.{key}", f"unknown key (expected one of {', '.join(sorted(fields))})")
-    kwargs = {name: _convert(value, hints[name], f"{path}.{name}") for name, value in data.items()}
+            raise ConfigError(join(path, key), f"unknown key (expected one of {', '.join(sorted(fields))})")
+    kwargs = {name: _convert(value, hints[name], join(path, name)) for name, value in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):

@@ -17,3 +17,12 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the whole test session (2 CPUs, 127.0.0.1)."""
+    from memlayers.platform.ray_session import ray_cluster
+
+    with ray_cluster(None, num_cpus=2):
+        yield

@@ -1,0 +1,191 @@
+"""Synthetic facts: fictional people with attributes, rendered as biographies, plus QA pairs.
+
+The world (`generate_world`) is a list of people with unique one-word names made of generated
+syllables; each person holds one value per attribute, drawn from that attribute's value list
+(generated one-word names of cities, companies, universities, fields of study, or years).
+The world is decided by `FactsConfig.seed` through counter-based hashes (draws.py), so it
+is the same on every machine and Python version; `FACTS_VERSION` changes whenever the output
+of this module would change, and it is part of the data fingerprint.
+
+A biography (`biography`) is one sentence per attribute, in a shuffled order, each from one of
+`templates_per_attribute` phrasings, e.g. "Dorvakin was born in Selmoraton ." With the word
+tokenizer every name and value is one token and sentences are ~6.3 tokens. Renderings, their
+order and phrasings are decided by the data seed (`DataConfig.seed`), the world by the facts seed.
+
+Corpus size: `renderings` biographies per person (rendering r of a fact uses template
+(offset + r) mod K, so every phrasing of every fact appears once renderings >= K), about
+people * renderings * (attributes * 6.3 + 1) word tokens (790k with the defaults). One pass shows
+every fact `renderings` times: exposures per fact = renderings * epochs (the ~85 exposures of
+DESIGN.md section 8 are e.g. renderings=10 and ~8.5 epochs).
+
+The validation split is extra renderings r >= renderings of the same facts: held-out orders and
+phrasings, because recall is the point, not generalisation. The QA split (`qa_pairs`) asks every
+(person, attribute) with the phrasing of its rendering 0, which is always in the training text:
+prompt = the sentence up to the value, answer = the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from memlayers.platform.data.draws import draw
+
+if TYPE_CHECKING:
+    from memlayers.platform.data.config import FactsConfig
+
+FACTS_VERSION = 1
+VALUE = "{value}"
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One kind of fact: its phrasings (value always last, before ' .') and its values."""
+
+    templates: tuple[str, ...]
+    suffixes: tuple[str, ...] = ()  # word values: generated stem + one of these
+    first_year: int = 0             # year values: first_year, first_year + 1, ...
+    max_values: int = 10_000
+
+
+ATTRIBUTES: dict[str, Attribute] = {
+    "birth_city": Attribute((
+        "{name} was born in {value} .",
+        "{name} 's birthplace is {value} .",
+        "the hometown of {name} is {value} .",
+        "{name} came into the world in {value} .",
+        "{name} first drew breath in {value} .",
+    ), suffixes=("ton", "burg", "vale", "mora", "ford", "haven")),
+    "employer": Attribute((
+        "{name} works for {value} .",
+        "{name} is employed by {value} .",
+        "the employer of {name} is {value} .",
+        "{name} earns a living at {value} .",
+        "{name} has a job at {value} .",
+    ), suffixes=("corp", "tech", "works", "soft", "labs")),
+    "university": Attribute((
+        "{name} studied at {value} .",
+        "{name} graduated from {value} .",
+        "the alma mater of {name} is {value} .",
+        "{name} is an alumnus of {value} .",
+        "{name} earned a degree at {value} .",
+    ), suffixes=("ridge", "stone", "field", "wood")),
+    "birth_year": Attribute((
+        "{name} was born during {value} .",
+        "{name} 's birth year is {value} .",
+        "the birth year of {name} is {value} .",
+        "{name} entered life in the year {value} .",
+        "{name} was a newborn in {value} .",
+    ), first_year=1900, max_values=200),
+    "major": Attribute((
+        "{name} majored in {value} .",
+        "the field of study of {name} was {value} .",
+        "{name} specialized in {value} .",
+        "{name} wrote a thesis on {value} .",
+        "{name} took a degree in {value} .",
+    ), suffixes=("ology", "onomics", "istry", "ics")),
+}
+DEFAULT_ATTRIBUTES: tuple[str, ...] = ("birth_city", "employer", "university", "birth_year")
+
+_ONSETS = ("b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+           "br", "dr", "gr", "kr", "st", "th", "sh")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("", "", "n", "r", "l", "s")
+
+
+def _word(seed: int, *key: object) -> str:
+    """A capitalised pseudo-word of 2-3 generated syllables."""
+    bits = draw(seed, "word", *key)
+    syllables = 2 + bits % 2
+    bits //= 2
+    parts = []
+    for _ in range(syllables):
+        for choices in (_ONSETS, _VOWELS, _CODAS):
+            parts.append(choices[bits % len(choices)])
+            bits //= len(choices)
+    return "".join(parts).capitalize()
+
+
+@dataclass(frozen=True)
+class World:
+    """People (one-word names) and, per attribute, its value list and each person's value."""
+
+    names: tuple[str, ...]
+    attributes: tuple[str, ...]
+    values: dict[str, tuple[str, ...]]          # attribute -> its value list
+    facts: dict[str, tuple[int, ...]]           # attribute -> value index per person
+    templates_per_attribute: int
+
+    def value(self, person: int, attribute: str) -> str:
+        return self.values[attribute][self.facts[attribute][person]]
+
+
+def generate_world(cfg: "FactsConfig") -> World:
+    """The seeded world of `cfg`: unique names, value lists, one value per (person, attribute)."""
+    used: set[str] = set()
+
+    def fresh(purpose: str, index: int, suffixes: Sequence[str] = ()) -> str:
+        for attempt in range(1000):
+            stem = _word(cfg.seed, purpose, index, attempt)
+            suffix = suffixes[draw(cfg.seed, "suffix", purpose, index, attempt) % len(suffixes)] if suffixes else ""
+            word = stem + suffix
+            if word not in used:
+                used.add(word)
+                return word
+        raise RuntimeError(f"facts: cannot generate a new unique word for {purpose} #{index}")
+
+    values: dict[str, tuple[str, ...]] = {}
+    for name in cfg.attributes:
+        attr = ATTRIBUTES[name]
+        if attr.suffixes:
+            values[name] = tuple(fresh(name, i, attr.suffixes) for i in range(cfg.values_per_attribute))
+        else:
+            values[name] = tuple(str(attr.first_year + i) for i in range(cfg.values_per_attribute))
+            used.update(values[name])
+    names = tuple(fresh("person", p) for p in range(cfg.people))
+    facts = {name: tuple(draw(cfg.seed, "fact", name, p) % cfg.values_per_attribute
+                         for p in range(cfg.people))
+             for name in cfg.attributes}
+    return World(names=names, attributes=tuple(cfg.attributes), values=values, facts=facts,
+                 templates_per_attribute=cfg.templates_per_attribute)
+
+
+def _template(world: World, seed: int, person: int, attribute: str, rendering: int) -> str:
+    offset = draw(seed, "template", person, attribute)
+    templates = ATTRIBUTES[attribute].templates[:world.templates_per_attribute]
+    return templates[(offset + rendering) % len(templates)]
+
+
+def biography(world: World, seed: int, person: int, rendering: int) -> str:
+    """Rendering `rendering` of `person`: every fact once, shuffled order, rotating phrasings."""
+    order = sorted(world.attributes, key=lambda a: draw(seed, "order", rendering, person, a))
+    return " ".join(
+        _template(world, seed, person, a, rendering).format(name=world.names[person], value=world.value(person, a))
+        for a in order)
+
+
+def documents(world: World, seed: int, renderings: range) -> Iterator[str]:
+    """Biographies for each rendering in `renderings`, people in a seeded order per rendering."""
+    people = range(len(world.names))
+    for r in renderings:
+        for person in sorted(people, key=lambda p: draw(seed, "document", r, p)):
+            yield biography(world, seed, person, r)
+
+
+@dataclass(frozen=True)
+class QAPair:
+    person: str
+    attribute: str
+    prompt: str   # the sentence up to (not including) the value, no trailing space
+    answer: str   # the value: one word
+
+
+def qa_pairs(world: World, seed: int) -> list[QAPair]:
+    """One question per (person, attribute), phrased as in that fact's rendering 0."""
+    pairs = []
+    for person, name in enumerate(world.names):
+        for attribute in world.attributes:
+            template = _template(world, seed, person, attribute, rendering=0)
+            prompt = template[:template.index(VALUE)].format(name=name).rstrip()
+            pairs.append(QAPair(name, attribute, prompt, world.value(person, attribute)))
+    return pairs

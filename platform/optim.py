@@ -44,11 +44,18 @@ class Optimizers:
         if self.values is not None:
             self.values.zero_grad(set_to_none=True)
 
-    def clip(self, cfg: TrainConfig) -> tuple[float, float]:
-        """Clip dense and value gradients separately; returns their norms before clipping."""
+    def clip(self, cfg: TrainConfig, value_clipper=None) -> tuple[float, float]:
+        """Clip dense and value gradients separately; returns their norms before clipping.
+
+        `value_clipper(max_norm) -> norm` replaces the local value clipping (sharded tables
+        need the norm summed over their memory-parallel group).
+        """
         dense_norm = nn.utils.clip_grad_norm_(self.dense_params, cfg.grad_clip)
-        value_norm = clip_value_grad_norm_(self.value_params, cfg.value_grad_clip) if self.value_params else torch.zeros(())
-        return float(dense_norm), float(value_norm)
+        if not self.value_params:
+            return float(dense_norm), 0.0
+        if value_clipper is not None:
+            return float(dense_norm), float(value_clipper(cfg.value_grad_clip))
+        return float(dense_norm), float(clip_value_grad_norm_(self.value_params, cfg.value_grad_clip))
 
     def step(self) -> None:
         self.dense.step()
@@ -57,14 +64,15 @@ class Optimizers:
         for scheduler in self.schedulers:
             scheduler.step()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, values: bool = True) -> dict:
+        """`values=False` leaves out the value optimizer (sharded tables save it with their shards)."""
         return {"dense": self.dense.state_dict(),
-                "values": self.values.state_dict() if self.values is not None else None,
+                "values": self.values.state_dict() if self.values is not None and values else None,
                 "schedulers": [s.state_dict() for s in self.schedulers]}
 
     def load_state_dict(self, state: dict) -> None:
         self.dense.load_state_dict(state["dense"])
-        if self.values is not None:
+        if self.values is not None and state["values"] is not None:
             self.values.load_state_dict(state["values"])
         for scheduler, saved in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)

@@ -2,10 +2,12 @@
 
 `RunLoop` is plain PyTorch (no Ray): the Ray Train worker (worker.py) drives it, and tests
 and benchmarks drive it in-process. With `torch.distributed` initialised and world size > 1
-it wraps the model in DDP (gloo on CPU, NCCL on GPU); value tables are left out of DDP and
-their row-sparse gradients are averaged by hand, since DDP cannot all-reduce sparse gradients
-on NCCL. Everything a resumed run needs — model, optimizers, schedulers, data position,
-RNG — is in `state_dict()`.
+it builds the data-parallel x memory-parallel mesh (`platform/parallel.py`): the dense
+parameters go to DDP (gloo on CPU, NCCL on GPU); value tables are left out of DDP — split by
+columns over `resources.memory_parallel` ranks when that is > 1 — and their row-sparse
+gradients are averaged by hand, since DDP cannot all-reduce sparse gradients on NCCL.
+Everything a resumed run needs — model, optimizers, schedulers, data position, RNG, value
+shards — is written by `save(directory)` and read back by `load(directory)`.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from memlayers.kernels.usage import SlotUsage
-from memlayers.kernels.value_optim import allreduce_value_grads_
 from memlayers.models.accounting import Accounting, account
 from memlayers.models.config import ModelConfig
 from memlayers.models.moe import load_imbalance
@@ -28,7 +30,9 @@ from memlayers.models.transformer import Transformer
 from memlayers.platform.data.loader import TokenLoader
 from memlayers.platform.data.prepare import PreparedData
 from memlayers.platform.evaluate import qa_metrics, validation_loss
+from memlayers.platform.checkpoint import load_state, save_state
 from memlayers.platform.optim import build_optimizers
+from memlayers.platform.parallel import ParallelPlan, load_values, setup_parallel, value_param_names
 from memlayers.platform.run_config import RunConfig
 
 
@@ -93,11 +97,10 @@ class RunLoop:
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(self.plan.model).to(self.device)
         self.wrapped: nn.Module = LossModule(self.model)
+        self.parallel: ParallelPlan | None = None
         if world_size > 1 and dist.is_initialized():
-            from torch.nn.parallel import DistributedDataParallel
-            value_names = {n for n, p in self.wrapped.named_parameters() if any(p is v for v in self.model.value_parameters())}
-            self.wrapped._ddp_params_and_buffers_to_ignore = sorted(value_names)
-            self.wrapped = DistributedDataParallel(self.wrapped, find_unused_parameters=self.plan.model.family == "moe")
+            self.parallel = setup_parallel(self.model, cfg.resources.memory_parallel)
+            self.wrapped = self.parallel.wrap_ddp(self.wrapped, find_unused_parameters=self.plan.model.family == "moe")
         self.optimizers = build_optimizers(self.model, cfg.train, self.plan.steps)
         self.loader = TokenLoader(data.train_ids, cfg.data.seq_len, cfg.train.batch_size // world_size,
                                   rank=rank, world_size=world_size, seed=cfg.train.seed)
@@ -118,9 +121,10 @@ class RunLoop:
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite loss {float(loss)} at step {self.step + 1}")
         loss.backward()
-        if self.world_size > 1 and dist.is_initialized() and self.optimizers.value_params:
-            allreduce_value_grads_(self.optimizers.value_params)
-        grad_norm, value_grad_norm = self.optimizers.clip(self.cfg.train)
+        if self.parallel is not None and self.optimizers.value_params:
+            self.parallel.sync_value_grads()
+        grad_norm, value_grad_norm = self.optimizers.clip(
+            self.cfg.train, self.parallel.clip_value_grads_ if self.parallel is not None else None)
         lr = self.optimizers.dense.param_groups[0]["lr"]
         self.optimizers.step()
         self.optimizers.zero_grad()
@@ -174,15 +178,45 @@ class RunLoop:
         return self.step >= self.plan.steps
 
     # ---- state ----------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        return self.parallel is not None and self.parallel.memory_parallel > 1
+
     def state_dict(self) -> dict:
-        state = {"model": self.model.state_dict(), "optimizers": self.optimizers.state_dict(),
+        """Rank 0's state; with sharded tables, without the value shards and their optimizer."""
+        model_state = self.model.state_dict()
+        if self.sharded:
+            for name in value_param_names(self.model, self.parallel.value_params):
+                model_state.pop(name)
+        state = {"model": model_state, "optimizers": self.optimizers.state_dict(values=not self.sharded),
                  "loader": self.loader.state_dict(), "step": self.step, "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state()
         return state
 
+    def save(self, directory: Path) -> bool:
+        """Write this rank's part of a checkpoint into `directory`; False if it has none."""
+        wrote = False
+        if self.rank == 0:
+            save_state(self.state_dict(), directory, 0, meta={"step": self.step, "world_size": self.world_size,
+                                                              "memory_parallel": self.cfg.resources.memory_parallel})
+            wrote = True
+        if self.sharded:
+            wrote = bool(self.parallel.save_values(self.model, directory, self.optimizers.values)) or wrote
+        return wrote
+
+    def load(self, directory: Path) -> None:
+        """Resume from a checkpoint directory written by `save` (any memory-parallel size)."""
+        self.load_state_dict(load_state(directory, 0, map_location=self.device))
+        if any(Path(directory).glob("values-t*-p*-r*.pt")):
+            load_values(self.model, directory, self.optimizers.values)
+
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        # value tables may be missing: a sharded run saves them as shards (read by `load`)
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        value_names = set(value_param_names(self.model, self.model.value_parameters()))
+        if unexpected or set(missing) - value_names:
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
         self.optimizers.load_state_dict(state["optimizers"])
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])

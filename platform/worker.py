@@ -16,7 +16,6 @@ from pathlib import Path
 import ray.train
 import torch
 
-from memlayers.platform.checkpoint import load_state, save_state
 from memlayers.platform.data.prepare import prepare_data
 from memlayers.platform.run_config import run_config_from_dict
 from memlayers.platform.tracking import MetricBuffer
@@ -42,7 +41,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            loop.load_state_dict(load_state(Path(directory), 0, map_location=device))
+            loop.load(Path(directory))
     metrics_out = MetricBuffer(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     monitor = _system_monitor(config) if rank == 0 else None
     marker = Path(config["workdir"]) / f".fault-injected-{config['run_id']}"
@@ -69,7 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if metrics_out is not None:
                     metrics_out.add(loop.step, evaluation)
             if loop.step % train.checkpoint_every == 0 or last:
-                _report(loop, metrics, rank)
+                _report(loop, metrics)
                 if metrics_out is not None:
                     metrics_out.flush()
     finally:
@@ -77,14 +76,12 @@ def train_loop_per_worker(config: dict) -> None:
             monitor.finish()
 
 
-def _report(loop: RunLoop, metrics: dict, rank: int) -> None:
+def _report(loop: RunLoop, metrics: dict) -> None:
+    """Every rank reports; ranks with checkpoint files attach them (Ray merges the directories)."""
     summary = {"step": loop.step, **{k: float(v) for k, v in metrics.items()}}
-    if rank != 0:
-        ray.train.report(summary, checkpoint=None)
-        return
     with tempfile.TemporaryDirectory() as directory:
-        save_state(loop.state_dict(), Path(directory), 0, meta={"step": loop.step, "world_size": loop.world_size})
-        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        wrote = loop.save(Path(directory))
+        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(directory) if wrote else None)
 
 
 def _system_monitor(config: dict):

@@ -67,3 +67,15 @@ def test_a_bad_run_config_names_the_field_and_starts_nothing(tmp_path):
         assert proc.returncode == 2
         assert field in proc.stderr, proc.stderr
         assert not (tmp_path / "w").exists()
+
+
+def test_a_two_worker_run_with_memory_parallel_two_completes_and_logs(ray_local, tmp_path):
+    cfg = load_run_config(TINY, ["resources.memory_parallel=2", "train.steps=20", "train.checkpoint_every=10",
+                                 "train.eval_every=10", f"workdir={tmp_path}"])
+    result = run_training(cfg)
+    assert result.status == "FINISHED", result.error
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
+    assert run.data.params["resources.memory_parallel"] == "2"
+    assert "val_loss" in run.data.metrics and "loss" in run.data.metrics
+    files = {p.name for p in __import__("pathlib").Path(result.checkpoint).iterdir()}
+    assert {"state-rank0.pt", "values-t0-p2-r0.pt", "values-t0-p2-r1.pt"} <= files, files

@@ -1,0 +1,218 @@
+"""A study read back from MLflow: its parent run, every cell run, metric histories, its definition.
+
+Everything the report shows comes from here, so the report works on any study store, finished or
+not: cell runs of every status (finished, failed, running) with their tags and final metrics, the
+metric histories the training-curve and slot-usage plots need, and the study's YAML (the study
+file when the reference names one, else the file the controller logged to the parent run).
+Conventions read (set by the study controller and the trainer): experiment = study name; parent
+run tagged `memlayers.role=study`; cell runs tagged `memlayers.role=cell`, `cell`, `family`,
+`base`, `memory_slots`, `experts`, `train_flops`, `total_params`, `active_params`.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memlayers.platform.study_ref import StudyRef
+
+FINAL_METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll", "loss")
+HISTORY_METRICS = ("loss", "tokens", "val_loss", "slot_fraction_read", "slot_gini")
+ROLE_TAG = "memlayers.role"
+
+
+def _number(text: str | None, default: float | None = None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else default
+    except ValueError:
+        return default
+
+
+@dataclass
+class Cell:
+    """One cell's MLflow run: identity, status, tags, params and final metrics."""
+
+    run_id: str
+    run_name: str
+    status: str                                   # FINISHED | FAILED | RUNNING | KILLED | SCHEDULED
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]                     # latest value of each metric
+
+    @property
+    def cell_id(self) -> str:
+        return self.tags.get("cell", self.run_id[:8])
+
+    @property
+    def family(self) -> str:
+        return self.tags.get("family", "?")
+
+    @property
+    def base(self) -> str:
+        return self.tags.get("base", "?")
+
+    @property
+    def memory_slots(self) -> int:
+        return int(_number(self.tags.get("memory_slots"), 0) or 0)
+
+    @property
+    def experts(self) -> int:
+        return int(_number(self.tags.get("experts"), 0) or 0)
+
+    @property
+    def train_flops(self) -> float | None:
+        """Training FLOPs: the planned total (tag, what the laws are fitted on) for a finished run;
+        the logged cumulative count for a run that stopped early."""
+        planned, spent = _number(self.tags.get("train_flops")), self.metrics.get("train_flops")
+        return (planned or spent) if self.finished else (spent or planned)
+
+    @property
+    def seed(self) -> int | None:
+        value = _number(self.params.get("train.seed"))
+        if value is None:
+            match = re.search(r"seed(\d+)$", self.run_name)
+            return int(match.group(1)) if match else None
+        return int(value)
+
+    @property
+    def failure_reason(self) -> str:
+        return self.tags.get("failure_reason", "")
+
+    @property
+    def variant(self) -> str:
+        """What distinguishes the cell within its family and base: memory size or experts."""
+        from memlayers.models.presets import memory_size_name
+
+        if self.memory_slots:
+            return memory_size_name(self.memory_slots)
+        if self.experts:
+            return f"{self.experts}x"
+        return ""
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED"
+
+
+@dataclass
+class StudyData:
+    ref: StudyRef
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    parent_tags: dict[str, str] = field(default_factory=dict)
+    cells: list[Cell] = field(default_factory=list)
+    histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)  # run -> metric -> (step, value)
+    definition: str | None = None                # the study YAML
+    definition_source: str = ""                  # where it came from
+
+    def status_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for cell in self.cells:
+            counts[cell.status] = counts.get(cell.status, 0) + 1
+        return counts
+
+    def finished_cells(self) -> list[Cell]:
+        return [cell for cell in self.cells if cell.finished]
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _search_all(client, experiment_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _definition_from_artifacts(client, run_id: str) -> tuple[str | None, str]:
+    """The first YAML file among the parent run's artifacts (root, then one folder down)."""
+    try:
+        entries = client.list_artifacts(run_id)
+        found = [e.path for e in entries if not e.is_dir and e.path.endswith((".yaml", ".yml"))]
+        for folder in (e.path for e in entries if e.is_dir):
+            found += [e.path for e in client.list_artifacts(run_id, folder)
+                      if not e.is_dir and e.path.endswith((".yaml", ".yml"))]
+        if not found:
+            return None, ""
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, found[0], tmp)
+            return Path(local).read_text(), f"artifact {found[0]} of the study's parent run"
+    except Exception:  # an unreachable artifact store must not stop the report
+        return None, ""
+
+
+def load_definition(ref: StudyRef, client=None, parent_run_id: str | None = None) -> tuple[str | None, str]:
+    """The study YAML and where it came from: the study file, the parent run, or the workdir."""
+    if ref.file is not None and Path(ref.file).is_file():
+        return Path(ref.file).read_text(), str(ref.file)
+    if client is not None and parent_run_id:
+        text, source = _definition_from_artifacts(client, parent_run_id)
+        if text is not None:
+            return text, source
+    for name in ("study.yaml", f"{ref.name}.yaml"):
+        path = Path(ref.workdir) / name
+        if path.is_file():
+            return path.read_text(), str(path)
+    return None, ""
+
+
+def load_histories(client, cells: list[Cell], metrics: tuple[str, ...] = HISTORY_METRICS) -> dict:
+    """Metric histories (step, value), sorted by step, for the metrics each run logged."""
+    histories: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for cell in cells:
+        per_run = {}
+        for key in metrics:
+            if key in cell.metrics:
+                points = client.get_metric_history(cell.run_id, key)
+                per_run[key] = sorted((int(m.step), float(m.value)) for m in points)
+        histories[cell.run_id] = per_run
+    return histories
+
+
+def load_study(ref: StudyRef, *, with_histories: bool = True) -> StudyData:
+    """Read everything about study `ref` from its tracking store (missing pieces stay empty)."""
+    data = StudyData(ref=ref)
+    client = _client(ref.tracking_uri)
+    experiment = client.get_experiment_by_name(ref.name)
+    if experiment is None:
+        data.definition, data.definition_source = load_definition(ref)
+        return data
+    data.experiment_id = experiment.experiment_id
+    parents = _search_all(client, data.experiment_id, f"tags.`{ROLE_TAG}` = 'study'")
+    if parents:
+        parent = max(parents, key=lambda run: run.info.start_time or 0)
+        data.parent_run_id, data.parent_tags = parent.info.run_id, dict(parent.data.tags)
+    for run in _search_all(client, data.experiment_id, f"tags.`{ROLE_TAG}` = 'cell'"):
+        tags = dict(run.data.tags)
+        data.cells.append(Cell(run_id=run.info.run_id, run_name=run.info.run_name or tags.get("mlflow.runName", ""),
+                               status=run.info.status, tags=tags, params=dict(run.data.params),
+                               metrics=dict(run.data.metrics)))
+    data.cells.sort(key=cell_order)
+    if with_histories:
+        data.histories = load_histories(client, data.cells)
+    data.definition, data.definition_source = load_definition(ref, client, data.parent_run_id)
+    return data
+
+
+FAMILY_ORDER = ("dense", "moe", "pkm", "memory_plus")
+
+
+def base_order(base: str) -> tuple[int, str]:
+    from memlayers.models.presets import BASES
+
+    names = list(BASES)
+    return (names.index(base) if base in names else len(names), base)
+
+
+def cell_order(cell: Cell) -> tuple:
+    family = FAMILY_ORDER.index(cell.family) if cell.family in FAMILY_ORDER else len(FAMILY_ORDER)
+    return (family, base_order(cell.base), cell.memory_slots, cell.experts, cell.seed or 0, cell.run_name)

@@ -16,6 +16,7 @@ from memlayers.models.schema import ConfigError
 
 BASES: dict[str, dict[str, Any]] = {
     # tiny CPU bases (vocab set by the tokenizer at run time)
+    "pico": dict(dim=24, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64),
     "nano": dict(dim=32, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64),
     "micro": dict(dim=48, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64),
     "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=128),
@@ -30,7 +31,7 @@ BASES: dict[str, dict[str, Any]] = {
 }
 
 MEMORY_SIZES: dict[str, int] = {
-    "4k": 64 ** 2, "16k": 128 ** 2, "64k": 256 ** 2, "256k": 512 ** 2, "1m": 1024 ** 2,
+    "1k": 32 ** 2, "4k": 64 ** 2, "16k": 128 ** 2, "64k": 256 ** 2, "256k": 512 ** 2, "1m": 1024 ** 2,
     "4m": 2048 ** 2, "16m": 4096 ** 2, "64m": 8192 ** 2,
 }
 PAPER_BASES = ("134m", "373m", "720m", "1.3b", "8b")

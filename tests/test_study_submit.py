@@ -1,0 +1,116 @@
+"""`memlayers study submit` against a real Ray head started here (127.0.0.1, token auth), from another
+working directory: the job imports the shipped wheel, runs smoke.yaml to the end, and only this
+test's cluster is stopped afterwards."""
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from memlayers.platform.progress import cell_runs
+from memlayers.platform.study import expand, load_study
+
+from conftest import REPO_ROOT
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_tree(root: psutil.Process, marker: str) -> None:
+    """Stop `root` (ray start --block), everything under it, and any process naming our temp dir."""
+    procs = [root]
+    try:
+        procs += root.children(recursive=True)
+    except psutil.Error:
+        pass
+    for proc in psutil.process_iter(["cmdline"]):
+        if marker in " ".join(proc.info.get("cmdline") or []):
+            procs.append(proc)
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head on 127.0.0.1 with token auth and its own ports and temp dir; stopped afterwards."""
+    temp = Path(tempfile.mkdtemp(prefix="mlh-", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    dashboard = _free_port()
+    command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               "--include-dashboard", "true", "--num-cpus", "2", "--temp-dir", str(temp),
+               "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+               "--disable-usage-stats"]
+    log = open(temp / "ray-start.log", "w")
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    root = psutil.Process(proc.pid)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=5)
+                break
+            except urllib.error.HTTPError:  # 401 without the token: the dashboard is up
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (temp / "ray-start.log").read_text()[-2000:]
+                time.sleep(1)
+        yield f"http://127.0.0.1:{dashboard}", env, temp
+    finally:
+        _stop_tree(root, str(temp))
+        log.close()
+        leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not leftovers, leftovers
+
+
+def test_submit_runs_smoke_as_a_ray_job_from_another_directory(ray_head, tmp_path):
+    address, env, temp = ray_head
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    workdir = tmp_path / "wd"
+    study_file = REPO_ROOT / "studies" / "smoke.yaml"
+    proc = subprocess.run([str(VENV_BIN / "memlayers"), "study", "submit", str(study_file), "--address", address,
+                           "--workdir", str(workdir), "--wait"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
+    job_id = out.splitlines()[0].strip()
+    assert job_id.startswith("memlayers-smoke-")
+    assert f"job {job_id}: SUCCEEDED" in out
+    # the job imported the wheel it was shipped, not this checkout
+    origin = next(line for line in out.splitlines() if "memlayers 0.1.0 from" in line).split(" from ")[1].strip()
+    assert not origin.startswith(str(REPO_ROOT)) and origin.startswith(str(temp)), origin
+
+    study = load_study(study_file)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    runs = cell_runs(uri, study.name)
+    assert set(runs) == {c.id for c in expand(study, account_budgets=False)}
+    assert all([r.status for r in found] == ["FINISHED"] for found in runs.values())
+    assert list(elsewhere.iterdir()) == []  # nothing written where the command ran

@@ -37,6 +37,7 @@ from memlayers.platform.study import Cell, Study, expand
 # A trial only drives its TorchTrainer (whose workers hold the CPUs/GPUs): no CPU, some memory.
 TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
 
+
 @dataclass
 class StudyResult:
     name: str

@@ -1,8 +1,6 @@
 """The study controller on a real local Ray with a real SQLite MLflow: failures recorded and retried,
 Optuna lr tuning reused, status from MLflow, and resume after the controller is SIGKILLed."""
 
-import copy
-import os
 import signal
 import subprocess
 import sys

@@ -1,8 +1,8 @@
 """Starting and joining Ray for the command line: a local cluster on this machine, or an address.
 
-A local cluster (`address=None`) keeps its files under the work directory's `ray/` folder
-(short temp path, since Ray's socket paths are length-limited), binds 127.0.0.1, and is shut
-down by the command that started it.
+A local cluster (`address=None`) keeps its files under `<tmp>/memlayers-ray-<uid>` (a short
+path, since Ray's socket paths are length-limited), binds 127.0.0.1, and is shut down by the
+command that started it.
 """
 
 from __future__ import annotations

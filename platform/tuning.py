@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from memlayers.platform.study import Cell, Study, cells_by
 
-Runner = Callable[[dict[str, "RunConfig"]], dict[str, dict]]  # noqa: F821 - key -> config, key -> result
+if TYPE_CHECKING:
+    from memlayers.platform.run_config import RunConfig
+
+Runner = Callable[[dict[str, "RunConfig"]], dict[str, dict]]  # {key: run config} -> {key: final report}
 GROUP_SEED = 0
 
 

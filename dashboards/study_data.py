@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memlayers.platform.laws.mlflow_runs import search_all_runs
 from memlayers.platform.study_ref import StudyRef
 
 FINAL_METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll", "loss")
@@ -123,16 +124,6 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _search_all(client, experiment_id: str, filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _definition_from_artifacts(client, run_id: str) -> tuple[str | None, str]:
     """The first YAML file among the parent run's artifacts (root, then one folder down)."""
     try:
@@ -187,11 +178,11 @@ def load_study(ref: StudyRef, *, with_histories: bool = True) -> StudyData:
         data.definition, data.definition_source = load_definition(ref)
         return data
     data.experiment_id = experiment.experiment_id
-    parents = _search_all(client, data.experiment_id, f"tags.`{ROLE_TAG}` = 'study'")
+    parents = search_all_runs(client, data.experiment_id, f"tags.`{ROLE_TAG}` = 'study'")
     if parents:
         parent = max(parents, key=lambda run: run.info.start_time or 0)
         data.parent_run_id, data.parent_tags = parent.info.run_id, dict(parent.data.tags)
-    for run in _search_all(client, data.experiment_id, f"tags.`{ROLE_TAG}` = 'cell'"):
+    for run in search_all_runs(client, data.experiment_id, f"tags.`{ROLE_TAG}` = 'cell'"):
         tags = dict(run.data.tags)
         data.cells.append(Cell(run_id=run.info.run_id, run_name=run.info.run_name or tags.get("mlflow.runName", ""),
                                status=run.info.status, tags=tags, params=dict(run.data.params),

@@ -14,7 +14,9 @@ reuse instead of being page-faulted in again every step); `--default-allocator` 
 for both.
 Every (impl, size) row runs in its own child process (`python -m memlayers.platform.bench_memory
 --child IMPL SLOTS`), so its peak RSS (`ru_maxrss` of the child) is its own. `step_ms` is the median
-of the timed steps after the warm-up steps (robust to other load on a shared machine); `peak_rss_gb` is in GB (10^9 bytes). The table is
+of the timed steps after the warm-up steps (robust to other load on a shared machine); `peak_rss_gb` is in GB (10^9 bytes). The table also shows the
+CPU time of a step (both threads, median): on a machine shared with other work it moves much less
+than the wall time. The table is
 followed by the ratios: ours at the largest size / ours at the smallest, the peer / ours at the
 largest size (time and RSS). `--json` prints a list of {impl, slots, step_ms, peak_rss_gb}.
 """
@@ -57,16 +59,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"memory layer dim {DIM}, {HEADS} heads, top-{TOPK}, key dim {KEY_DIM}; batch {BATCH}x{SEQ}; "
               f"{THREADS} threads; {args.warmup} warm-up + {args.steps} timed steps; "
               f"memlayers values: {args.optimizer}; allocator: {'default' if args.default_allocator else 'tuned'} (both impls)")
-        print(f"{'impl':<11} {'slots':>9} {'ms/step':>9} {'peak RSS GB':>12}")
+        print(f"{'impl':<11} {'slots':>9} {'ms/step':>9} {'peak RSS GB':>12} {'CPU ms/step':>12}")
     for slots in sizes:
         for impl in impls:
             row = _run_child(impl, slots, args)
             rows.append(row)
             if not args.json:
-                shown = "failed" if row["step_ms"] is None else f"{row['step_ms']:9.1f} {row['peak_rss_gb']:12.2f}"
+                shown = ("failed" if row["step_ms"] is None else
+                         f"{row['step_ms']:9.1f} {row['peak_rss_gb']:12.2f} {row['cpu_ms']:12.1f}")
                 print(f"{impl:<11} {slots:>9} {shown}", flush=True)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps([{k: v for k, v in r.items() if k != "cpu_ms"} for r in rows]))
     else:
         for line in _ratios(rows, sizes):
             print(line)
@@ -148,9 +151,9 @@ def measure(impl: str, slots: int, steps: int, warmup: int, optimizer: str, tune
     torch.manual_seed(0)
     layer, optimizers = _build(impl, slots, optimizer)
     x_BTD = torch.randn(BATCH, SEQ, DIM)
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         layer(x_BTD).float().pow(2).mean().backward()
@@ -158,9 +161,10 @@ def measure(impl: str, slots: int, steps: int, warmup: int, optimizer: str, tune
             opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     return {"impl": impl, "slots": slots, "step_ms": round(1e3 * sorted(times)[len(times) // 2], 1),
-            "peak_rss_gb": round(rss_gb, 3)}
+            "peak_rss_gb": round(rss_gb, 3), "cpu_ms": round(1e3 * sorted(cpu_times)[len(cpu_times) // 2], 1)}
 
 
 def _child_main(argv: list[str]) -> int:

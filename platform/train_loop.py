@@ -142,9 +142,10 @@ class RunLoop:
                 for layer in self.model.memory_layers():
                     if layer.table is table and layer.last_slots_TK is not None:
                         usage.update(layer.last_slots_TK)
-            per_table = [u.metrics() for u in self.usage]
-            for key in per_table[0]:
-                metrics[key] = sum(m[key] for m in per_table) / len(per_table)
+            if self.step % self.cfg.train.log_every == 0 or self.done:  # metrics() is O(slots)
+                per_table = [u.metrics() for u in self.usage]
+                for key in per_table[0]:
+                    metrics[key] = sum(m[key] for m in per_table) / len(per_table)
         if self.model.moe_layers():
             metrics["moe_imbalance"] = sum(load_imbalance(m.last_load_E) for m in self.model.moe_layers()) / len(self.model.moe_layers())
         return metrics

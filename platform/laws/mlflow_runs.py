@@ -32,7 +32,8 @@ def _experiment_id(client, experiment_name: str, tracking_uri: str) -> str:
     return experiment.experiment_id
 
 
-def _search(client, experiment_id: str, filter_string: str) -> list:
+def search_all_runs(client, experiment_id: str, filter_string: str) -> list:
+    """Every run of the experiment matching `filter_string`, across result pages."""
     runs, token = [], None
     while True:
         page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
@@ -68,14 +69,14 @@ def load_study_rows(experiment_name: str, tracking_uri: str) -> list[dict]:
     """Rows of the finished cell runs of the experiment `experiment_name`."""
     client = _client(tracking_uri)
     experiment_id = _experiment_id(client, experiment_name, tracking_uri)
-    runs = _search(client, experiment_id, f"tags.`{ROLE_TAG}` = 'cell' and attributes.status = 'FINISHED'")
+    runs = search_all_runs(client, experiment_id, f"tags.`{ROLE_TAG}` = 'cell' and attributes.status = 'FINISHED'")
     return [run_to_row(run) for run in runs]
 
 
 def parent_run_id(experiment_name: str, tracking_uri: str) -> str | None:
     """The study's parent run (tag memlayers.role=study), newest first; None if there is none."""
     client = _client(tracking_uri)
-    runs = _search(client, _experiment_id(client, experiment_name, tracking_uri), f"tags.`{ROLE_TAG}` = 'study'")
+    runs = search_all_runs(client, _experiment_id(client, experiment_name, tracking_uri), f"tags.`{ROLE_TAG}` = 'study'")
     if not runs:
         return None
     return max(runs, key=lambda r: r.info.start_time or 0).info.run_id

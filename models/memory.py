@@ -32,17 +32,34 @@ def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j) positions in two descending top-k lists that can hold one of the k best sums.
+
+    Pair (i, j) is beaten by every (i', j') with i' <= i and j' <= j, so it can only be in the
+    top-k when (i + 1) * (j + 1) <= k: about k * ln(k) pairs instead of k * k (50 for k = 16).
+    """
+    key = (topk, str(device))
+    if key not in _PAIRS:
+        pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
+        _PAIRS[key] = tuple(torch.tensor(side, dtype=torch.long, device=device) for side in zip(*pairs))
+    return _PAIRS[key]
+
+
+_PAIRS: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def product_key_topk(q1_THP: torch.Tensor, q2_THP: torch.Tensor, keys1_HnP: torch.Tensor,
                      keys2_HnP: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over all n*n full keys via the product structure -> (scores_THk, slots_THk)."""
     n = keys1_HnP.shape[1]
     s1_THn = torch.einsum("thp,hnp->thn", q1_THP, keys1_HnP)
     s2_THn = torch.einsum("thp,hnp->thn", q2_THP, keys2_HnP)
-    v1_THk, i1_THk = s1_THn.topk(topk, dim=-1)
+    v1_THk, i1_THk = s1_THn.topk(topk, dim=-1)   # sorted, best first
     v2_THk, i2_THk = s2_THn.topk(topk, dim=-1)
-    pair_scores_THkk = v1_THk[..., :, None] + v2_THk[..., None, :]
-    scores_THk, pair_THk = pair_scores_THkk.flatten(-2).topk(topk, dim=-1)
-    slots_THk = i1_THk.gather(-1, pair_THk // topk) * n + i2_THk.gather(-1, pair_THk % topk)
+    rows_C, cols_C = candidate_pairs(topk, s1_THn.device)
+    pair_scores_THC = v1_THk.index_select(-1, rows_C) + v2_THk.index_select(-1, cols_C)
+    scores_THk, pick_THk = pair_scores_THC.topk(topk, dim=-1)
+    slots_THk = i1_THk.gather(-1, rows_C[pick_THk]) * n + i2_THk.gather(-1, cols_C[pick_THk])
     return scores_THk, slots_THk
 
 

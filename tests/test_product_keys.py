@@ -14,7 +14,7 @@ def brute_force_topk(q1, q2, keys1, keys2, topk):
 
 def test_product_search_equals_brute_force_over_all_full_keys():
     gen = torch.Generator().manual_seed(0)
-    for heads, n, half, topk in [(1, 8, 4, 3), (3, 16, 8, 5), (4, 12, 6, 12)]:
+    for heads, n, half, topk in [(1, 8, 4, 3), (3, 16, 8, 5), (4, 12, 6, 12), (2, 32, 4, 16), (1, 64, 2, 32)]:
         q1, q2 = torch.randn(20, heads, half, generator=gen, dtype=torch.float64), torch.randn(20, heads, half, generator=gen, dtype=torch.float64)
         k1, k2 = torch.randn(heads, n, half, generator=gen, dtype=torch.float64), torch.randn(heads, n, half, generator=gen, dtype=torch.float64)
         scores, slots = product_key_topk(q1, q2, k1, k2, topk)
@@ -39,3 +39,11 @@ def test_memory_layer_search_matches_brute_force_with_qk_norm():
     ref_scores, ref_slots = full.topk(4, dim=-1)
     torch.testing.assert_close(scores, ref_scores)
     assert torch.equal(slots, ref_slots)
+
+
+def test_candidate_pairs_keep_only_pairs_that_can_reach_the_top_k():
+    from memlayers.models.memory import candidate_pairs
+
+    rows, cols = candidate_pairs(16, torch.device("cpu"))
+    assert len(rows) == sum(16 // (i + 1) for i in range(16)) == 50
+    assert bool(((rows + 1) * (cols + 1) <= 16).all())

@@ -132,3 +132,9 @@ def test_cli_degenerate_input_exits_2_with_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: neither --csv nor --study
         main(["fit", "--law", "compute"])
     assert exit_info.value.code == 2
+
+
+def test_power_law_refuses_inputs_that_span_too_little():
+    flops = [6.69e11, 6.72e11, 6.78e11, 6.69e11, 6.72e11, 6.78e11]
+    with pytest.raises(ValueError, match="spans only 1.01x"):
+        fit_power_law(flops, [0.77, 0.61, 0.60, 0.67, 0.62, 0.61], law="compute")

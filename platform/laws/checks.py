@@ -43,3 +43,11 @@ def in_unit_interval(name: str, values: np.ndarray) -> None:
     bad = np.flatnonzero((values < 0) | (values > 1))
     if bad.size:
         raise ValueError(f"{name}: {bad.size} value(s) outside [0, 1] (first at row {bad[0]}: {values[bad[0]]!r})")
+
+
+def spans(name: str, values: np.ndarray, minimum_ratio: float, law: str) -> None:
+    """A power law's exponent is only identified when its input spans a real range."""
+    ratio = float(values.max() / values.min())
+    if ratio < minimum_ratio:
+        raise ValueError(f"{law}: {name} spans only {ratio:.2f}x ({values.min():.3g} to {values.max():.3g}); "
+                         f"the law needs at least {minimum_ratio:g}x")

@@ -47,6 +47,9 @@ def _starts(y: np.ndarray) -> np.ndarray:
     return np.array(rows)
 
 
+MIN_SPAN = 1.5  # max/min of the input: a narrower range leaves the exponent unidentified
+
+
 def _problem(x, y, law: str, delta: float):
     if law not in EXPONENT:
         raise ValueError(f"law: expected one of {sorted(EXPONENT)}, got {law!r}")
@@ -55,6 +58,7 @@ def _problem(x, y, law: str, delta: float):
     count = checks.same_length(x=x, loss=y)
     checks.enough_points(count, N_PARAMS, law)
     checks.distinct_values(INPUT[law], x, N_PARAMS, law)
+    checks.spans(INPUT[law], x, MIN_SPAN, law)
     log_ref = float(np.log(x).mean())
     prob = PowerSumProblem(u_PK=(np.log(x) - log_ref)[:, None], v_P=np.log(y), delta=delta)
     return x, y, prob, log_ref

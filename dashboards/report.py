@@ -135,6 +135,9 @@ def _law_rows(named: list[tuple[str, str, dict]]) -> list[list[str]]:
             continue
         boot = (entry.get("details") or {}).get("bootstrap") or {}
         boot_text = f"{boot['replicates']} replicates" if "replicates" in boot else esc(boot.get("skipped", "none"))
+        warning = (entry.get("details") or {}).get("warning")
+        if warning:
+            boot_text += f'<br><span class="skipped">{esc(warning)}</span>'
         rows.append([esc(name), esc(target), esc(LAW_FORMS.get(entry.get("law"), entry.get("law", ""))),
                      _params_cell(entry), fmt(entry.get("n_points")), boot_text])
     return rows

@@ -138,3 +138,11 @@ def test_power_law_refuses_inputs_that_span_too_little():
     flops = [6.69e11, 6.72e11, 6.78e11, 6.69e11, 6.72e11, 6.78e11]
     with pytest.raises(ValueError, match="spans only 1.01x"):
         fit_power_law(flops, [0.77, 0.61, 0.60, 0.67, 0.62, 0.61], law="compute")
+
+
+def test_power_law_flags_an_exponent_at_its_bound():
+    # a cliff between the first two sizes and flat after: only the largest exponent fits
+    fit = fit_power_law([256, 1024, 4096, 256, 1024, 4096], [1.66, 0.36, 0.62, 0.86, 0.42, 0.72], law="memory")
+    assert "sits at its bound" in fit.details["warning"]
+    smooth = fit_power_law([1e3, 4e3, 1.6e4, 6.4e4], [2.0 + 5 * m ** -0.4 for m in (1e3, 4e3, 1.6e4, 6.4e4)], law="memory")
+    assert "warning" not in smooth.details

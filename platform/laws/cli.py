@@ -166,7 +166,12 @@ def run_study(args: argparse.Namespace) -> int:
         print(f"study {ref.name}: {len(rows)} finished runs; wrote {path}{logged}")
         for name, entry in result["compute_laws"].items():
             print(f"  compute law {name}: " + (f"skipped ({entry['skipped']})" if "skipped" in entry else
-                                               ", ".join(f"{k}={v:.4g}" for k, v in entry["params"].items())))
+                                               ", ".join(f"{k}={v:.4g}" for k, v in entry["params"].items())
+                                               + _warning(entry)))
+        for key, metrics in result["memory_laws"].items():
+            for metric, entry in metrics.items():
+                if isinstance(entry, dict) and _warning(entry):
+                    print(f"  memory law {key} {metric}:{_warning(entry)}")
         for reference, table in result["multipliers"].items():
             if "skipped" in table:
                 continue
@@ -176,3 +181,8 @@ def run_study(args: argparse.Namespace) -> int:
         for reason in result["skipped"]:
             print(f"  skipped: {reason}")
     return 0
+
+
+def _warning(entry: dict) -> str:
+    warning = (entry.get("details") or {}).get("warning")
+    return f" (warning: {warning})" if warning else ""

@@ -87,6 +87,10 @@ def fit_power_law(x, y, *, law: str = "compute", delta: float = 1e-3, bootstrap:
         inputs=[INPUT[law]],
         details={"x_ref": float(np.exp(log_ref)), "huber_delta": delta, "n_starts": best.n_starts},
     )
+    exponent = fit.params[EXPONENT[law]]
+    if exponent <= EXPONENT_BOUNDS[0] + 1e-3 or exponent >= 0.95 * EXPONENT_BOUNDS[1]:  # the flat direction stops short
+        fit.details["warning"] = (f"{EXPONENT[law]} = {exponent:.3g} sits at its bound {EXPONENT_BOUNDS}: "
+                                  f"the points do not determine a power law")
     if bootstrap > 0:
         if len(np.unique(x)) <= N_PARAMS:
             fit.details["bootstrap"] = {"skipped": f"{len(np.unique(x))} distinct {INPUT[law]} values for "

@@ -17,6 +17,7 @@ from memlayers.dashboards.html_parts import esc, fmt, interval, page, png_data_u
 from memlayers.dashboards.laws_view import REPORT_BOOTSTRAP, StudyLaws, load_laws
 from memlayers.dashboards.plots import Plot, all_plots, family_label
 from memlayers.dashboards.study_data import FAMILY_ORDER, StudyData, load_study
+from memlayers.platform.laws.result import fit_warning
 from memlayers.platform.study_ref import StudyRef
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _law_rows(named: list[tuple[str, str, dict]]) -> list[list[str]]:
             continue
         boot = (entry.get("details") or {}).get("bootstrap") or {}
         boot_text = f"{boot['replicates']} replicates" if "replicates" in boot else esc(boot.get("skipped", "none"))
-        warning = (entry.get("details") or {}).get("warning")
+        warning = fit_warning(entry)
         if warning:
             boot_text += f'<br><span class="skipped">{esc(warning)}</span>'
         rows.append([esc(name), esc(target), esc(LAW_FORMS.get(entry.get("law"), entry.get("law", ""))),

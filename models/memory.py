@@ -19,6 +19,8 @@ k rows read per head, V value dim.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,20 +34,16 @@ def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+@functools.lru_cache(maxsize=None)
 def candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(i, j) positions in two descending top-k lists that can hold one of the k best sums.
 
     Pair (i, j) is beaten by every (i', j') with i' <= i and j' <= j, so it can only be in the
     top-k when (i + 1) * (j + 1) <= k: about k * ln(k) pairs instead of k * k (50 for k = 16).
     """
-    key = (topk, str(device))
-    if key not in _PAIRS:
-        pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
-        _PAIRS[key] = tuple(torch.tensor(side, dtype=torch.long, device=device) for side in zip(*pairs))
-    return _PAIRS[key]
-
-
-_PAIRS: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
+    rows, cols = zip(*pairs)
+    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device)
 
 
 def product_key_topk(q1_THP: torch.Tensor, q2_THP: torch.Tensor, keys1_HnP: torch.Tensor,

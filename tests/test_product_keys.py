@@ -3,7 +3,7 @@
 import torch
 
 from memlayers.models.config import MemoryConfig
-from memlayers.models.memory import MemoryLayer, product_key_topk
+from memlayers.models.memory import MemoryLayer, candidate_pairs, product_key_topk
 
 
 def brute_force_topk(q1, q2, keys1, keys2, topk):
@@ -42,8 +42,6 @@ def test_memory_layer_search_matches_brute_force_with_qk_norm():
 
 
 def test_candidate_pairs_keep_only_pairs_that_can_reach_the_top_k():
-    from memlayers.models.memory import candidate_pairs
-
     rows, cols = candidate_pairs(16, torch.device("cpu"))
     assert len(rows) == sum(16 // (i + 1) for i in range(16)) == 50
     assert bool(((rows + 1) * (cols + 1) <= 16).all())

@@ -170,8 +170,9 @@ def run_study(args: argparse.Namespace) -> int:
                                                + _warning(entry)))
         for key, metrics in result["memory_laws"].items():
             for metric, entry in metrics.items():
-                if isinstance(entry, dict) and _warning(entry):
-                    print(f"  memory law {key} {metric}:{_warning(entry)}")
+                suffix = _warning(entry) if isinstance(entry, dict) else ""
+                if suffix:
+                    print(f"  memory law {key} {metric}:{suffix}")
         for reference, table in result["multipliers"].items():
             if "skipped" in table:
                 continue
@@ -184,5 +185,7 @@ def run_study(args: argparse.Namespace) -> int:
 
 
 def _warning(entry: dict) -> str:
-    warning = (entry.get("details") or {}).get("warning")
+    from memlayers.platform.laws.result import fit_warning
+
+    warning = fit_warning(entry)
     return f" (warning: {warning})" if warning else ""

@@ -64,3 +64,8 @@ class LawFit:
             raise ValueError(f"not a saved law fit: missing {missing}")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
+
+
+def fit_warning(entry: dict) -> str | None:
+    """The warning a saved fit (`LawFit.to_dict()`) carries, e.g. an exponent at its bound."""
+    return (entry.get("details") or {}).get("warning")

@@ -239,3 +239,17 @@ def test_shipped_cpu_studies_validate(name):
     families = {c.family for c in cells}
     assert {"dense", "memory_plus"} <= families
     assert all(c.resources.gpus_per_worker == 0 for c in cells)
+
+
+def test_quickstart_design_is_flop_matched():
+    """The embedded default compares families at matched training FLOPs, as its README section says."""
+    cells = [c for c in expand(load_study(REPO_ROOT / "studies" / "quickstart.yaml")) if c.seed == 0]
+    dense = {c.base: c.train_flops for c in cells if c.family == "dense"}
+    assert len(dense) == 3 and dense["pico"] < dense["nano"] < dense["micro"]
+    memory_sizes = sorted(c.memory_slots for c in cells if c.family == "memory_plus")
+    assert len(memory_sizes) == 3 and len({c.base for c in cells if c.family == "memory_plus"}) == 1
+    for cell in cells:
+        if cell.family != "dense":
+            assert cell.base == "nano"
+            assert abs(cell.train_flops / dense["nano"] - 1) <= 0.10, cell.name
+    assert {"pkm", "moe"} <= {c.family for c in cells}

@@ -251,5 +251,5 @@ def test_quickstart_design_is_flop_matched():
     for cell in cells:
         if cell.family != "dense":
             assert cell.base == "nano"
-            assert abs(cell.train_flops / dense["nano"] - 1) <= 0.10, cell.name
+            assert abs(cell.train_flops / dense["nano"] - 1) <= 0.12, cell.name
     assert {"pkm", "moe"} <= {c.family for c in cells}

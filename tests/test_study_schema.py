@@ -246,8 +246,8 @@ def test_quickstart_design_is_flop_matched():
     cells = [c for c in expand(load_study(REPO_ROOT / "studies" / "quickstart.yaml")) if c.seed == 0]
     dense = {c.base: c.train_flops for c in cells if c.family == "dense"}
     assert len(dense) == 3 and dense["pico"] < dense["nano"] < dense["micro"]
-    memory_sizes = sorted(c.memory_slots for c in cells if c.family == "memory_plus")
-    assert len(memory_sizes) == 3 and len({c.base for c in cells if c.family == "memory_plus"}) == 1
+    memory_plus = [c for c in cells if c.family == "memory_plus"]
+    assert len({c.memory_slots for c in memory_plus}) == 3 and len({c.base for c in memory_plus}) == 1
     for cell in cells:
         if cell.family != "dense":
             assert cell.base == "nano"

@@ -8,7 +8,7 @@ error of each part against `embedding_bag_reference` differentiated by autograd 
 `densify_grad` lets `torch.autograd.gradcheck` check a sparse value gradient. Used by the tests
 (Triton under TRITON_INTERPRET=1) and by `memlayers bench kernels`.
 
-Legend: N slots, V value dim, T tokens, K reads per token, U unique rows read.
+Shape suffixes: see docs/shapes.md.
 """
 
 from __future__ import annotations
@@ -25,47 +25,47 @@ from memlayers.kernels.segments import segments_of
 @dataclass
 class Case:
     values_NV: torch.Tensor
-    slots_TK: torch.Tensor
-    weights_TK: torch.Tensor
+    slots_TR: torch.Tensor
+    weights_TR: torch.Tensor
     grad_y_TV: torch.Tensor
 
 
-def random_case(n: int, v: int, t: int, k: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Case:
-    """Random case with a duplicate slot in bag 0 and slot 0 read by every bag (needs k >= 3)."""
+def random_case(n: int, v: int, t: int, r: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Case:
+    """Random case with a duplicate slot in bag 0 and slot 0 read by every bag (needs r >= 3)."""
     gen = torch.Generator().manual_seed(seed)
-    slots_TK = torch.randint(0, n, (t, k), generator=gen)
-    slots_TK[0, 1] = slots_TK[0, 2]      # the same row twice in one bag
-    slots_TK[:, 0] = 0                   # one row read by every bag
-    weights_TK = torch.softmax(torch.randn(t, k, generator=gen), dim=-1)
+    slots_TR = torch.randint(0, n, (t, r), generator=gen)
+    slots_TR[0, 1] = slots_TR[0, 2]      # the same row twice in one bag
+    slots_TR[:, 0] = 0                   # one row read by every bag
+    weights_TR = torch.softmax(torch.randn(t, r, generator=gen), dim=-1)
     values_NV = torch.randn(n, v, generator=gen).to(dtype)
     grad_y_TV = torch.randn(t, v, generator=gen).to(dtype)
-    return Case(values_NV, slots_TK, weights_TK, grad_y_TV)
+    return Case(values_NV, slots_TR, weights_TR, grad_y_TV)
 
 
 def reference_parts(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y_TV, grad rows of the unique slots U x V, grad_weights_TK), in fp64 from the same inputs."""
+    """(y_TV, grad rows of the unique slots U x V, grad_weights_TR), in fp64 from the same inputs."""
     values = case.values_NV.to(torch.float64).requires_grad_()
-    weights = case.weights_TK.to(torch.float64).requires_grad_()
-    y_TV = embedding_bag_reference(values, case.slots_TK, weights)
+    weights = case.weights_TR.to(torch.float64).requires_grad_()
+    y_TV = embedding_bag_reference(values, case.slots_TR, weights)
     y_TV.backward(case.grad_y_TV.to(torch.float64))
-    return y_TV.detach(), values.grad[segments_of(case.slots_TK).unique_U], weights.grad
+    return y_TV.detach(), values.grad[segments_of(case.slots_TR).unique_U], weights.grad
 
 
 def backend_errors(backend: ModuleType, case: Case) -> dict[str, float]:
     """Max-norm relative errors {forward, value_grad, weight_grad} of `backend` on `case`, outputs poisoned."""
-    (t, k), v = case.slots_TK.shape, case.values_NV.shape[1]
-    segs = segments_of(case.slots_TK)
+    (t, r), v = case.slots_TR.shape, case.values_NV.shape[1]
+    segs = segments_of(case.slots_TR)
     acc = torch.float64 if case.values_NV.dtype == torch.float64 else torch.float32
     nan = float("nan")
-    y_TV = backend.forward(case.values_NV, case.slots_TK, case.weights_TK,
+    y_TV = backend.forward(case.values_NV, case.slots_TR, case.weights_TR,
                            out=torch.full((t, v), nan, dtype=case.values_NV.dtype))
-    rows_UV = backend.value_grad_rows(case.grad_y_TV, case.weights_TK, segs,
+    rows_UV = backend.value_grad_rows(case.grad_y_TV, case.weights_TR, segs,
                                       out=torch.full((segs.unique_U.numel(), v), nan, dtype=acc))
-    grad_w_TK = backend.weight_grad(case.values_NV, case.slots_TK, case.grad_y_TV,
-                                    out=torch.full((t, k), nan, dtype=acc))
+    grad_w_TR = backend.weight_grad(case.values_NV, case.slots_TR, case.grad_y_TV,
+                                    out=torch.full((t, r), nan, dtype=acc))
     ref = reference_parts(case)
     return {name: relative_error(got, want) for name, got, want in
-            zip(("forward", "value_grad", "weight_grad"), (y_TV, rows_UV, grad_w_TK), ref)}
+            zip(("forward", "value_grad", "weight_grad"), (y_TV, rows_UV, grad_w_TR), ref)}
 
 
 class _DensifyGrad(torch.autograd.Function):

@@ -1,14 +1,14 @@
 """The memory value lookup: an embedding bag over a value table, with row-sparse gradients.
 
-    y_TV[t] = sum_j weights_TK[t, j] * values_NV[slots_TK[t, j]]
+    y_TV[t] = sum_j weights_TR[t, j] * values_NV[slots_TR[t, j]]
 
 This is the one op every memory layer calls. `embedding_bag` dispatches to an implementation
 (a backend module with `forward`, `value_grad_rows` and `weight_grad`) and wraps it in one
 autograd function:
 
-- grad of `weights_TK[t, j]` = <grad_y_TV[t], values_NV[slots_TK[t, j]]>;
+- grad of `weights_TR[t, j]` = <grad_y_TV[t], values_NV[slots_TR[t, j]]>;
 - grad of `values_NV`: only the U unique rows read get a gradient,
-  grad_UV[u] = sum over the reads (t, j) of row u of weights_TK[t, j] * grad_y_TV[t],
+  grad_UV[u] = sum over the reads (t, j) of row u of weights_TR[t, j] * grad_y_TV[t],
   computed by a deterministic sort/segment reduction (`memlayers.kernels.segments`). With
   `sparse_grad=True` it is returned as a coalesced sparse COO tensor holding those U rows, so the
   parameter's `.grad` is sparse and no work or memory grows with N; with `sparse_grad=False` it is
@@ -20,8 +20,7 @@ kernels of `memlayers.kernels.bag_triton`; on CPU only under TRITON_INTERPRET=1 
 is imported), "auto" (CUDA -> triton, otherwise torch). `embedding_bag_reference` is the plain
 definition, differentiated by autograd (dense gradient), used as the oracle in tests.
 
-Legend: N slots in the table, V value dim, T tokens (flattened batch), K reads per token,
-U unique rows read.
+Shape suffixes: see docs/shapes.md (here R is the reads of one bag, L = T * R).
 """
 
 from __future__ import annotations
@@ -37,28 +36,28 @@ from memlayers.kernels.segments import Segments, segments_of
 IMPLS = ("auto", "torch", "triton")
 
 
-def embedding_bag_reference(values_NV: torch.Tensor, slots_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+def embedding_bag_reference(values_NV: torch.Tensor, slots_TR: torch.Tensor, weights_TR: torch.Tensor) -> torch.Tensor:
     """Plain torch gather + weighted sum in fp32 (fp64 for fp64 values); dense autograd gradient."""
     acc = torch.float64 if values_NV.dtype == torch.float64 else torch.float32
-    rows_TKV = values_NV[slots_TK].to(acc)
-    return torch.einsum("tk,tkv->tv", weights_TK.to(acc), rows_TKV).to(values_NV.dtype)
+    rows_TKV = values_NV[slots_TR].to(acc)
+    return torch.einsum("tk,tkv->tv", weights_TR.to(acc), rows_TKV).to(values_NV.dtype)
 
 
-def embedding_bag(values_NV: torch.Tensor, slots_TK: torch.Tensor, weights_TK: torch.Tensor, *,
+def embedding_bag(values_NV: torch.Tensor, slots_TR: torch.Tensor, weights_TR: torch.Tensor, *,
                   sparse_grad: bool = True, impl: str = "auto") -> torch.Tensor:
     """y[t] = sum_j weights[t, j] * values[slots[t, j]] -> (T, V) in the values' dtype.
 
-    `slots_TK` may have any leading shape (..., K); the output then has shape (..., V).
+    `slots_TR` may have any leading shape (..., R); the output then has shape (..., V).
     """
     if values_NV.dim() != 2:
         raise ValueError(f"values_NV must be 2-D (N, V), got shape {tuple(values_NV.shape)}")
-    if slots_TK.shape != weights_TK.shape:
-        raise ValueError(f"slots_TK {tuple(slots_TK.shape)} and weights_TK {tuple(weights_TK.shape)} differ in shape")
-    if slots_TK.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"slots_TK must be an integer tensor, got {slots_TK.dtype}")
-    lead = slots_TK.shape[:-1]
-    slots_2d = slots_TK.reshape(-1, slots_TK.shape[-1]).long()
-    weights_2d = weights_TK.reshape(-1, weights_TK.shape[-1])
+    if slots_TR.shape != weights_TR.shape:
+        raise ValueError(f"slots_TR {tuple(slots_TR.shape)} and weights_TR {tuple(weights_TR.shape)} differ in shape")
+    if slots_TR.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"slots_TR must be an integer tensor, got {slots_TR.dtype}")
+    lead = slots_TR.shape[:-1]
+    slots_2d = slots_TR.reshape(-1, slots_TR.shape[-1]).long()
+    weights_2d = weights_TR.reshape(-1, weights_TR.shape[-1])
     backend = _backend(impl, values_NV.device)
     y_TV = _EmbeddingBag.apply(values_NV, slots_2d, weights_2d, sparse_grad, backend)
     return y_TV.view(*lead, values_NV.shape[1])
@@ -77,22 +76,22 @@ def _backend(impl: str, device: torch.device) -> ModuleType:
 
 class _EmbeddingBag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values_NV, slots_TK, weights_TK, sparse_grad, backend):
-        ctx.save_for_backward(values_NV, slots_TK, weights_TK)
+    def forward(ctx, values_NV, slots_TR, weights_TR, sparse_grad, backend):
+        ctx.save_for_backward(values_NV, slots_TR, weights_TR)
         ctx.sparse_grad, ctx.backend = sparse_grad, backend
-        return backend.forward(values_NV, slots_TK, weights_TK)
+        return backend.forward(values_NV, slots_TR, weights_TR)
 
     @staticmethod
     def backward(ctx, grad_y_TV):
-        values_NV, slots_TK, weights_TK = ctx.saved_tensors
+        values_NV, slots_TR, weights_TR = ctx.saved_tensors
         grad_y_TV = grad_y_TV.contiguous()
         grad_values = grad_weights = None
         if ctx.needs_input_grad[0]:
-            segs = segments_of(slots_TK, values_NV.shape[0])
-            rows_UV = ctx.backend.value_grad_rows(grad_y_TV, weights_TK, segs).to(values_NV.dtype)
+            segs = segments_of(slots_TR, values_NV.shape[0])
+            rows_UV = ctx.backend.value_grad_rows(grad_y_TV, weights_TR, segs).to(values_NV.dtype)
             grad_values = _scatter_rows(rows_UV, segs, values_NV, ctx.sparse_grad)
         if ctx.needs_input_grad[2]:
-            grad_weights = ctx.backend.weight_grad(values_NV, slots_TK, grad_y_TV).to(weights_TK.dtype)
+            grad_weights = ctx.backend.weight_grad(values_NV, slots_TR, grad_y_TV).to(weights_TR.dtype)
         return grad_values, None, grad_weights, None, None
 
 

@@ -1,11 +1,11 @@
 """Sort/segment layout of the reads of an embedding bag, for deterministic value gradients.
 
 The value gradient of a row is a sum over every read of that row. Instead of scattering with
-atomics (non-deterministic, and refused on bf16), the L = T*K reads are stably sorted by slot, so
+atomics (non-deterministic, and refused on bf16), the L = T*R reads are stably sorted by slot, so
 the reads of one row form a contiguous segment; each segment is then summed in a fixed order
 (sorted slot, then read position). Cost O(L log L), independent of the number of slots N.
 
-Legend: T tokens, K reads per token, L = T*K reads, U unique slots read.
+Shape suffixes: see docs/shapes.md (R reads per token, L = T * R reads).
 """
 
 from __future__ import annotations
@@ -19,21 +19,21 @@ import torch
 class Segments:
     unique_U: torch.Tensor   # int64, the unique slots read, ascending
     start_U1: torch.Tensor   # int64 (U+1,), segment u covers sorted reads [start[u], start[u+1])
-    read_L: torch.Tensor     # int64, flat read index (t*K + j) of each sorted read
+    read_L: torch.Tensor     # int64, flat read index (t*R + j) of each sorted read
     token_L: torch.Tensor    # int64, token index t of each sorted read
 
 
-def segments_of(slots_TK: torch.Tensor, n_slots: int | None = None) -> Segments:
+def segments_of(slots_TR: torch.Tensor, n_slots: int | None = None) -> Segments:
     """Stable sort of the reads by slot and the segment boundaries of each unique slot.
 
     With `n_slots` < 2^31 the sort runs on int32 keys (several times faster on CPU than int64).
     """
-    k = slots_TK.shape[1]
-    keys_L = slots_TK.reshape(-1)
+    r = slots_TR.shape[1]
+    keys_L = slots_TR.reshape(-1)
     if n_slots is not None and n_slots < 2 ** 31:
         keys_L = keys_L.to(torch.int32)
     sorted_L, read_L = torch.sort(keys_L, stable=True)
     unique_U, counts_U = torch.unique_consecutive(sorted_L.long(), return_counts=True)
-    start_U1 = torch.zeros(unique_U.numel() + 1, dtype=torch.int64, device=slots_TK.device)
+    start_U1 = torch.zeros(unique_U.numel() + 1, dtype=torch.int64, device=slots_TR.device)
     torch.cumsum(counts_U, 0, out=start_U1[1:])
-    return Segments(unique_U, start_U1, read_L, torch.div(read_L, k, rounding_mode="floor"))
+    return Segments(unique_U, start_U1, read_L, torch.div(read_L, r, rounding_mode="floor"))

@@ -15,7 +15,7 @@ O(U * V) whatever N is (the state tensors are allocated once, at the first step)
   two (N, V) moment tensors and an (N,) int32 step count. Dense gradients are accepted and
   treated as "every row read", which makes it equal to `torch.optim.AdamW`.
 - `RowAdagrad`: one accumulator per row (the mean over the row of the squared gradient), the
-  row-wise Adagrad used for large embedding tables: state is (N,) floats, so a 4M x 512 table
+  row-wise Adagrad used for large embedding tables: state is (N,) floats (fp32; fp64 for a fp64 table), so a 4M x 512 table
   needs 16 MB of optimizer state instead of 16 GB for Adam's moments.
 - `make_value_optimizer`: "lazy_adam", "row_adagrad" or "adamw" (the paper-faithful dense AdamW,
   which needs dense value gradients: `sparse_grad=False`).
@@ -24,7 +24,7 @@ O(U * V) whatever N is (the state tensors are allocated once, at the first step)
   all-gather of (indices, rows) (DDP cannot reduce sparse gradients on NCCL; the value tables are
   kept out of DDP and reduced with this). Works on gloo and NCCL.
 
-Legend: N rows in the table, V value dim, U rows with a gradient this step.
+Shape suffixes: see docs/shapes.md (a chunk of the U rows with a gradient keeps the letter U).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 import torch
+
+from memlayers.kernels.bag_torch import accumulate_dtype  # fp32, or fp64 for a fp64 table
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict]
 
@@ -135,25 +137,25 @@ class LazyAdam(_RowOptimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         rows_U, grad_UV = rows_of_grad(p.grad)
-        for rows, g_CV in _row_chunks(rows_U, grad_UV):
-            steps_C = _take(state["step"], rows).add_(1)
-            _put(state["step"], rows, steps_C)
-            m_CV, v_CV = _take(state["exp_avg"], rows), _take(state["exp_avg_sq"], rows)
-            m_CV.lerp_(g_CV, 1 - beta1)
-            v_CV.mul_(beta2).addcmul_(g_CV, g_CV, value=1 - beta2)
+        for rows, g_UV in _row_chunks(rows_U, grad_UV):
+            steps_U = _take(state["step"], rows).add_(1)
+            _put(state["step"], rows, steps_U)
+            m_UV, v_UV = _take(state["exp_avg"], rows), _take(state["exp_avg_sq"], rows)
+            m_UV.lerp_(g_UV, 1 - beta1)
+            v_UV.mul_(beta2).addcmul_(g_UV, g_UV, value=1 - beta2)
             # per-row form of torch Adam's p.addcdiv_(m, sqrt(v) / sqrt(bc2) + eps, value=-lr / bc1)
-            steps_C1 = steps_C.to(torch.float64)[:, None]
-            neg_step_size_C1 = (-lr / (1 - beta1 ** steps_C1)).to(p.dtype)
-            bc2_sqrt_C1 = (1 - beta2 ** steps_C1).sqrt().to(p.dtype)
-            denom_CV = (v_CV.sqrt() / bc2_sqrt_C1).add_(eps)
-            update_CV = m_CV.mul(neg_step_size_C1).div_(denom_CV)
+            steps64_U = steps_U.to(torch.float64)
+            neg_step_size_U = (-lr / (1 - beta1 ** steps64_U)).to(p.dtype)
+            bc2_sqrt_U = (1 - beta2 ** steps64_U).sqrt().to(p.dtype)
+            denom_UV = (v_UV.sqrt() / bc2_sqrt_U[:, None]).add_(eps)
+            update_UV = m_UV.mul(neg_step_size_U[:, None]).div_(denom_UV)
             if wd != 0:  # decoupled decay first, as AdamW: needs the rows themselves
-                p_CV = _take(p, rows).mul_(1 - lr * wd).add_(update_CV)
-                _put(p, rows, p_CV)
+                p_UV = _take(p, rows).mul_(1 - lr * wd).add_(update_UV)
+                _put(p, rows, p_UV)
             else:
-                _add(p, rows, update_CV)
-            _put(state["exp_avg"], rows, m_CV)
-            _put(state["exp_avg_sq"], rows, v_CV)
+                _add(p, rows, update_UV)
+            _put(state["exp_avg"], rows, m_UV)
+            _put(state["exp_avg_sq"], rows, v_UV)
 
 
 class RowAdagrad(_RowOptimizer):
@@ -165,18 +167,18 @@ class RowAdagrad(_RowOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps))
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
+        state, acc = self.state[p], accumulate_dtype(p.dtype)
         if not state:
-            state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-        elif state["sum"].dtype != torch.float32:  # load_state_dict casts float state to the table's dtype
-            state["sum"] = state["sum"].float()
+            state["sum"] = torch.zeros(p.shape[0], dtype=acc, device=p.device)
+        elif state["sum"].dtype != acc:  # load_state_dict casts float state to the table's dtype
+            state["sum"] = state["sum"].to(acc)
         rows_U, grad_UV = rows_of_grad(p.grad)
-        for rows, g_CV in _row_chunks(rows_U, grad_UV):
-            mean_sq_C = torch.linalg.vector_norm(g_CV, dim=1, dtype=torch.float32).square_().div_(p.shape[1])
-            sum_C = _take(state["sum"], rows).add_(mean_sq_C)
-            _put(state["sum"], rows, sum_C)
-            scale_C1 = (-group["lr"] / (sum_C.sqrt() + group["eps"]))[:, None].to(p.dtype)
-            _add(p, rows, g_CV * scale_C1)
+        for rows, g_UV in _row_chunks(rows_U, grad_UV):
+            mean_sq_U = torch.linalg.vector_norm(g_UV, dim=1, dtype=acc).square_().div_(p.shape[1])
+            sum_U = _take(state["sum"], rows).add_(mean_sq_U)
+            _put(state["sum"], rows, sum_U)
+            scale_U = (-group["lr"] / (sum_U.sqrt() + group["eps"])).to(p.dtype)
+            _add(p, rows, g_UV * scale_U[:, None])
 
 
 def make_value_optimizer(kind: str, params: ParamsT, lr: float = 1e-3, **kwargs) -> torch.optim.Optimizer:
@@ -211,7 +213,8 @@ def clip_value_grad_norm_(params: Iterable[torch.Tensor] | torch.Tensor, max_nor
             grads.append(p.grad)
     if not grads:
         return torch.tensor(0.0)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=acc) for g in grads]))
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for g in grads:
         g.mul_(coef.to(g.dtype))
@@ -225,7 +228,7 @@ def allreduce_value_grads_(params: Iterable[torch.Tensor] | torch.Tensor, group=
     sparse on one rank and None on another counts as an empty sparse gradient there; the result
     is identical on all ranks (same gathered rows, coalesced in rank order).
     """
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: only distributed runs need it
 
     params = [params] if isinstance(params, torch.Tensor) else list(params)
     world = dist.get_world_size(group)
@@ -244,7 +247,7 @@ def allreduce_value_grads_(params: Iterable[torch.Tensor] | torch.Tensor, group=
 
 
 def _allgather_sparse(p: torch.Tensor, world: int, group) -> torch.Tensor:
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: only distributed runs need it
 
     if p.grad is None:
         rows_U, grad_UV = torch.zeros(0, dtype=torch.int64, device=p.device), p.new_zeros(0, *p.shape[1:])
@@ -255,14 +258,13 @@ def _allgather_sparse(p: torch.Tensor, world: int, group) -> torch.Tensor:
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
     counts = [int(c) for c in counts]
-    most = max(counts)
-    pad = most - rows_U.numel()
-    rows_M = torch.cat([rows_U, rows_U.new_zeros(pad)])
-    grad_MV = torch.cat([grad_UV, grad_UV.new_zeros(pad, *grad_UV.shape[1:])])
-    all_rows = [torch.empty_like(rows_M) for _ in range(world)]
-    all_grads = [torch.empty_like(grad_MV) for _ in range(world)]
-    dist.all_gather(all_rows, rows_M, group=group)
-    dist.all_gather(all_grads, grad_MV, group=group)
+    pad = max(counts) - rows_U.numel()  # every rank sends as many rows as the one with the most
+    padded_rows = torch.cat([rows_U, rows_U.new_zeros(pad)])
+    padded_grads = torch.cat([grad_UV, grad_UV.new_zeros(pad, *grad_UV.shape[1:])])
+    all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
+    all_grads = [torch.empty_like(padded_grads) for _ in range(world)]
+    dist.all_gather(all_rows, padded_rows, group=group)
+    dist.all_gather(all_grads, padded_grads, group=group)
     rows = torch.cat([r[:c] for r, c in zip(all_rows, counts)])
     grads = torch.cat([g[:c] for g, c in zip(all_grads, counts)])
     return torch.sparse_coo_tensor(rows[None], grads, p.shape, check_invariants=False).coalesce()

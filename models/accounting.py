@@ -5,12 +5,12 @@ Parameters are counted by kind: embedding (input table + untied output head), me
 non-value, non-expert parameters, the top-k experts' share of each MoE layer, and the rows a
 memory layer reads (heads * topk * value_dim per memory layer).
 
-Forward FLOPs per token count 2 per multiply-add of every matmul:
-  attention projections 2*D*(H*E) + 2*2*D*(G*E) + 2*(H*E)*D, attention mixing 2*2*(H*E)*ctx
-  with ctx = (seq_len + 1) / 2 (the mean causal context), SwiGLU 2*3*D*F, MoE router 2*D*X
-  plus topk experts 2*3*D*F_e (plus a shared expert), memory layer: query 2*D*h*K,
-  sub-key scoring 2*h*n*K, value read 2*h*k*V, Memory+ gate and output 2*D*V each, and the
-  output head 2*D*vocab. A value table adds N*V parameters and NO FLOPs beyond the k rows read.
+Forward FLOPs per token count 2 per multiply-add of every matmul (letters as in docs/shapes.md):
+  attention projections 2*D*(H*A) + 2*2*D*(G*A) + 2*(H*A)*D, attention mixing 2*2*(H*A)*ctx
+  with ctx = (seq_len + 1) / 2 (the mean causal context), SwiGLU 2*3*D*F, MoE router 2*D*E
+  plus topk experts 2*3*D*F (plus a shared expert), memory layer: query 2*D*H*2Q,
+  sub-key scoring 2*H*n*2Q, value read 2*H*K*V, Memory+ gate and output 2*D*V each, and the
+  output head 2*D*W. A value table adds N*V parameters and NO FLOPs beyond the K rows read.
   Norms, rotary embeddings, softmaxes and top-k selection are not counted.
 Training FLOPs = 3 x forward FLOPs (forward + backward).
 """

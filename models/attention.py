@@ -1,6 +1,6 @@
 """Causal self-attention with rotary position embeddings and optional grouped KV heads.
 
-Legend: B batch, T sequence, D model dim, H query heads, G kv heads, E head dim.
+Shape suffixes: see docs/shapes.md.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from memlayers.models.init import trunc_normal_
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_seq_len, head_dim/2) for rotary embeddings."""
-    freqs_E2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    positions_T = torch.arange(max_seq_len, device=device, dtype=torch.float32)
-    angles_TE2 = torch.outer(positions_T, freqs_E2)
-    return angles_TE2.cos(), angles_TE2.sin()
+    freqs_Y = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    positions_S = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    angles_SY = torch.outer(positions_S, freqs_Y)
+    return angles_SY.cos(), angles_SY.sin()
 
 
-def apply_rope(x_BTHE: torch.Tensor, cos_TE2: torch.Tensor, sin_TE2: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_BSHA: torch.Tensor, cos_SY: torch.Tensor, sin_SY: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) by position-dependent angles."""
-    T = x_BTHE.shape[1]
-    x_even, x_odd = x_BTHE.float()[..., 0::2], x_BTHE.float()[..., 1::2]
-    cos, sin = cos_TE2[:T, None, :], sin_TE2[:T, None, :]
+    S = x_BSHA.shape[1]
+    x_even, x_odd = x_BSHA.float()[..., 0::2], x_BSHA.float()[..., 1::2]
+    cos, sin = cos_SY[:S, None, :], sin_SY[:S, None, :]
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x_BTHE)
+    return rotated.flatten(-2).type_as(x_BSHA)
 
 
 class Attention(nn.Module):
@@ -44,13 +44,13 @@ class Attention(nn.Module):
             trunc_normal_(linear.weight, std)
         trunc_normal_(self.wo.weight, out_std)
 
-    def forward(self, x_BTD: torch.Tensor, cos_TE2: torch.Tensor, sin_TE2: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
-        q_BTHE = apply_rope(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim), cos_TE2, sin_TE2)
-        k_BTGE = apply_rope(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos_TE2, sin_TE2)
-        v_BTGE = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        out_BHTE = F.scaled_dot_product_attention(
-            q_BTHE.transpose(1, 2), k_BTGE.transpose(1, 2), v_BTGE.transpose(1, 2),
+    def forward(self, x_BSD: torch.Tensor, cos_SY: torch.Tensor, sin_SY: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BSHA = apply_rope(self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim), cos_SY, sin_SY)
+        k_BSGA = apply_rope(self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim), cos_SY, sin_SY)
+        v_BSGA = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        out_BHSA = F.scaled_dot_product_attention(
+            q_BSHA.transpose(1, 2), k_BSGA.transpose(1, 2), v_BSGA.transpose(1, 2),
             is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.wo(out_BHTE.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(out_BHSA.transpose(1, 2).reshape(B, S, -1))

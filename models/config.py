@@ -1,22 +1,30 @@
 """Model configs: the transformer shape and the feed-forward family with its options.
 
-Families: `dense` (SwiGLU everywhere), `moe` (every FFN a mixture of experts), `pkm`
-(product-key memory replacing the FFN in chosen layers, own values per layer) and `memory_plus`
-(the paper's layer: qk-norm, swilu gating, several layers sharing ONE value table).
+Families (listed, with what each takes, in `memlayers.models.families`): `dense` (SwiGLU
+everywhere), `moe` (every FFN a mixture of experts), `pkm` (product-key memory replacing the
+FFN in chosen layers, own values per layer) and `memory_plus` (the paper's layer: qk-norm,
+swilu gating, several layers sharing ONE value table).
 All configs validate on construction through `validate(path)`; errors name the field.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-from memlayers.models.schema import ConfigError, require
+from memlayers.config_schema import ConfigError, require
+from memlayers.models.families import FAMILIES, MEMORY_FAMILIES, MEMORY_PARALLEL_FAMILIES, Family, family_spec
 
-Family = Literal["dense", "moe", "pkm", "memory_plus"]
-FAMILIES: tuple[str, ...] = ("dense", "moe", "pkm", "memory_plus")
-MEMORY_FAMILIES: tuple[str, ...] = ("pkm", "memory_plus")
+__all__ = ["FAMILIES", "MEMORY_FAMILIES", "MEMORY_PARALLEL_FAMILIES", "Family", "MemoryConfig", "MoEConfig", "ModelConfig", "default_key_dim"]
+
+
+SECTIONS = ("memory", "moe")  # the optional family sections of a ModelConfig
+
+
+def default_key_dim(dim: int) -> int:
+    """The default full key dim of a product-key query: the largest even number <= dim / 4 (at least 2)."""
+    return max(2, 2 * (dim // 8))
 
 
 @dataclass
@@ -24,12 +32,12 @@ class MemoryConfig:
     slots: int = 65536            # N = n^2 value rows; n sub-keys per half
     heads: int = 4                # query heads, each reads `topk` rows
     topk: int = 32                # rows read per head per token
-    key_dim: Optional[int] = None  # full key dim d_k (two halves of d_k/2); None -> dim // 4
+    key_dim: Optional[int] = None  # full key dim 2Q (two halves of Q); None -> default_key_dim(dim)
     n_layers: Optional[int] = None  # memory layers; None -> 3 (memory_plus) or 1 (pkm)
     layers: Optional[list[int]] = None  # explicit layer indices; None -> evenly spaced
     qk_norm: Optional[bool] = None  # None -> True for memory_plus, False for pkm
     gated: Optional[bool] = None    # swilu gate + output projection; None -> as qk_norm
-    shared_values: Optional[bool] = None  # one table for all memory layers; None -> memory_plus
+    shared_values: Optional[bool] = None  # one table for all memory layers; None -> True for memory_plus only
     sparse_grad: bool = True      # row-sparse value gradients (False: paper-faithful dense)
     temperature: Optional[float] = None  # qk-norm score scale on cosines; None -> sqrt(key_dim/2)
 
@@ -111,7 +119,7 @@ class ModelConfig:
     @property
     def key_dim(self) -> int:
         assert self.memory is not None
-        return self.memory.key_dim or max(2, 2 * (self.dim // 8))
+        return self.memory.key_dim or default_key_dim(self.dim)
 
     @property
     def memory_plus(self) -> bool:
@@ -135,7 +143,7 @@ class ModelConfig:
     @property
     def memory_layers(self) -> list[int]:
         """Indices of the layers whose FFN is a memory layer (evenly spaced by default)."""
-        if self.family not in MEMORY_FAMILIES or self.memory is None:
+        if family_spec(self.family).section != "memory" or self.memory is None:
             return []
         if self.memory.layers is not None:
             return sorted(self.memory.layers)
@@ -149,8 +157,7 @@ class ModelConfig:
         return "memory" if layer in self.memory_layers else "dense"
 
     def validate(self, path: str = "model") -> None:
-        require(self.family in FAMILIES, f"{path}.family",
-                f"unknown family {self.family!r} (expected one of {', '.join(FAMILIES)})")
+        spec = family_spec(self.family, f"{path}.family")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_multiple"):
             require(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
         require(self.dim % self.n_heads == 0, f"{path}.n_heads",
@@ -161,17 +168,16 @@ class ModelConfig:
         if self.ffn_dim is not None:
             require(self.ffn_dim >= 1, f"{path}.ffn_dim", f"must be >= 1, got {self.ffn_dim}")
         require(self.init_std > 0, f"{path}.init_std", f"must be > 0, got {self.init_std}")
-        if self.family in MEMORY_FAMILIES:
-            require(self.memory is not None, f"{path}.memory", f"family {self.family!r} needs a memory section")
-            self.memory.validate(f"{path}.memory")
+        for section in SECTIONS:
+            value = getattr(self, section)
+            if spec.section == section:
+                require(value is not None, f"{path}.{section}", f"family {self.family!r} needs a {section} section")
+                value.validate(f"{path}.{section}")
+            elif value is not None:
+                takers = [name for name in FAMILIES if family_spec(name).section == section]
+                raise ConfigError(f"{path}.{section}", f"only families {', '.join(takers)} take a {section} section")
+        if spec.section == "memory":
             layers = self.memory_layers
             require(len(set(layers)) == len(layers) and all(0 <= i < self.n_layers for i in layers),
                     f"{path}.memory.layers",
                     f"need distinct layer indices in [0, {self.n_layers}), got {layers}")
-        elif self.memory is not None:
-            raise ConfigError(f"{path}.memory", f"only families {MEMORY_FAMILIES} take a memory section")
-        if self.family == "moe":
-            require(self.moe is not None, f"{path}.moe", "family 'moe' needs a moe section")
-            self.moe.validate(f"{path}.moe")
-        elif self.moe is not None:
-            raise ConfigError(f"{path}.moe", "only family 'moe' takes a moe section")

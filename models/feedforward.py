@@ -1,4 +1,7 @@
-"""SwiGLU feed-forward: w2(silu(w1 x) * w3 x), the Llama FFN and the MoE expert shape."""
+"""SwiGLU feed-forward: w2(silu(w1 x) * w3 x), the Llama FFN and the MoE expert shape.
+
+Shape suffixes: see docs/shapes.md.
+"""
 
 from __future__ import annotations
 
@@ -21,5 +24,5 @@ class SwiGLU(nn.Module):
         trunc_normal_(self.w3.weight, std)
         trunc_normal_(self.w2.weight, out_std)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+    def forward(self, x_D: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_D)) * self.w3(x_D))

@@ -1,12 +1,14 @@
 """Mixture of experts: token-choice top-k router (fp32 softmax), dropless dispatch, Switch loss.
 
 Each token picks its top-k experts from a softmax over E router logits computed in fp32; the
-k gate weights are renormalised to sum to 1. Dispatch is dropless: the T*k (token, expert)
+k gate weights are renormalised to sum to 1 when k > 1. At k = 1 the expert output is scaled by
+the raw probability instead, as in Switch: a renormalised gate would be identically 1 and the
+router would learn from the balance loss only. Dispatch is dropless: the T*k (token, expert)
 assignments are sorted by expert and every expert runs on its contiguous slice. The
 Switch-Transformer load-balancing loss E * sum_e f_e * P_e (f_e: fraction of assignments to
 expert e, P_e: mean router probability of e) is kept in `balance_loss` after each forward.
 
-Legend: T tokens, D model dim, F expert hidden dim, E experts, K experts per token, A = T*K.
+Shape suffixes: see docs/shapes.md.
 """
 
 from __future__ import annotations
@@ -41,35 +43,36 @@ class MoE(nn.Module):
         if self.shared is not None:
             self.shared.init_weights(std, out_std)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         T = x_TD.shape[0]
         probs_TE = F.softmax(self.router(x_TD).float(), dim=-1)
         gate_TK, expert_TK = probs_TE.topk(self.topk, dim=-1)
-        gate_TK = gate_TK / gate_TK.sum(-1, keepdim=True)
+        if self.topk > 1:  # at top-1 a renormalised gate would be 1: keep the probability (Switch)
+            gate_TK = gate_TK / gate_TK.sum(-1, keepdim=True)
 
-        expert_A = expert_TK.reshape(-1)
-        order_A = torch.argsort(expert_A, stable=True)
-        token_A = order_A // self.topk
-        counts_E = torch.bincount(expert_A, minlength=self.experts)
+        expert_L = expert_TK.reshape(-1)
+        order_L = torch.argsort(expert_L, stable=True)
+        token_L = order_L // self.topk
+        counts_E = torch.bincount(expert_L, minlength=self.experts)
         out_TD = torch.zeros_like(x_TD)
         start = 0
         for e, count in enumerate(counts_E.tolist()):
             if count == 0:
                 continue
-            tokens = token_A[start:start + count]
+            tokens = token_L[start:start + count]
             x_CD = x_TD[tokens]
             h_CF = F.silu(x_CD @ self.w1_EDF[e]) * (x_CD @ self.w3_EDF[e])
-            y_CD = (h_CF @ self.w2_EFD[e]) * gate_TK.reshape(-1)[order_A[start:start + count], None].to(x_CD.dtype)
+            y_CD = (h_CF @ self.w2_EFD[e]) * gate_TK.reshape(-1)[order_L[start:start + count], None].to(x_CD.dtype)
             out_TD = out_TD.index_add(0, tokens, y_CD)
             start += count
 
-        load_E = counts_E.float() / max(1, expert_A.numel())
+        load_E = counts_E.float() / max(1, expert_L.numel())
         self.last_load_E = load_E.detach()
         self.balance_loss = self.experts * (load_E * probs_TE.mean(0)).sum()
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        return out_TD.view_as(x_BTD)
+        return out_TD.view_as(x_BSD)
 
 
 def load_imbalance(load_E: torch.Tensor) -> float:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from memlayers.models.config import FAMILIES, MEMORY_FAMILIES, MemoryConfig, ModelConfig, MoEConfig
-from memlayers.models.schema import ConfigError
+from memlayers.config_schema import ConfigError
+from memlayers.models.config import MemoryConfig, ModelConfig, MoEConfig
+from memlayers.models.families import family_spec
 
 BASES: dict[str, dict[str, Any]] = {
     # tiny CPU bases (vocab set by the tokenizer at run time)
@@ -58,15 +59,14 @@ def build_config(base: str, family: str, *, memory_slots: int | str | None = Non
     """A validated ModelConfig of `family` on base shape `base`."""
     if base not in BASES:
         raise ConfigError("base", f"unknown base {base!r} (expected one of {', '.join(BASES)})")
-    if family not in FAMILIES:
-        raise ConfigError("family", f"unknown family {family!r} (expected one of {', '.join(FAMILIES)})")
+    spec = family_spec(family)
     fields = {**BASES[base], **overrides, "family": family}
-    if family in MEMORY_FAMILIES:
+    if spec.section == "memory":
         slots = globals()["memory_slots"](memory_slots if memory_slots is not None else "64k")
         options = {"heads": 4, "topk": 32, **(memory or {}), "slots": slots}
         options["topk"] = min(options["topk"], int(slots ** 0.5))
         fields["memory"] = MemoryConfig(**options)
-    if family == "moe":
+    if spec.section == "moe":
         fields["moe"] = MoEConfig(**{"experts": experts or 8, **(moe or {})})
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     for key in fields:

@@ -1,9 +1,10 @@
 """The Llama-style decoder: pre-norm blocks of attention + a per-layer feed-forward.
 
 The feed-forward of layer i is SwiGLU, MoE or a memory layer, as `ModelConfig.ffn_kind(i)`
-says. For memory_plus the model owns ONE value table that its memory layers share.
+says. With `memory.shared_values` (the default of memory_plus) the model owns ONE value table
+that its memory layers share.
 
-Legend: B batch, T sequence, D model dim, V vocabulary.
+Shape suffixes: see docs/shapes.md.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer, shared_values)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos, sin)
-        return h_BTD + self.ffn(self.ffn_norm(h_BTD))
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos, sin)
+        return h_BSD + self.ffn(self.ffn_norm(h_BSD))
 
 
 class Transformer(nn.Module):
@@ -55,7 +56,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.memory_values = None
-        if cfg.family == "memory_plus" and cfg.shared_values:
+        if cfg.memory_layers and cfg.shared_values:
             self.memory_values = ValueTable(cfg.memory.slots, cfg.dim, sparse_grad=cfg.memory.sparse_grad)
         self.layers = nn.ModuleList(Block(cfg, i, self.memory_values) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
@@ -85,19 +86,19 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(sin)
 
     # ---- forward ----------------------------------------------------------------------------
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, T, V), fp32."""
-        h_BTD = self.tok_embeddings(tokens_BT)
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, S, W), fp32."""
+        h_BSD = self.tok_embeddings(tokens_BS)
         for block in self.layers:
-            h_BTD = block(h_BTD, self.rope_cos, self.rope_sin)
-        h_BTD = self.norm(h_BTD)
-        weight_VD = self.output.weight if self.output is not None else self.tok_embeddings.weight
-        return F.linear(h_BTD, weight_VD).float()
+            h_BSD = block(h_BSD, self.rope_cos, self.rope_sin)
+        h_BSD = self.norm(h_BSD)
+        weight_WD = self.output.weight if self.output is not None else self.tok_embeddings.weight
+        return F.linear(h_BSD, weight_WD).float()
 
-    def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss for the optimizer, cross-entropy alone); total adds MoE balance loss."""
-        logits_BTV = self(tokens_BT)
-        ce = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
+        logits_BSW = self(tokens_BS)
+        ce = F.cross_entropy(logits_BSW.flatten(0, 1), targets_BS.flatten(), ignore_index=-100)
         return ce + self.aux_loss(), ce
 
     def aux_loss(self) -> torch.Tensor:

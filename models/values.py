@@ -3,6 +3,8 @@
 The table is a module of its own so that a model can own one table and hand it to several
 memory layers (Memory+ shares one table across its layers), and so that a sharded table
 (memory parallelism) can stand in for it with the same `forward(slots, weights)`.
+
+Shape suffixes: see docs/shapes.md.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ class ValueTable(nn.Module):
     def init_weights(self) -> None:
         nn.init.normal_(self.weight, std=self.value_dim ** -0.5)
 
-    def forward(self, slots_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of the rows `slots_TK` -> (T, V)."""
-        return embedding_bag(self.weight, slots_TK, weights_TK, sparse_grad=self.sparse_grad)
+    def forward(self, slots_TR: torch.Tensor, weights_TR: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the rows `slots_TR` -> (T, V)."""
+        return embedding_bag(self.weight, slots_TR, weights_TR, sparse_grad=self.sparse_grad)
 
     def extra_repr(self) -> str:
         return f"slots={self.slots}, value_dim={self.value_dim}, sparse_grad={self.sparse_grad}"

@@ -86,7 +86,7 @@ def test_paper_bases_are_named_for_their_size_and_373m_has_the_reference_shape()
 
 
 def test_models_json_reports_the_8b_16m_value_parameters():
-    out = subprocess.run([sys.executable, "-m", "memlayers.platform.cli", "models", "--json",
+    out = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "models", "--json",
                           "--bases", "8b,nano", "--memory-sizes", "16m,4k"],
                          capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
@@ -97,3 +97,27 @@ def test_models_json_reports_the_8b_16m_value_parameters():
     dense = next(r for r in rows if r["preset"] == "8b" and r["family"] == "dense")
     assert dense["memory_slots"] == 0 and dense["memory_value_params"] == 0
     assert len(rows) == 2 * (2 + 2 * 2)
+
+
+def _value_table_params(model: Transformer) -> int:
+    """Parameters of every distinct value table the built model holds, found by module type."""
+    from memlayers.models.values import ValueTable
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, ValueTable)}
+    weights.update({id(layer.table.weight): layer.table.weight for layer in model.memory_layers()})
+    return sum(w.numel() for w in weights.values())
+
+
+SHARING = [("dense", None), ("moe", None)] + [(f, s) for f in ("pkm", "memory_plus") for s in (None, True, False)]
+
+
+@pytest.mark.parametrize("family, shared", SHARING)
+def test_value_params_counted_equal_the_tables_the_model_builds(family, shared):
+    cfg = hand_config(family)
+    if cfg.memory is not None:   # two memory layers: shared or not makes a difference
+        cfg.memory.n_layers, cfg.memory.shared_values = 2, shared
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    acc = account(cfg)
+    assert acc.memory_value_params == _value_table_params(model)
+    assert acc.memory_value_params == sum(p.numel() for p in model.value_parameters())
+    assert acc.total_params == sum(p.numel() for p in model.parameters())

@@ -9,8 +9,8 @@ from memlayers.kernels.lookup import embedding_bag, embedding_bag_reference
 
 def _run(case, impl="torch", sparse_grad=True):
     values = case.values_NV.clone().requires_grad_()
-    weights = case.weights_TK.clone().requires_grad_()
-    y = embedding_bag(values, case.slots_TK, weights, sparse_grad=sparse_grad, impl=impl)
+    weights = case.weights_TR.clone().requires_grad_()
+    y = embedding_bag(values, case.slots_TR, weights, sparse_grad=sparse_grad, impl=impl)
     y.backward(case.grad_y_TV)
     return y.detach(), values.grad, weights.grad
 
@@ -21,7 +21,7 @@ def test_torch_parts_match_reference_fp32(shape):
         case = random_case(*shape, seed=seed)
         y, grad_v, grad_w = _run(case)
         y_ref, rows_ref, grad_w_ref = reference_parts(case)
-        unique = case.slots_TK.unique()
+        unique = case.slots_TR.unique()
         assert torch.allclose(y.double(), y_ref, rtol=1e-5, atol=1e-6)
         assert torch.allclose(grad_v.to_dense()[unique].double(), rows_ref, rtol=1e-5, atol=1e-6)
         assert torch.allclose(grad_w.double(), grad_w_ref, rtol=1e-5, atol=1e-6)
@@ -32,12 +32,12 @@ def test_sparse_gradient_holds_exactly_the_rows_read():
     _, grad_v, _ = _run(case)
     # autograd drops the coalesced flag when storing .grad, but the rows are unique and sorted
     assert grad_v.is_sparse and grad_v.shape == (50, 6)
-    assert torch.equal(grad_v._indices()[0], case.slots_TK.unique())
+    assert torch.equal(grad_v._indices()[0], case.slots_TR.unique())
     _, grad_dense, _ = _run(case, sparse_grad=False)
     assert grad_dense.layout == torch.strided
     assert torch.equal(grad_v.to_dense(), grad_dense)
     unread = torch.ones(50, dtype=torch.bool)
-    unread[case.slots_TK.unique()] = False
+    unread[case.slots_TR.unique()] = False
     assert (grad_dense[unread] == 0).all() and (grad_dense[~unread] != 0).any(dim=1).all()
 
 
@@ -74,7 +74,7 @@ def test_low_precision_tables_accumulate_in_fp32(dtype):
     assert y.dtype == dtype and grad_v.dtype == dtype and grad_w.dtype == torch.float32
     # one rounding of an fp32-accurate result: within half an ulp of the largest magnitude
     assert (y.double() - y_ref).abs().max() <= ulp * y_ref.abs().max()
-    assert (grad_v.to_dense()[case.slots_TK.unique()].double() - rows_ref).abs().max() <= ulp * rows_ref.abs().max()
+    assert (grad_v.to_dense()[case.slots_TR.unique()].double() - rows_ref).abs().max() <= ulp * rows_ref.abs().max()
     assert torch.allclose(grad_w.double(), grad_w_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -109,7 +109,7 @@ def test_bad_arguments_are_named():
     values, slots, weights = torch.randn(4, 2), torch.zeros(2, 3, dtype=torch.long), torch.rand(2, 3)
     with pytest.raises(ValueError, match="impl"):
         embedding_bag(values, slots, weights, impl="cuda")
-    with pytest.raises(ValueError, match="weights_TK"):
+    with pytest.raises(ValueError, match="weights_TR"):
         embedding_bag(values, slots, weights[:, :2])
-    with pytest.raises(TypeError, match="slots_TK"):
+    with pytest.raises(TypeError, match="slots_TR"):
         embedding_bag(values, slots.float(), weights)

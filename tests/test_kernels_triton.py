@@ -55,9 +55,9 @@ else:
 
     def test_value_grad_is_deterministic():
         case = random_case(8, 12, 16, 8, seed=5)
-        segs = segments_of(case.slots_TK)
-        first = bag_triton.value_grad_rows(case.grad_y_TV, case.weights_TK, segs)
-        second = bag_triton.value_grad_rows(case.grad_y_TV, case.weights_TK, segs)
+        segs = segments_of(case.slots_TR)
+        first = bag_triton.value_grad_rows(case.grad_y_TV, case.weights_TR, segs)
+        second = bag_triton.value_grad_rows(case.grad_y_TV, case.weights_TR, segs)
         assert torch.equal(first, second)
 
     def test_autograd_through_triton_matches_torch_impl():
@@ -65,8 +65,8 @@ else:
         grads = {}
         for impl in ("triton", "torch"):
             values = case.values_NV.clone().requires_grad_()
-            weights = case.weights_TK.clone().requires_grad_()
-            y = embedding_bag(values, case.slots_TK, weights, impl=impl)
+            weights = case.weights_TR.clone().requires_grad_()
+            y = embedding_bag(values, case.slots_TR, weights, impl=impl)
             y.backward(case.grad_y_TV)
             grads[impl] = (y.detach(), values.grad, weights.grad)
         (y_t, gv_t, gw_t), (y_r, gv_r, gw_r) = grads["triton"], grads["torch"]

@@ -5,7 +5,7 @@ import torch
 
 from memlayers.models.config import MemoryConfig, ModelConfig, MoEConfig
 from memlayers.models.memory import MemoryLayer
-from memlayers.models.schema import ConfigError, from_dict
+from memlayers.config_schema import ConfigError, from_dict
 from memlayers.models.transformer import Transformer
 
 FAMILIES = ["dense", "moe", "pkm", "memory_plus"]
@@ -57,7 +57,7 @@ def test_gradients_reach_queries_keys_gates_and_the_shared_values_from_every_mem
     tokens = torch.randint(0, 61, (2, 16))
     model.loss(tokens[:, :-1], tokens[:, 1:])[0].backward()
     for layer in layers:
-        for param in (layer.query.weight, layer.keys_2HnP, layer.gate.weight, layer.out.weight, layer.query_gain_P):
+        for param in (layer.query.weight, layer.keys_2HnQ, layer.gate.weight, layer.out.weight, layer.query_gain_Q):
             assert param.grad is not None and param.grad.abs().sum() > 0
     # each layer alone sends gradient into the shared table: only the rows it read
     values = model.memory_values.weight
@@ -68,7 +68,7 @@ def test_gradients_reach_queries_keys_gates_and_the_shared_values_from_every_mem
         for hook in hooks:
             hook.remove()
         rows_with_grad = set(torch.nonzero(values.grad.abs().sum(1)).flatten().tolist())
-        assert rows_with_grad and rows_with_grad <= set(layer.last_slots_TK.flatten().tolist())
+        assert rows_with_grad and rows_with_grad <= set(layer.last_slots_TR.flatten().tolist())
 
 
 def test_memory_plus_layers_share_one_value_tensor_and_models_do_not():

@@ -47,3 +47,17 @@ def test_balance_loss_keeps_expert_load_within_twice_uniform():
     unbalanced = _train_router(balance_coef=0.0)
     assert balanced <= 2.0, balanced
     assert unbalanced > balanced
+
+
+def test_top1_router_learns_from_the_task_loss_alone():
+    """At top-1 a renormalised gate is identically 1: the expert output must be scaled by the raw
+    softmax probability (Switch) so that the router gets a gradient without the balance loss."""
+    torch.manual_seed(0)
+    grads = {}
+    for topk in (1, 2):
+        moe = MoE(16, 24, experts=4, topk=topk, shared_hidden_dim=None)
+        moe.init_weights(0.1, 0.1)
+        x, target = torch.randn(1, 64, 16), torch.randn(1, 64, 16)
+        ((moe(x) - target) ** 2).mean().backward()   # the task loss only, no balance loss
+        grads[topk] = float(moe.router.weight.grad.norm())
+    assert grads[1] > 1e-3 * grads[2] and grads[1] > 1e-4, grads

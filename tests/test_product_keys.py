@@ -3,7 +3,8 @@
 import torch
 
 from memlayers.models.config import MemoryConfig
-from memlayers.models.memory import MemoryLayer, candidate_pairs, product_key_topk
+from memlayers.models.memory import MemoryLayer
+from memlayers.models.product_keys import candidate_pairs, product_key_topk
 
 
 def brute_force_topk(q1, q2, keys1, keys2, topk):
@@ -32,9 +33,9 @@ def test_memory_layer_search_matches_brute_force_with_qk_norm():
     # score every one of the 100 slots explicitly through the layer's own normalised halves
     q = layer.query(x_TD).view(7, 2, 8)
     rms = lambda v: v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
-    scale = layer.query_gain_P * layer.temperature / 4
-    s1 = torch.einsum("thp,hnp->thn", rms(q[..., :4]) * scale, rms(layer.keys_2HnP[0]))
-    s2 = torch.einsum("thp,hnp->thn", rms(q[..., 4:]) * scale, rms(layer.keys_2HnP[1]))
+    scale = layer.query_gain_Q * layer.temperature / 4
+    s1 = torch.einsum("thp,hnp->thn", rms(q[..., :4]) * scale, rms(layer.keys_2HnQ[0]))
+    s2 = torch.einsum("thp,hnp->thn", rms(q[..., 4:]) * scale, rms(layer.keys_2HnQ[1]))
     full = (s1[..., :, None] + s2[..., None, :]).flatten(-2)
     ref_scores, ref_slots = full.topk(4, dim=-1)
     torch.testing.assert_close(scores, ref_scores)

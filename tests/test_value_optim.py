@@ -44,8 +44,8 @@ def _train_values(steps: int = 4):
             opt.zero_grad()
             (layer(x) * target).sum().backward()
             opt.step()
-        assert torch.equal(lazy.last_slots_TK, dense.last_slots_TK)
-        read_steps[lazy.last_slots_TK.unique()] += 1
+        assert torch.equal(lazy.last_slots_TR, dense.last_slots_TR)
+        read_steps[lazy.last_slots_TR.unique()] += 1
         grads.append(dense.values.weight.grad.clone())
     return initial, lazy.values.weight.detach(), dense.values.weight.detach(), read_steps, grads, opt_lazy
 
@@ -134,6 +134,24 @@ def test_row_adagrad_hand_computed(chunked):
     assert torch.allclose(p[1], -0.5 * torch.tensor([3.0, 4.0]) / 12.5 ** 0.5 - 0.5 / 13.5 ** 0.5)
     assert torch.allclose(p[2], torch.tensor([0.0, -0.5 * 2 / 2 ** 0.5]))
     assert torch.equal(p[0], torch.zeros(2))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_row_adagrad_and_clipping_work_in_every_table_dtype(dtype, tol):
+    p = torch.zeros(3, 2, dtype=dtype, requires_grad=True)
+    opt = RowAdagrad([p], lr=0.5, eps=1e-30)   # eps > 0: the unread rows of the dense case stay 0
+    p.grad = _sparse(torch.tensor([[1]]), torch.tensor([[3.0, 4.0]], dtype=dtype), (3, 2))
+    norm = clip_value_grad_norm_([p], max_norm=1e6)   # norm 5: nothing clipped
+    assert abs(float(norm) - 5.0) <= tol * 5
+    opt.step()   # G[1] = (9 + 16) / 2 = 12.5;  p[1] = -0.5 * [3, 4] / sqrt(12.5)
+    assert p.dtype == dtype and opt.state[p]["sum"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    expected = -0.5 * torch.tensor([3.0, 4.0], dtype=torch.float64) / 12.5 ** 0.5
+    assert (p[1].detach().double() - expected).abs().max() <= tol
+    dense = torch.zeros(3, 2, dtype=dtype, requires_grad=True)
+    dense.grad = torch.zeros(3, 2, dtype=dtype)
+    dense.grad[1] = torch.tensor([3.0, 4.0], dtype=dtype)
+    RowAdagrad([dense], lr=0.5, eps=1e-30).step()
+    assert torch.equal(dense.detach(), p.detach())
 
 
 @pytest.mark.parametrize("kind", ["lazy_adam", "row_adagrad", "adamw"])

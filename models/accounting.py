@@ -2,7 +2,8 @@
 
 Parameters are counted by kind: embedding (input table + untied output head), memory values
 (every distinct value table), the rest, and *active* parameters — those a token uses: all
-non-value, non-expert parameters, the top-k experts' share of each MoE layer, and the rows a
+non-value, non-expert parameters, the top-k experts' share of each MoE layer (under expert
+choice: capacity_factor experts per token on average, the training routing), and the rows a
 memory layer reads (heads * topk * value_dim per memory layer).
 
 Forward FLOPs per token count 2 per multiply-add of every matmul (letters as in docs/shapes.md):
@@ -63,8 +64,9 @@ def _attention(cfg: ModelConfig, seq_len: int) -> _Counts:
 def _moe(cfg: ModelConfig) -> _Counts:
     d, moe, fe = cfg.dim, cfg.moe, cfg.expert_hidden_dim
     expert = _dense(d, fe)
+    per_token = moe.experts_per_token   # topk, or capacity_factor on average under expert choice
     counts = _Counts(d * moe.experts, d * moe.experts, 2 * d * moe.experts)
-    counts += _Counts(moe.experts * expert.params, moe.topk * expert.active, moe.topk * expert.flops)
+    counts += _Counts(moe.experts * expert.params, round(per_token * expert.active), round(per_token * expert.flops))
     return counts + (_dense(d, cfg.hidden_dim) if moe.shared_expert else _Counts())
 
 

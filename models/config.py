@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from memlayers.config_schema import ConfigError, require
 from memlayers.models.families import FAMILIES, MEMORY_FAMILIES, MEMORY_PARALLEL_FAMILIES, Family, family_spec
@@ -63,10 +63,21 @@ class MemoryConfig:
 @dataclass
 class MoEConfig:
     experts: int = 8              # E experts per MoE layer
-    topk: int = 2                 # experts per token (token choice)
-    expert_ffn_dim: Optional[int] = None  # None -> ffn_dim // topk (active FLOPs ~ dense)
+    topk: int = 2                 # experts per token under token choice (expert choice: unused)
+    expert_ffn_dim: Optional[int] = None  # None -> ffn_dim / experts per token (active FLOPs ~ dense)
     shared_expert: bool = False   # an always-on SwiGLU beside the routed experts
-    balance_coef: float = 0.01    # Switch load-balancing loss weight
+    balance_coef: float = 0.01    # Switch load-balancing loss weight (token choice)
+    routing: Literal["token_choice", "expert_choice"] = "token_choice"
+    """token_choice: each token picks `topk` experts (dropless). expert_choice: in training each
+    expert picks its capacity_factor * T / E best tokens of the micro-batch (not causal); in eval
+    mode the same router routes top-1 token choice (see memlayers.models.moe)."""
+    capacity_factor: float = 1.0
+    """expert choice: experts per token on average (each expert takes capacity_factor * T / E tokens)."""
+
+    @property
+    def experts_per_token(self) -> float:
+        """Experts a token runs through in training: topk, or capacity_factor on average."""
+        return self.capacity_factor if self.routing == "expert_choice" else self.topk
 
     def validate(self, path: str = "moe") -> None:
         require(self.experts >= 1, f"{path}.experts", f"must be >= 1, got {self.experts}")
@@ -75,6 +86,11 @@ class MoEConfig:
         if self.expert_ffn_dim is not None:
             require(self.expert_ffn_dim >= 1, f"{path}.expert_ffn_dim", f"must be >= 1, got {self.expert_ffn_dim}")
         require(self.balance_coef >= 0, f"{path}.balance_coef", f"must be >= 0, got {self.balance_coef}")
+        require(self.routing in ("token_choice", "expert_choice"), f"{path}.routing",
+                f"must be token_choice or expert_choice, got {self.routing!r}")
+        require(self.capacity_factor > 0, f"{path}.capacity_factor", f"must be > 0, got {self.capacity_factor}")
+        require(self.capacity_factor <= self.experts, f"{path}.capacity_factor",
+                f"must be at most experts={self.experts} (each token at most once per expert), got {self.capacity_factor}")
 
 
 @dataclass
@@ -114,7 +130,11 @@ class ModelConfig:
     @property
     def expert_hidden_dim(self) -> int:
         assert self.moe is not None
-        return self.moe.expert_ffn_dim or max(1, self.hidden_dim // self.moe.topk)
+        if self.moe.expert_ffn_dim:
+            return self.moe.expert_ffn_dim
+        if self.moe.routing == "expert_choice":
+            return max(1, int(self.hidden_dim / self.moe.capacity_factor))
+        return max(1, self.hidden_dim // self.moe.topk)
 
     @property
     def key_dim(self) -> int:

@@ -29,7 +29,7 @@ def build_ffn(cfg: ModelConfig, layer: int, shared_values: ValueTable | None) ->
     if kind == "moe":
         moe = cfg.moe
         return MoE(cfg.dim, cfg.expert_hidden_dim, moe.experts, moe.topk,
-                   cfg.hidden_dim if moe.shared_expert else None)
+                   cfg.hidden_dim if moe.shared_expert else None, moe.routing, moe.capacity_factor)
     if kind == "memory":
         return MemoryLayer(cfg.dim, cfg.memory, shared_values, key_dim=cfg.key_dim,
                            qk_norm=cfg.qk_norm, gated=cfg.gated)

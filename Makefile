@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench figure clean
+.PHONY: setup demo test test-fast bench figure clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: everything but the tests that start Ray, drive Chromium or run a study.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not ray and not browser and not slow"
 
 bench: $(STAMP)
 	$(VENV)/bin/memlayers bench memory

@@ -14,6 +14,9 @@ import importlib
 from dataclasses import dataclass
 
 import numpy as np
+from memlayers.platform.laws.power import bootstrap_samples
+from memlayers.platform.laws.recall import fit_recall
+from memlayers.platform.laws.result import LAW_MODULES, LawFit
 
 POWER_REPLICATES = 200
 RECALL_REPLICATES = 40
@@ -35,21 +38,15 @@ def grid(x_min: float, x_max: float, n: int = 120, pad: float = 1.25) -> np.ndar
 
 
 def _law_fit(entry: dict):
-    from memlayers.platform.laws.result import LawFit
-
     return LawFit.from_dict(entry)
 
 
 def _power_samples(fit, x, y, n: int, seed: int) -> list[dict]:
-    from memlayers.platform.laws.power import bootstrap_samples
-
     samples = bootstrap_samples(fit, x, y, n, seed)
     return [{name: float(values[b]) for name, values in samples.items()} for b in range(n)]
 
 
 def _recall_samples(fit, x, y, n: int, seed: int) -> list[dict]:
-    from memlayers.platform.laws.recall import fit_recall
-
     floor = fit.params["floor"] if fit.details.get("floor_fixed") else None
     rng = np.random.default_rng(seed)
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -81,8 +78,6 @@ def law_curve(entry: dict, x_points, y_points, x_grid: np.ndarray, *, seed: int 
     if len(params) < 10:
         curve.band_note = "no interval band: too few bootstrap refits succeeded"
         return curve
-    from memlayers.platform.laws.result import LAW_MODULES
-
     predict = importlib.import_module(LAW_MODULES[fit.law]).predict
     curves_BX = np.array([predict(p, x_grid) for p in params])
     curves_BX = curves_BX[np.all(np.isfinite(curves_BX), axis=1)]

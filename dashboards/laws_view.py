@@ -14,7 +14,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memlayers.platform.study_ref import StudyRef
+from memlayers.platform.laws.study import fit_study, rows_sha256
+from memlayers.platform.study.ref import StudyRef
+from memlayers.platform.tracking.runs import load_study_rows
 
 LAWS_FILE = Path("laws") / "laws.json"
 REPORT_BOOTSTRAP = 100
@@ -75,11 +77,6 @@ def _entry(container: dict, key: str, missing: str, kind: str = "law") -> tuple[
 def load_laws(ref: StudyRef, *, bootstrap: int = REPORT_BOOTSTRAP, seed: int = 0, refit: bool = True) -> StudyLaws:
     """The study's laws (saved if current, else fitted now unless `refit` is False: a study that
     disables fitting); never raises for a small study."""
-    try:
-        from memlayers.platform.laws.mlflow_runs import load_study_rows
-        from memlayers.platform.laws.study import fit_study, rows_sha256
-    except ImportError as error:
-        return StudyLaws(note=f"the scaling-law fitter is not available ({error})")
     try:
         rows = load_study_rows(ref.name, ref.tracking_uri)
     except ValueError as error:

@@ -12,13 +12,12 @@ several budgets (an iso-FLOP sweep), the budget with the most runs.
 from __future__ import annotations
 
 import numpy as np
-
 from memlayers.dashboards.bands import grid, law_curve
 from memlayers.dashboards.laws_view import StudyLaws
 from memlayers.dashboards.plot_scaling import law_label
-from memlayers.dashboards.plots import (MissingData, Plot, family_color, family_label, make_plot, new_figure,
-                                       tidy_log_axis)
+from memlayers.dashboards.plots import MissingData, Plot, family_color, family_label, make_plot, new_figure, tidy_log_axis
 from memlayers.dashboards.study_data import Cell, StudyData, base_order
+from memlayers.models.presets import memory_size_name
 
 METRICS = {
     "val_loss": ("validation loss (nats/token, log scale)", "log"),
@@ -122,8 +121,6 @@ def _draw_panel(ax, laws: StudyLaws, base: str, metric: str, memory_cells: list[
         if values:
             ax.axhline(float(np.mean(values)), color=family_color(family), ls=style, lw=1.3,
                        label=f"{family_label(family)} {ref_base}{_compute_ratio(cells, memory_cells)}")
-    from memlayers.models.presets import memory_size_name
-
     ax.set_xscale("log")
     if all_sizes:
         ticks = sorted(all_sizes)

@@ -12,8 +12,16 @@ import math
 
 from memlayers.dashboards.bands import grid, law_curve
 from memlayers.dashboards.laws_view import StudyLaws
-from memlayers.dashboards.plots import (MissingData, Plot, family_color, family_label, make_plot, new_figure,
-                                       short_number, tidy_log_axis)
+from memlayers.dashboards.plots import (
+    MissingData,
+    Plot,
+    family_color,
+    family_label,
+    make_plot,
+    new_figure,
+    short_number,
+    tidy_log_axis,
+)
 from memlayers.dashboards.study_data import FAMILY_ORDER, Cell, StudyData
 
 MAX_ANNOTATED = 24

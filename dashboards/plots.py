@@ -44,10 +44,10 @@ def family_label(family: str) -> str:
 
 def new_figure(n_panels: int = 1, width: float = 6.4, height: float = 4.2):
     """A figure with `n_panels` side by side, styled for the report."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is heavy and only this path needs it
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is heavy and only this path needs it
 
     fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels if n_panels > 1 else width, height),
                              squeeze=False, constrained_layout=True)
@@ -68,7 +68,11 @@ def tidy_log_axis(axis, low: float, high: float) -> None:
     """A log axis spanning less than a decade gets ~6 evenly spaced ticks with plain labels (as many
     digits as the spacing needs) and no minor labels; matplotlib would otherwise label minor ticks
     in scientific notation, or label nothing at all."""
-    from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import (  # deferred: matplotlib is heavy and only this path needs it
+        MaxNLocator,
+        NullFormatter,
+        ScalarFormatter,
+    )
 
     if low > 0 and high / low < 10:
         axis.set_major_locator(MaxNLocator(nbins=6))
@@ -79,7 +83,7 @@ def tidy_log_axis(axis, low: float, high: float) -> None:
 
 
 def to_png(fig, dpi: int = 110) -> bytes:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is heavy and only this path needs it
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
@@ -93,7 +97,7 @@ def make_plot(key: str, title: str, caption: str, draw: Callable[[], object],
 
     `notes` is the list `draw` appends to (curves it had to leave out, and why).
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is heavy and only this path needs it
 
     try:
         fig = draw()
@@ -105,7 +109,7 @@ def make_plot(key: str, title: str, caption: str, draw: Callable[[], object],
 
 def all_plots(data, laws) -> list[Plot]:
     """Every figure of the report, headline first."""
-    from memlayers.dashboards import plot_memory, plot_scaling, plot_training
+    from memlayers.dashboards import plot_memory, plot_scaling, plot_training  # deferred: the plot modules import this one
 
     return [
         plot_scaling.loss_vs_compute(data, laws),

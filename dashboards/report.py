@@ -13,12 +13,14 @@ import datetime as dt
 import logging
 from pathlib import Path
 
+from memlayers.config_schema import ConfigError, parse_yaml
 from memlayers.dashboards.html_parts import esc, fmt, interval, page, png_data_uri, table
 from memlayers.dashboards.laws_view import REPORT_BOOTSTRAP, StudyLaws, load_laws
 from memlayers.dashboards.plots import Plot, all_plots, family_label
 from memlayers.dashboards.study_data import FAMILY_ORDER, StudyData, load_study
 from memlayers.platform.laws.result import fit_warning
-from memlayers.platform.study_ref import StudyRef
+from memlayers.platform.study.ref import StudyRef
+from memlayers.platform.tracking.client import client_for, with_retry
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +213,6 @@ def log_report(data: StudyData, out_dir: Path) -> bool:
     if not data.parent_run_id:
         log.warning("study %s has no parent run (tag memlayers.role=study): report not logged to MLflow", data.ref.name)
         return False
-    from memlayers.platform.tracking import client_for, with_retry
-
     client = client_for(data.ref.tracking_uri)
     run_id = data.parent_run_id
     with_retry(lambda: client.log_artifact(run_id, str(out_dir / "report.html"), artifact_path=ARTIFACT_PATH))
@@ -234,11 +234,9 @@ def headline_plot(plots: list[Plot]) -> Plot:
 
 def fit_settings(definition: str | None) -> tuple[bool, int | None]:
     """(enabled, bootstrap) of the study's `fit` section; (True, None) when it says nothing."""
-    import yaml
-
     try:
-        fit = (yaml.safe_load(definition or "") or {}).get("fit") or {}
-    except (yaml.YAMLError, AttributeError):
+        fit = (parse_yaml(definition or "", "study definition") or {}).get("fit") or {}
+    except (ConfigError, AttributeError):
         return True, None
     if not isinstance(fit, dict):
         return True, None

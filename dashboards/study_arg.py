@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memlayers.platform.study_ref import StudyRef, resolve_study, sqlite_uri
-
-ROLE_TAG = "memlayers.role"
+from memlayers.platform.study.ref import StudyRef, resolve_study
+from memlayers.platform.tracking.conventions import role_filter, sqlite_path, sqlite_uri
 
 
 class StudyNotFound(ValueError):
@@ -22,13 +21,13 @@ class StudyNotFound(ValueError):
 
 def _study_in_store(uri: str, fallback: str) -> str:
     """The experiment named `fallback` if it exists, else the only experiment holding a study run."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred: mlflow is heavy and only this path needs it
 
     client = MlflowClient(tracking_uri=uri)
     if client.get_experiment_by_name(fallback) is not None:
         return fallback
     names = [e.name for e in client.search_experiments()
-             if client.search_runs([e.experiment_id], f"tags.`{ROLE_TAG}` = 'study'", max_results=1)]
+             if client.search_runs([e.experiment_id], role_filter("study"), max_results=1)]
     return names[0] if len(names) == 1 else fallback
 
 
@@ -47,15 +46,14 @@ def resolve_study_arg(arg: str, tracking_uri: str | None = None) -> StudyRef:
 
 def existing_store(ref: StudyRef) -> None:
     """Raise StudyNotFound when the study's SQLite store does not exist (other stores pass)."""
-    prefix = "sqlite:///"
-    if ref.tracking_uri.startswith(prefix):
-        db = Path(ref.tracking_uri[len(prefix):])
+    db = sqlite_path(ref.tracking_uri)
+    if db is not None:
         if not db.is_file():
             raise StudyNotFound(f"study {ref.name}: no tracking store at {db} (has the study run?)")
 
 
 def experiment_id(ref: StudyRef) -> str | None:
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred: mlflow is heavy and only this path needs it
 
     experiment = MlflowClient(tracking_uri=ref.tracking_uri).get_experiment_by_name(ref.name)
     return experiment.experiment_id if experiment is not None else None

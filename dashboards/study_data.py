@@ -16,12 +16,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memlayers.platform.laws.mlflow_runs import search_all_runs
-from memlayers.platform.study_ref import StudyRef
+from memlayers.models.presets import BASES, memory_size_name
+from memlayers.platform.study.ref import StudyRef
+from memlayers.platform.tracking.client import search_all_runs
+from memlayers.platform.tracking.conventions import RUN_NAME_TAG, role_filter
 
 FINAL_METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll", "loss")
 HISTORY_METRICS = ("loss", "tokens", "val_loss", "slot_fraction_read", "slot_gini")
-ROLE_TAG = "memlayers.role"
 
 
 def _number(text: str | None, default: float | None = None) -> float | None:
@@ -84,8 +85,6 @@ class Cell:
     @property
     def variant(self) -> str:
         """What distinguishes the cell within its family and base: memory size or experts."""
-        from memlayers.models.presets import memory_size_name
-
         if self.memory_slots:
             return memory_size_name(self.memory_slots)
         if self.experts:
@@ -119,7 +118,7 @@ class StudyData:
 
 
 def _client(uri: str):
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred: mlflow is heavy and only this path needs it
 
     return MlflowClient(tracking_uri=uri)
 
@@ -178,13 +177,13 @@ def load_study(ref: StudyRef, *, with_histories: bool = True) -> StudyData:
         data.definition, data.definition_source = load_definition(ref)
         return data
     data.experiment_id = experiment.experiment_id
-    parents = search_all_runs(client, data.experiment_id, f"tags.`{ROLE_TAG}` = 'study'")
+    parents = search_all_runs(client, data.experiment_id, role_filter("study"))
     if parents:
         parent = max(parents, key=lambda run: run.info.start_time or 0)
         data.parent_run_id, data.parent_tags = parent.info.run_id, dict(parent.data.tags)
-    for run in search_all_runs(client, data.experiment_id, f"tags.`{ROLE_TAG}` = 'cell'"):
+    for run in search_all_runs(client, data.experiment_id, role_filter("cell")):
         tags = dict(run.data.tags)
-        data.cells.append(Cell(run_id=run.info.run_id, run_name=run.info.run_name or tags.get("mlflow.runName", ""),
+        data.cells.append(Cell(run_id=run.info.run_id, run_name=run.info.run_name or tags.get(RUN_NAME_TAG, ""),
                                status=run.info.status, tags=tags, params=dict(run.data.params),
                                metrics=dict(run.data.metrics)))
     data.cells.sort(key=cell_order)
@@ -198,8 +197,6 @@ FAMILY_ORDER = ("dense", "moe", "pkm", "memory_plus")
 
 
 def base_order(base: str) -> tuple[int, str]:
-    from memlayers.models.presets import BASES
-
     names = list(BASES)
     return (names.index(base) if base in names else len(names), base)
 

@@ -14,6 +14,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+RAY_FIXTURES = {"ray_local", "ray_head", "ray_two_nodes"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that takes a Ray cluster fixture is a `ray` test (markers: see pyproject.toml)."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
@@ -22,7 +32,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the whole test session (2 CPUs, 127.0.0.1)."""
-    from memlayers.platform.ray_session import ray_cluster
+    from memlayers.platform.cluster.session import ray_cluster
 
     with ray_cluster(None, num_cpus=2):
         yield

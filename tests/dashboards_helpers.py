@@ -18,8 +18,9 @@ import struct
 import time
 from pathlib import Path
 
-from memlayers.platform import tracking
-from memlayers.platform.study_ref import StudyRef, sqlite_uri
+from memlayers.platform.tracking import client as tracking
+from memlayers.platform.study.ref import StudyRef
+from memlayers.platform.tracking.conventions import sqlite_uri
 
 STUDY_YAML = """name: {name}
 data: {{source: facts, tokenizer: word, seq_len: 16}}
@@ -112,7 +113,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def inspect_report(report: Path, screenshot: Path) -> dict:
     """Open the report from disk in headless Chromium; what a reader would see, as plain data."""
-    from memlayers.dashboards.browser import Chromium
+    from browser import Chromium
 
     with Chromium(width=1280, height=900) as browser:
         browser.open(report.as_uri())

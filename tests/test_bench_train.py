@@ -6,7 +6,7 @@ import sys
 
 
 def test_bench_train_prints_tokens_per_second_for_both_families():
-    out = subprocess.run([sys.executable, "-m", "memlayers.platform.cli", "bench", "train", "--steps", "5",
+    out = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "bench", "train", "--steps", "5",
                           "--batch-size", "8", "--seq-len", "32", "--json"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = json.loads(out)

@@ -15,10 +15,9 @@ import urllib.request
 
 import psutil
 import pytest
-
+from browser import Chromium, find_chromium
 from dashboards_helpers import CELLS, build_study, run_name
-from memlayers.dashboards.browser import Chromium, find_chromium
-from memlayers.dashboards.mlflow_ui import free_port
+from memlayers.platform.cluster.ports import free_port
 
 START_TIMEOUT_S = 240  # mlflow server answers /health after ~10 s on an idle machine
 
@@ -56,11 +55,12 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(find_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_dashboard_serves_the_study_and_stops_cleanly(tmp_path):
     study = build_study(tmp_path / "smoke")
     port = free_port()
-    dashboard = subprocess.Popen([sys.executable, "-m", "memlayers.platform.cli", "dashboard", str(study.workdir),
+    dashboard = subprocess.Popen([sys.executable, "-m", "memlayers.platform.cli.main", "dashboard", str(study.workdir),
                                   "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: queue.Queue = queue.Queue()
@@ -112,7 +112,7 @@ def test_dashboard_serves_the_study_and_stops_cleanly(tmp_path):
 
 
 def test_dashboard_unknown_study_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "memlayers.platform.cli", "dashboard", "no-such-study", "--port", "0"],
+    result = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "dashboard", "no-such-study", "--port", "0"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "no tracking store" in result.stderr

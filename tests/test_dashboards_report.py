@@ -7,14 +7,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
+from browser import find_chromium
 from dashboards_helpers import CELLS, build_study, inspect_report, png_size
-from memlayers.dashboards.browser import find_chromium
 from memlayers.dashboards.laws_view import LAWS_FILE, StudyLaws, load_laws
 from memlayers.dashboards.plots import all_plots
 from memlayers.dashboards.report import SECTIONS, render, write_report
 from memlayers.dashboards.study_data import Cell, StudyData
-from memlayers.platform.study_ref import StudyRef
+from memlayers.platform.study.ref import StudyRef
 
 needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
 PLOT_KEYS = {"loss_vs_compute", "metrics_vs_memory", "compute_multipliers", "training_curves", "slot_usage"}
@@ -43,6 +42,7 @@ class Resources(HTMLParser):
         self.urls += [value for name, value in attrs if name in ("src", "href", "srcset", "action") and value]
 
 
+@pytest.mark.browser
 @needs_chromium
 def test_report_renders_in_headless_chromium(report, study, tmp_path):
     """Every section present, every image decoded, a screenshot, nothing loaded from the network."""
@@ -94,8 +94,8 @@ def test_report_fits_laws_with_intervals_from_the_runs(study, report):
 
 
 def test_saved_laws_are_used_when_current_and_refitted_when_stale(study, tmp_path):
-    from memlayers.platform.laws.mlflow_runs import load_study_rows
     from memlayers.platform.laws.study import fit_study
+    from memlayers.platform.tracking.runs import load_study_rows
 
     workdir = tmp_path / "copy"
     (workdir / LAWS_FILE).parent.mkdir(parents=True)
@@ -142,7 +142,7 @@ def test_figures_degrade_to_notes(cells, expected, tmp_path):
 
 
 def test_report_cli_writes_the_headline_figure_from_a_workdir(study, tmp_path):
-    from memlayers.platform.cli import main
+    from memlayers.platform.cli.main import main
 
     figure = tmp_path / "docs" / "headline.png"
     code = main(["report", str(study.workdir), "--out", str(tmp_path / "out"), "--figure", str(figure),
@@ -154,7 +154,7 @@ def test_report_cli_writes_the_headline_figure_from_a_workdir(study, tmp_path):
 
 
 def test_report_cli_unknown_study_exits_2_and_creates_nothing(tmp_path, monkeypatch, capsys):
-    from memlayers.platform.cli import main
+    from memlayers.platform.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["report", "no-such-study"]) == 2

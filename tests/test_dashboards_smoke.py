@@ -7,27 +7,29 @@ from pathlib import Path
 
 import pytest
 import yaml
-
+from browser import find_chromium
 from conftest import REPO_ROOT
 from dashboards_helpers import inspect_report
-from memlayers.dashboards.browser import find_chromium
-from memlayers.dashboards.report import SECTIONS
+from memlayers.dashboards.report import SECTIONS, write_report
 
 SMOKE = REPO_ROOT / "studies" / "smoke.yaml"
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 @pytest.mark.skipif(find_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_report_of_a_finished_smoke_study(tmp_path, ray_local):
-    from memlayers.platform.controller import run_study
-    from memlayers.platform.study import expand, load_study
-    from memlayers.platform.tracking import client_for
+    from memlayers.platform.study.cells import expand
+    from memlayers.platform.study.controller import run_study
+    from memlayers.platform.study.validate import load_study
+    from memlayers.platform.tracking.client import client_for
 
     data = yaml.safe_load(SMOKE.read_text())
     data.update(name="dash-smoke", workdir=str(tmp_path / "wd"), report=True)
     path = tmp_path / "dash-smoke.yaml"
     path.write_text(yaml.safe_dump(data))
     study = load_study(path)
-    result = run_study(study, poll_interval=0.5)
+    result = run_study(study, poll_interval=0.5, report=write_report)
 
     report = tmp_path / "wd" / "report" / "report.html"
     assert result.report is not None and Path(result.report) == report  # written by the controller

@@ -4,9 +4,9 @@ import json
 import subprocess
 import sys
 
-from memlayers.platform.bench_memory import _ratios
+from memlayers.platform.bench.memory import _ratios
 
-MEMLAYERS = [sys.executable, "-m", "memlayers.platform.cli"]
+MEMLAYERS = [sys.executable, "-m", "memlayers.platform.cli.main"]
 
 
 def test_bench_memory_json_rows_from_child_processes_with_the_peer():

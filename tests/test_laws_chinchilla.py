@@ -14,10 +14,9 @@ import sys
 
 import numpy as np
 import pytest
-from scipy.optimize import minimize_scalar
-
 from memlayers.platform.laws.frontier import compute_optimal
 from memlayers.platform.laws.io import chinchilla_csv_path, load_fit, sha256_file
+from scipy.optimize import minimize_scalar
 
 DATA = chinchilla_csv_path()
 needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"Chinchilla data not found at {DATA} "
@@ -31,7 +30,7 @@ EPOCH_BETA_WIDTH = 0.415 - 0.331
 def cli_fit(tmp_path_factory):
     """One run of the real command: full grid, 200 bootstrap replicates, JSON and files."""
     out = tmp_path_factory.mktemp("chinchilla")
-    cmd = [sys.executable, "-m", "memlayers.platform.cli", "fit", "--csv", str(DATA), "--law", "chinchilla",
+    cmd = [sys.executable, "-m", "memlayers.platform.cli.main", "fit", "--csv", str(DATA), "--law", "chinchilla",
            "--n", "Model Size", "--c", "Training FLOP", "--loss", "loss", "--drop-highest", "5",
            "--bootstrap", "200", "--seed", "0", "--json", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -105,7 +104,7 @@ def test_frontier_minimises_loss_at_fixed_compute(cli_fit):
 
 @needs_data
 def test_bench_fit_reports_both_procedures(capsys):
-    from memlayers.platform.cli import main
+    from memlayers.platform.cli.main import main
 
     assert main(["bench", "fit", "--plain-starts", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -7,8 +7,7 @@ import json
 
 import numpy as np
 import pytest
-
-from memlayers.platform.cli import main
+from memlayers.platform.cli.main import main
 from memlayers.platform.laws.io import load_fit, read_columns, save_fit, sha256_file
 from memlayers.platform.laws.power import fit_power_law
 from memlayers.platform.laws.result import LawFit

@@ -8,8 +8,7 @@ import json
 
 import numpy as np
 import pytest
-
-from memlayers.platform.cli import main
+from memlayers.platform.cli.main import main
 
 REF = {"A": 60.0, "E": 1.8, "alpha": 0.11}
 BASES = {"tiny": 1e15, "small": 4e15, "medium": 1.6e16, "large": 6.4e16}
@@ -121,7 +120,7 @@ def mlflow_study(tmp_path_factory):
 
 
 def test_load_study_rows_reads_finished_cells(mlflow_study):
-    from memlayers.platform.laws.mlflow_runs import load_study_rows, parent_run_id
+    from memlayers.platform.tracking.runs import load_study_rows, parent_run_id
 
     rows = load_study_rows("toy", mlflow_study["uri"])
     assert len(rows) == len(mlflow_study["rows"])  # the FAILED run is left out

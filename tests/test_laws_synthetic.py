@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.optimize import approx_fprime, minimize
-
-from memlayers.platform.cli import main
+from memlayers.platform.cli.main import main
 from memlayers.platform.laws.chinchilla import fit_chinchilla
 from memlayers.platform.laws.chinchilla import predict as chinchilla_predict
 from memlayers.platform.laws.lbfgs import minimize_batch
@@ -15,6 +13,7 @@ from memlayers.platform.laws.logfit import PowerSumProblem
 from memlayers.platform.laws.power import fit_power_law
 from memlayers.platform.laws.recall import fit_recall
 from memlayers.platform.laws.recall import predict as recall_predict
+from scipy.optimize import approx_fprime, minimize
 
 
 def noisy(values, rng, sigma):

@@ -16,15 +16,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from memlayers.kernels.sharded_values import comm_bytes_per_token, force_all_to_all_fallback
 from memlayers.kernels.value_optim import clip_value_grad_norm_
 from memlayers.models.config import MemoryConfig, ModelConfig
 from memlayers.models.transformer import Transformer
-from memlayers.platform.optim import build_optimizers
-from memlayers.platform.parallel import (load_values, run_local, save_sharded_values, setup_parallel,
-                                         value_param_names)
-from memlayers.platform.run_config import TrainConfig
+from memlayers.platform.cluster.local_launch import run_local
+from memlayers.platform.train.mesh import setup_parallel, value_param_names
+from memlayers.platform.train.optim import build_optimizers
+from memlayers.platform.train.run_config import TrainConfig
+from memlayers.platform.train.shard_checkpoint import load_values, save_sharded_values
 
 TOL = 1e-5
 REL_TOL = 1e-4

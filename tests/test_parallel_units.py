@@ -7,15 +7,15 @@ import math
 
 import pytest
 import torch
-
+from memlayers.config_schema import ConfigError
 from memlayers.kernels.sharded_values import ShardedValueTable, column_range, comm_bytes_per_token
 from memlayers.models.config import MemoryConfig, ModelConfig
 from memlayers.models.presets import build_config
-from memlayers.models.schema import ConfigError
 from memlayers.models.transformer import Transformer
 from memlayers.models.values import ValueTable
-from memlayers.platform.parallel import (load_values, memory_per_rank, mesh_layout, save_sharded_values,
-                                         shard_memory)
+from memlayers.platform.train.mesh import mesh_layout, shard_memory
+from memlayers.platform.train.rank_memory import memory_per_rank
+from memlayers.platform.train.shard_checkpoint import load_values, save_sharded_values
 
 
 def test_mesh_puts_memory_parallel_groups_on_consecutive_ranks():
@@ -143,7 +143,7 @@ def test_values_round_trip_with_optimizer_state_and_refuse_mixed_writes(tmp_path
 def test_bench_cli_registers_json_and_p_options():
     import argparse
 
-    from memlayers.platform import bench_parallel
+    from memlayers.platform.bench import parallel as bench_parallel
 
     parser = argparse.ArgumentParser()
     bench_parallel.register(parser)
@@ -155,7 +155,7 @@ def test_bench_cli_registers_json_and_p_options():
 
 
 def test_bench_json_reports_counted_bytes_for_each_p(capsys):
-    from memlayers.platform.cli import main
+    from memlayers.platform.cli.main import main
 
     code = main(["bench", "parallel", "--json", "--p", "1", "2", "--steps", "1", "--dim", "16", "--slots", "256",
                  "--heads", "2", "--topk", "4", "--batch", "1", "--seq-len", "8"])

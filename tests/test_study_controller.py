@@ -9,12 +9,11 @@ import time
 import psutil
 import pytest
 import yaml
-
-from memlayers.platform.cli import main
-from memlayers.platform.progress import cell_runs, search_runs
-from memlayers.platform.study import expand, load_study
-
 from conftest import REPO_ROOT
+from memlayers.platform.cli.main import main
+from memlayers.platform.study.cells import expand
+from memlayers.platform.study.progress import cell_runs, search_runs
+from memlayers.platform.study.validate import load_study
 
 SMOKE = REPO_ROOT / "studies" / "smoke.yaml"
 
@@ -57,7 +56,7 @@ def test_failed_cell_is_recorded_tuned_lr_reused_and_retry_continues_the_same_ru
     path.write_text(yaml.safe_dump(data))
     study = load_study(path)
 
-    from memlayers.platform.controller import run_study
+    from memlayers.platform.study.controller import run_study
     first = run_study(study, poll_interval=0.5)
     uri = first.tracking_uri
     dense, memory = first.cells
@@ -74,7 +73,7 @@ def test_failed_cell_is_recorded_tuned_lr_reused_and_retry_continues_the_same_ru
     storage = f"sqlite:///{tmp_path / 'wd' / 'optuna.db'}"
     best = optuna.load_study(study_name="ctl:nano:memory_plus", storage=storage).best_params["lr"]
     assert runs[memory.id][0].tags["lr_source"] == "tuned"
-    from memlayers.platform.tracking import client_for
+    from memlayers.platform.tracking.client import client_for
     params = client_for(uri).get_run(runs[memory.id][0].run_id).data.params
     assert float(params["train.lr"]) == pytest.approx(best)
 
@@ -110,6 +109,8 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_killed_controller_resumes_without_duplicates(tmp_path):
     data = yaml.safe_load(SMOKE.read_text())
     data["workdir"] = str(tmp_path / "wd")
@@ -117,7 +118,7 @@ def test_killed_controller_resumes_without_duplicates(tmp_path):
     path.write_text(yaml.safe_dump(data))
     study = load_study(path)
     uri = study.tracking_uri()
-    command = [sys.executable, "-m", "memlayers.platform.cli", "study", "run", str(path)]
+    command = [sys.executable, "-m", "memlayers.platform.cli.main", "study", "run", str(path)]
     log = open(tmp_path / "first.log", "w")
     # one CPU: cells run one after another, so the kill lands between/inside cells
     proc = subprocess.Popen(command + ["--num-cpus", "1"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)

@@ -10,10 +10,12 @@ import tempfile
 import pytest
 import yaml
 
-from memlayers.platform.cli import main
-from memlayers.platform.study import StudyError, expand, load_study, study_from_dict
-
+from memlayers.models.config import FAMILIES
 from conftest import REPO_ROOT
+from memlayers.platform.cli.main import main
+from memlayers.platform.study.cells import expand
+from memlayers.platform.study.schema import StudyError
+from memlayers.platform.study.validate import load_study, study_from_dict
 
 BASE = {
     "name": "tiny",
@@ -149,11 +151,11 @@ def test_cli_subprocess_exit_code_and_no_ray_files(tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
-    proc = subprocess.run([sys.executable, "-m", "memlayers.platform.cli", "study", "run", str(path)], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "study", "run", str(path)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"{path}: grid.families[2]: unknown family 'mem+' "
-                                   "(expected one of dense, moe, pkm, memory_plus)")
+                                   f"(expected one of {', '.join(FAMILIES)})")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "scratch"]
     assert list(scratch.iterdir()) == []
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from memlayers.platform.progress import cell_runs
-from memlayers.platform.study import expand, load_study
-
 from conftest import REPO_ROOT
+from memlayers.platform.study.cells import expand
+from memlayers.platform.study.progress import cell_runs
+from memlayers.platform.study.validate import load_study
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -1,15 +1,13 @@
 """The in-process training loop: learning, exact resume, budgets, schedules."""
 
-from pathlib import Path
 
 import pytest
 import torch
-
-from memlayers.platform.checkpoint import load_state, save_state
 from memlayers.platform.data.prepare import prepare_data
-from memlayers.platform.optim import lr_factor
-from memlayers.platform.run_config import TrainConfig, run_config_from_dict
-from memlayers.platform.train_loop import RunLoop, plan_run
+from memlayers.platform.train.checkpoint import load_state, save_state
+from memlayers.platform.train.loop import RunLoop, plan_run
+from memlayers.platform.train.optim import lr_factor
+from memlayers.platform.train.run_config import TrainConfig, run_config_from_dict
 
 
 def tiny_run(**train) -> dict:

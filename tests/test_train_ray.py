@@ -3,13 +3,11 @@
 import subprocess
 import sys
 
-import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import REPO_ROOT
-from memlayers.platform.run_config import load_run_config
-from memlayers.platform.trainer import run_training
+from memlayers.platform.train.launcher import run_training
+from memlayers.platform.train.run_config import load_run_config
+from mlflow.tracking import MlflowClient
 
 TINY = REPO_ROOT / "studies" / "runs" / "tiny-memory-plus.yaml"
 
@@ -62,7 +60,7 @@ def test_a_bad_run_config_names_the_field_and_starts_nothing(tmp_path):
         data = yaml.safe_load(TINY.read_text())
         mutate(data)
         path.write_text(yaml.safe_dump(data))
-        proc = subprocess.run([sys.executable, "-m", "memlayers.platform.cli", "train", str(path), "--workdir", str(tmp_path / "w")],
+        proc = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "train", str(path), "--workdir", str(tmp_path / "w")],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2
         assert field in proc.stderr, proc.stderr

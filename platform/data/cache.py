@@ -26,7 +26,7 @@ TOKEN_DTYPE = np.dtype("<i4")
 
 def cached_build(root: Path, key: str, build: Callable[[Path], None]) -> Path:
     """`root/key`, built by `build(tmp)` into a temporary directory if it does not exist."""
-    from filelock import FileLock
+    from filelock import FileLock  # deferred: only this path needs filelock
 
     final = root / key
     if final.is_dir():

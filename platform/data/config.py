@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from memlayers.models.schema import ConfigError, from_dict, require, to_dict
+from memlayers.config_schema import ConfigError, from_dict, require, to_dict
 from memlayers.platform.data.facts import ATTRIBUTES, DEFAULT_ATTRIBUTES, FACTS_VERSION
 
 SOURCES: tuple[str, ...] = ("facts", "shakespeare", "text", "jsonl", "parquet", "hub")
@@ -25,6 +25,20 @@ TOKENIZERS: tuple[str, ...] = ("byte", "word", "bpe")
 FILE_SOURCES: tuple[str, ...] = ("text", "jsonl", "parquet")
 
 __all__ = ["ConfigError", "DataConfig", "FactsConfig", "SOURCES", "TOKENIZERS"]
+
+
+# Bounds on every size a data section can name, so that validating (which builds the vocabulary of a
+# word tokenizer from the rendered world) answers within seconds and nothing huge is ever started.
+MAX_PEOPLE = 100_000
+MAX_DOCUMENTS = 2_000_000           # people x renderings
+MAX_VALUES = 100_000
+MAX_VOCAB = 1_048_576
+MAX_SEQ_LEN = 1_048_576
+
+
+def _bounded(value: Any, most: int, path: str) -> None:
+    _positive_int(value, path)
+    require(value <= most, path, f"at most {most:,}, got {value:,}")
 
 
 def _positive_int(value: Any, path: str) -> None:
@@ -45,8 +59,12 @@ class FactsConfig:
     version: int = FACTS_VERSION    # generator version; a config pinned to another fails
 
     def validate(self, path: str = "data.facts") -> None:
-        for name in ("people", "values_per_attribute", "templates_per_attribute", "renderings"):
+        for name in ("templates_per_attribute", "renderings"):
             _positive_int(getattr(self, name), f"{path}.{name}")
+        _bounded(self.people, MAX_PEOPLE, f"{path}.people")
+        _bounded(self.values_per_attribute, MAX_VALUES, f"{path}.values_per_attribute")
+        require(self.people * self.renderings <= MAX_DOCUMENTS, f"{path}.renderings",
+                f"people x renderings at most {MAX_DOCUMENTS:,}, got {self.people * self.renderings:,}")
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"{path}.seed",
                 f"must be an integer, got {self.seed!r}")
         require(self.version == FACTS_VERSION, f"{path}.version",
@@ -114,8 +132,8 @@ class DataConfig:
                     "source 'hub' needs a dataset name")
         require(isinstance(self.text_field, str) and self.text_field != "", f"{path}.text_field",
                 f"must be a column name, got {self.text_field!r}")
-        _positive_int(self.seq_len, f"{path}.seq_len")
-        _positive_int(self.vocab_size, f"{path}.vocab_size")
+        _bounded(self.seq_len, MAX_SEQ_LEN, f"{path}.seq_len")
+        _bounded(self.vocab_size, MAX_VOCAB, f"{path}.vocab_size")
         if self.tokenizer == "bpe":
             require(self.vocab_size >= 258, f"{path}.vocab_size",
                     f"a byte-level BPE needs at least 258 entries (256 bytes, <pad>, <eos>), "

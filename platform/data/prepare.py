@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-
-from memlayers.models.schema import to_dict
+from memlayers.config_schema import to_dict
 from memlayers.platform.data.cache import TokenWriter, cached_build, move_tail, read_tokens, truncate_tokens
 from memlayers.platform.data.config import FILE_SOURCES, DataConfig
 from memlayers.platform.data.qa import QAItem, load_qa, save_qa, tokenize_pairs

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from memlayers.models.schema import ConfigError
+from memlayers.config_schema import ConfigError
 from memlayers.platform.data import facts as facts_mod
 from memlayers.platform.data import shakespeare
-from memlayers.platform.data.draws import unit
 from memlayers.platform.data.config import DataConfig
+from memlayers.platform.data.draws import unit
 
 EXTENSIONS: dict[str, tuple[str, ...]] = {
     "text": (".txt", ".text", ".md"),
@@ -88,8 +88,8 @@ def files_digest(files: list[Path]) -> list[list]:
 
 @contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    import datasets
-    from datasets.utils import logging as hf_logging
+    import datasets  # deferred: datasets is heavy and only this path needs it
+    from datasets.utils import logging as hf_logging  # deferred: datasets is heavy and only this path needs it
 
     was_disabled = datasets.are_progress_bars_disabled()
     verbosity = hf_logging.get_verbosity()
@@ -113,7 +113,7 @@ def _rows(dataset, text_field: str, where: str) -> Iterator[str]:
 
 
 def _file_pieces(cfg: DataConfig, files: list[Path], hf_cache: Path) -> Iterator[tuple[int, str]]:
-    import datasets
+    import datasets  # deferred: datasets is heavy and only this path needs it
 
     with _quiet_datasets():
         if cfg.source == "text":
@@ -136,7 +136,7 @@ def _file_pieces(cfg: DataConfig, files: list[Path], hf_cache: Path) -> Iterator
 
 
 def _hub_pieces(cfg: DataConfig, hf_cache: Path) -> Iterator[tuple[int, str]]:
-    import datasets
+    import datasets  # deferred: datasets is heavy and only this path needs it
 
     with _quiet_datasets():
         try:

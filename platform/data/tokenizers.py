@@ -114,7 +114,13 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTokenizer  # deferred: tokenizers is heavy and only this path needs it
+        from tokenizers import (  # deferred: tokenizers is heavy and only this path needs it
+            decoders,
+            models,
+            pre_tokenizers,
+            trainers,
+        )
 
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -138,7 +144,7 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTokenizer  # deferred: tokenizers is heavy and only this path needs it
 
         return cls(HFTokenizer.from_file(str(directory / cls.FILE)))
 

@@ -5,8 +5,8 @@ Modules (import them directly; this package file stays light so `memlayers --hel
 `chinchilla` L(N, D) = E + A/N^α + B/D^β · `power` L(x) = E + A·x^(−α) (compute and memory-size
 laws) · `recall` logistic recall-vs-memory curve · `frontier` N_opt(C), D_opt(C) · `compare`
 compute-equivalent multipliers · `bootstrap` resampling · `result` the LawFit record ·
-`io` CSV/JSON export and `load_fit` · `mlflow_runs` a study's runs · `study` fit_study ·
-`cli` `memlayers fit` · `bench` `memlayers bench fit`. The numerical core is `logfit` (log-space
+`io` CSV/JSON export and `load_fit` · `study` fit_study (pure numpy/scipy:
+no CLI and no MLflow here). The numerical core is `logfit` (log-space
 Huber objective with analytic gradient) driven by `lbfgs` (L-BFGS over many starts at once).
 """
 
@@ -15,7 +15,7 @@ from importlib import import_module
 _EXPORTS = {
     "LawFit": "result", "fit_chinchilla": "chinchilla", "fit_power_law": "power", "fit_recall": "recall",
     "compute_optimal": "frontier", "compare_family": "compare", "load_fit": "io", "save_fit": "io",
-    "load_study_rows": "mlflow_runs", "fit_study": "study",
+    "fit_study": "study",
 }
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-
 from memlayers.platform.laws import checks
 from memlayers.platform.laws.bootstrap import intervals
+from memlayers.platform.laws.frontier import frontier_constants
 from memlayers.platform.laws.logfit import PowerSumProblem, bootstrap_theta, fit_starts
 from memlayers.platform.laws.result import LawFit
 
@@ -84,7 +84,5 @@ def fit_chinchilla(n, d, loss, *, delta: float = 1e-3, starts: np.ndarray | None
         fit.intervals = intervals(samples, level)
         fit.details["bootstrap"] = {"replicates": bootstrap, "seed": seed, "level": level,
                                     "method": "percentile, resampling points"}
-    from memlayers.platform.laws.frontier import frontier_constants
-
     fit.details["frontier"] = frontier_constants(fit.params)
     return fit

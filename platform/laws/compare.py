@@ -15,12 +15,11 @@ reference law's uncertainty.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-
 from memlayers.platform.laws import checks
 from memlayers.platform.laws.bootstrap import percentile_interval
 from memlayers.platform.laws.power import bootstrap_samples, fit_power_law
 from memlayers.platform.laws.result import LawFit
+from scipy.optimize import minimize_scalar
 
 LOG_K_BOUND = float(np.log(1e6))
 

@@ -22,10 +22,9 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import logsumexp
-
+from memlayers.platform.laws.bootstrap import resample_counts
 from memlayers.platform.laws.lbfgs import minimize_batch
+from scipy.optimize import minimize
 
 
 def one_blas_thread(fit):
@@ -39,7 +38,7 @@ def one_blas_thread(fit):
     @functools.wraps(fit)
     def wrapper(*args, **kwargs):
         try:
-            from threadpoolctl import threadpool_limits
+            from threadpoolctl import threadpool_limits  # deferred: only this path needs threadpoolctl
         except ImportError:
             limits = contextlib.nullcontext()
         else:
@@ -64,14 +63,6 @@ class PowerSumProblem:
     @property
     def n_terms(self) -> int:
         return self.u_PK.shape[1]
-
-    def predict_log(self, theta_Q: np.ndarray, u_PK: np.ndarray | None = None) -> np.ndarray:
-        """log ŷ at the points (or at `u_PK`) for one parameter vector."""
-        u_PK = self.u_PK if u_PK is None else np.atleast_2d(u_PK)
-        k_terms = u_PK.shape[1]
-        z_JP = [np.broadcast_to(theta_Q[k_terms], u_PK.shape[:1])]
-        z_JP += [theta_Q[k] - theta_Q[k_terms + 1 + k] * u_PK[:, k] for k in range(k_terms)]
-        return logsumexp(np.stack(z_JP), axis=0)
 
     def fun_grad(self, theta_SQ: np.ndarray, weights_SP: np.ndarray | None = None,
                  chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -236,8 +227,6 @@ def bootstrap_theta(
     max_iter: int = 1000,
 ) -> np.ndarray:
     """Bootstrap refits (B, Q): each replicate starts from the full-data optimum and a few grid starts."""
-    from memlayers.platform.laws.bootstrap import resample_counts
-
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(grid_GQ), size=min(n_grid_starts, len(grid_GQ)), replace=False)
     starts_GQ = np.vstack([best_Q[None, :], np.asarray(grid_GQ, float)[picks]])

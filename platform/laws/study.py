@@ -19,7 +19,6 @@ from collections import defaultdict
 from typing import Callable
 
 import numpy as np
-
 from memlayers.platform.laws.compare import compare_family
 from memlayers.platform.laws.power import fit_power_law
 from memlayers.platform.laws.recall import fit_recall

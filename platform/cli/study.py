@@ -1,0 +1,177 @@
+"""`memlayers study validate|run|submit|status`: the study commands.
+
+    memlayers study validate FILE                   every problem, one per line (exit 2), or the cells
+    memlayers study run FILE [--address auto|ray://HOST:10001] [--workdir DIR] [--num-cpus N]
+    memlayers study submit FILE --address http://HEAD:8265 [--workdir DIR] [--wait]
+    memlayers study status FILE|NAME [--tracking-uri URI]
+
+A study that does not validate is refused before anything starts (no Ray, no MLflow, no files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    validate = actions.add_parser("validate", help="check a study file and print its cells")
+    validate.add_argument("file", help="a study YAML (see studies/)")
+    validate.add_argument("--json", action="store_true", help="print the cells as a JSON list")
+    validate.set_defaults(func=run_validate)
+
+    run = actions.add_parser("run", help="run a study's unfinished cells (local Ray unless --address)")
+    run.add_argument("file", help="a study YAML")
+    run.add_argument("--address", help="an existing Ray cluster ('auto', ray://HOST:10001); default: start one here")
+    run.add_argument("--workdir", help="where MLflow, checkpoints and caches go (default: the study's, ./runs/NAME)")
+    run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    run.add_argument("--no-fit", action="store_true", help="skip the scaling-law fit after the grid")
+    run.add_argument("--no-report", action="store_true", help="skip the HTML report after the grid")
+    run.set_defaults(func=run_run)
+
+    submit = actions.add_parser("submit", help="submit a study to a Ray cluster as a Ray Job")
+    submit.add_argument("file", help="a study YAML")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
+    submit.add_argument("--workdir", help="the study's work directory on the cluster (an absolute path)")
+    submit.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    submit.set_defaults(func=run_submit)
+
+    status = actions.add_parser("status", help="cells done / running / failed / pending, from MLflow")
+    status.add_argument("study", help="a study file or a study name (looked up in ./runs/NAME)")
+    status.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's)")
+    status.set_defaults(func=run_status)
+
+
+def _load(file: str):
+    """The validated study, or None after printing every problem on stderr."""
+    from memlayers.platform.study.schema import StudyError
+    from memlayers.platform.study.validate import load_study
+
+    try:
+        return load_study(file)
+    except StudyError as error:
+        for line in error.lines():
+            print(line if line.startswith(file) else f"{file}: {line}", file=sys.stderr)
+        return None
+
+
+def _expand(study, file: str):
+    from memlayers.platform.study.cells import expand
+    from memlayers.platform.study.schema import StudyError
+
+    try:
+        return expand(study)
+    except StudyError as error:
+        for line in error.lines():
+            print(f"{file}: {line}", file=sys.stderr)
+        return None
+
+
+def cells_table(cells: list) -> list[str]:
+    """id, run name, params, FLOPs/token, tokens, steps, total training FLOPs, one line per cell."""
+    header = ("id", "run name", "params", "active", "FLOPs/token", "tokens", "steps", "train FLOPs")
+    rows = [header] + [(c.id, c.name, f"{c.params:.3g}", f"{c.active_params:.3g}", f"{c.flops_per_token:.3g}",
+                        f"{c.tokens:.3g}", str(c.steps), f"{c.train_flops:.3g}") for c in cells]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in rows]
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    study = _load(args.file)
+    cells = _expand(study, args.file) if study is not None else None
+    if cells is None:
+        return 2
+    if args.json:
+        from memlayers.platform.study.controller import cell_row
+        print(json.dumps([cell_row(c) for c in cells], indent=1))
+        return 0
+    families = ", ".join(dict.fromkeys(c.family for c in cells))
+    print(f"study {study.name}: valid; {len(cells)} cells ({families}); budget {study.budget.kind} "
+          f"{', '.join(f'{v:g}' for v in study.budget.values())}; seeds {study.seeds}; "
+          f"lr {'tuned (Optuna)' if study.lr.tune else study.lr.value}")
+    print(f"workdir {study.workdir_path()}; MLflow {study.tracking_uri()}")
+    for line in cells_table(cells):
+        print(line)
+    return 0
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from memlayers.platform.study.schema import StudyError
+
+    study = _load(args.file)
+    if study is None:
+        return 2
+    from memlayers.dashboards.report import write_report
+    from memlayers.platform.study.controller import run_study
+
+    try:
+        result = run_study(study, args.address, num_cpus=args.num_cpus,
+                           workdir=Path(args.workdir) if args.workdir else None,
+                           fit=not args.no_fit, report=None if args.no_report else write_report, out=lambda line: print(line, flush=True))
+    except StudyError as error:
+        for line in error.lines():
+            print(f"{args.file}: {line}", file=sys.stderr)
+        return 2
+    return 0 if result.ok else 1
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    study = _load(args.file)
+    if study is None:
+        return 2
+    from memlayers.platform.study.submit import follow_job, submit_study
+
+    job_id, client = submit_study(Path(args.file), args.address, workdir=args.workdir)
+    print(job_id, flush=True)
+    if not args.wait:
+        return 0
+    status = follow_job(client, job_id)
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from memlayers.platform.study.cells import expand
+    from memlayers.platform.study.progress import cell_runs, cell_states, last_step, latest, summary_line
+    from memlayers.platform.study.ref import resolve_study
+
+    is_file = args.study.endswith((".yaml", ".yml"))
+    if is_file:
+        study = _load(args.study)
+        if study is None:
+            return 2
+        name, uri = study.name, args.tracking_uri or study.tracking_uri()
+        expected = [(c.id, c.name) for c in expand(study, account_budgets=False)]
+    else:
+        ref = resolve_study(args.study, args.tracking_uri)
+        name, uri = ref.name, ref.tracking_uri
+        table = ref.workdir / "cells.json"
+        expected = [(c["id"], c["name"]) for c in json.loads(table.read_text())] if table.is_file() else []
+    runs = cell_runs(uri, name)
+    names = dict(expected)
+    for cell_id, cell_list in runs.items():
+        names.setdefault(cell_id, latest(cell_list).name)
+    if not names:
+        print(f"study {name}: no runs in {uri}")
+        return 0
+    states = cell_states(names, runs)
+    print(f"study {name} ({uri})")
+    for cell_id, run_name in names.items():
+        run = latest(runs.get(cell_id, []))
+        detail = ""
+        if run is not None:
+            metrics = run.metrics
+            if run.state == "running":
+                step, loss = last_step(uri, run.run_id)
+                detail = f"step {step} loss {loss:.4g}" if step is not None else "starting"
+            else:
+                detail = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("val_loss", "qa_exact_match") if k in metrics)
+            if run.state == "failed":
+                detail = f"{detail}  reason: {run.tags.get('failure_reason', '?')}".strip()
+        print(f"  {states[cell_id]:<8} {run_name:<40} {cell_id}  {detail}".rstrip())
+    print(summary_line(states))
+    return 0

@@ -1,0 +1,83 @@
+"""`memlayers train RUN.yaml`: one training run on a local Ray (or `--address`), tracked in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a run config YAML (see studies/runs/)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (overrides resources.workers)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the run's workdir)")
+    parser.add_argument("--address", help="an existing Ray cluster ('auto' or ray://HOST:10001); default: local")
+    parser.add_argument("--workdir", help="where checkpoints, data cache and the default MLflow store go")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.steps=50 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, resolve the budget and print the plan; start neither Ray nor MLflow")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from memlayers.config_schema import ConfigError
+    from memlayers.platform.train.run_config import load_run_config
+
+    overrides = list(args.set)
+    if args.workers is not None:
+        overrides.append(f"resources.workers={args.workers}")
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    try:
+        cfg = load_run_config(args.config, overrides)
+        cfg.model.validate()
+    except ConfigError as error:
+        print(f"memlayers train: {args.config}: {error}", file=sys.stderr)
+        return 2
+
+    if args.dry_run:
+        return print_plan(cfg, args.config)
+
+    from memlayers.platform.cluster.session import ray_cluster
+    from memlayers.platform.train.launcher import resolve_workdir, run_training
+
+    workdir = resolve_workdir(cfg, Path(args.workdir) if args.workdir else None)
+    with ray_cluster(args.address, num_cpus=None):
+        result = run_training(cfg, workdir=workdir)
+    print(f"run {result.run_id}: {result.status}")
+    for key in ("loss", "val_loss", "qa_exact_match", "qa_answer_nll", "train_flops"):
+        if key in result.metrics:
+            print(f"  {key} = {result.metrics[key]:.6g}")
+    print(f"  MLflow: {cfg.tracking.uri or f'sqlite:///{workdir}/mlflow.db'} (experiment {cfg.tracking.experiment or cfg.name})")
+    if result.error:
+        print(f"  error: {result.error}", file=sys.stderr)
+    return 0 if result.status == "FINISHED" else 1
+
+
+def print_plan(cfg, source: str) -> int:
+    """The run's plan: the model's accounting, steps, tokens and training FLOPs (exit 0), or the
+    config error naming its field (exit 2)."""
+    from memlayers.config_schema import ConfigError
+    from memlayers.platform.data.vocab import vocab_size_of
+    from memlayers.platform.train.loop import plan_run
+
+    try:
+        plan = plan_run(cfg, vocab_size_of(cfg.data))
+    except ConfigError as error:
+        print(f"memlayers train: {source}: {error}", file=sys.stderr)
+        return 2
+    acc = plan.accounting
+    rows = [("run", cfg.name), ("model", f"{cfg.model.family} on {cfg.model.base}"),
+            ("vocabulary", f"{plan.model.vocab_size:,}"),
+            ("total params", f"{acc.total_params:,}"), ("embedding params", f"{acc.embedding_params:,}"),
+            ("memory value params", f"{acc.memory_value_params:,}"), ("active params", f"{acc.active_params:,}"),
+            ("train FLOPs/token", f"{acc.train_flops_per_token:,}"),
+            ("budget", "{} = {:g}".format(*cfg.train.budget())),
+            ("steps", f"{plan.steps:,}"), ("tokens/step", f"{plan.tokens_per_step:,}"),
+            ("tokens", f"{plan.tokens:,}"), ("train FLOPs", f"{plan.train_flops:.4g}"),
+            ("workers", f"{cfg.resources.workers} (memory_parallel {cfg.resources.memory_parallel})")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

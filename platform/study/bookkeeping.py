@@ -1,0 +1,72 @@
+"""A study's own MLflow records: its parent run, its definition and cells, failed cells.
+
+The conventions (tags, roles, names) are `tracking/conventions.py`; this module applies them to a
+study: one parent run per study, reused when the study runs again; the study file and a table of
+its cells logged to it; a failed cell's run marked FAILED with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from memlayers.platform.study.cells import Cell
+from memlayers.platform.study.progress import cell_runs, latest
+from memlayers.platform.study.schema import Study
+from memlayers.platform.tracking import client as tracking
+from memlayers.platform.tracking.client import client_for, search_runs, with_retry
+from memlayers.platform.tracking.conventions import FAILURE_TAG, role_filter, run_tags
+
+
+def open_parent_run(study: Study, uri: str, workdir: Path) -> str:
+    """The study's parent run: the existing one (tag memlayers.role=study) or a new one."""
+    experiment_id = tracking.ensure_experiment(uri, study.name, workdir / "mlartifacts")
+    runs = search_runs(uri, study.name, role_filter("study", study.name))
+    if runs:
+        run_id = min(runs, key=lambda r: r.info.start_time or 0).info.run_id
+        tracking.set_status(uri, run_id, "RUNNING")
+        return run_id
+    return tracking.create_run(uri, experiment_id, study.name, run_tags("study", study.name))
+
+
+def log_definition(study: Study, cells: list[Cell], uri: str, run_id: str, workdir: Path) -> None:
+    """The study file (as an artifact and `<workdir>/study.yaml`), its cells and its settings."""
+    client = client_for(uri)
+    if study.file is not None:
+        shutil.copyfile(study.file, workdir / "study.yaml")
+        with_retry(lambda: client.log_artifact(run_id, str(study.file)))
+    table = workdir / "cells.json"
+    table.write_text(json.dumps([cell_row(c) for c in cells], indent=1))
+    with_retry(lambda: client.log_artifact(run_id, str(table)))
+    tracking.set_tags(uri, run_id, {"cells": len(cells), "budget_kind": study.budget.kind,
+                                    "lr_mode": "tuned" if study.lr.tune else "fixed"})
+    tracking.log_params(uri, run_id, {"grid": {"bases": study.grid.bases, "families": study.grid.families,
+                                               "memory_sizes": study.grid.memory_sizes,
+                                               "experts": study.grid.experts},
+                                      "budget": study.budget.values(), "seeds": study.seeds,
+                                      "data": study.data.to_dict()})
+
+
+def cell_row(cell: Cell) -> dict:
+    """A cell as a flat row (the `study validate` table, `cells.json`)."""
+    return {"id": cell.id, "name": cell.name, "family": cell.family, "base": cell.base,
+            "memory_slots": cell.memory_slots or 0, "experts": cell.experts or 0, "seed": cell.seed,
+            "lr": cell.lr, "params": cell.params, "active_params": cell.active_params,
+            "flops_per_token": cell.flops_per_token, "tokens": cell.tokens, "steps": cell.steps,
+            "train_flops": cell.train_flops, "budget": cell.budget}
+
+
+def record_failure(study: Study, cell: Cell, cfg, uri: str, reason: str) -> None:
+    """Mark a cell's run FAILED with its reason (creating the run if the trial died before it)."""
+    run = latest(cell_runs(uri, study.name).get(cell.id, []))
+    if run is not None and run.status == "FINISHED":
+        return
+    if run is None:
+        experiment_id = tracking.ensure_experiment(uri, study.name)
+        tags = {**cfg.tracking.tags, "family": cell.family, "base": cell.base}
+        run_id = tracking.create_run(uri, experiment_id, cell.name, tags, cfg.tracking.parent_run_id)
+    else:
+        run_id = run.run_id
+    tracking.set_tags(uri, run_id, {FAILURE_TAG: reason or "unknown"})
+    tracking.set_status(uri, run_id, "FAILED")

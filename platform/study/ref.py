@@ -1,0 +1,45 @@
+"""Where a study lives: its name, work directory and MLflow tracking URI.
+
+Commands that inspect a finished or running study (`study status`, `fit --study`, `report`,
+`dashboard`) accept either a study file or a bare study name; this module turns either into a
+`StudyRef`. The embedded default keeps everything of study NAME under `./runs/NAME/`:
+`mlflow.db` (SQLite tracking store), `mlartifacts/` and the controller's own files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from memlayers.config_schema import ConfigError, read_yaml
+from memlayers.platform.tracking.conventions import sqlite_uri
+from memlayers.platform.train.run_config import default_workdir
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    name: str
+    workdir: Path
+    tracking_uri: str
+    file: Path | None = None
+
+
+def resolve_study(ref: str, tracking_uri: str | None = None, root: Path | None = None) -> StudyRef:
+    """A study file (path ending in .yaml/.yml that exists) or a study name -> StudyRef."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"study file not found: {ref}")
+        try:
+            data = read_yaml(path) or {}
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise ValueError(f"{ref}: name: a study file needs a string 'name'")
+        name = data["name"]
+        workdir = Path(data["workdir"]).resolve() if data.get("workdir") else default_workdir(name, root)
+        tracking = data.get("tracking") or {}
+        uri = tracking_uri or (tracking.get("uri") if isinstance(tracking, dict) else None) or sqlite_uri(workdir)
+        return StudyRef(name=name, workdir=workdir, tracking_uri=uri, file=path.resolve())
+    workdir = default_workdir(ref, root)
+    return StudyRef(name=ref, workdir=workdir, tracking_uri=tracking_uri or sqlite_uri(workdir))

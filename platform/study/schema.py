@@ -1,0 +1,198 @@
+"""A study's schema: the dataclasses a study file validates into, and the error that lists every problem.
+
+A study file names the data, the grid (bases x families x memory sizes | expert counts, with
+per-family overrides), the budget of each cell (tokens, steps, training FLOPs or an iso-FLOP
+sweep), seeds, the learning rate (fixed or tuned), training defaults, resources per run, tracking
+and fit settings. Reading and checking a file is `validate.py`; turning a study into cells is `cells.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from memlayers.config_schema import ConfigError, to_dict
+from memlayers.models.config import MEMORY_FAMILIES
+from memlayers.platform.data.config import DataConfig
+from memlayers.platform.tracking.conventions import sqlite_uri
+from memlayers.platform.train.budget import BUDGET_KINDS
+from memlayers.platform.train.run_config import ResourcesConfig, TrainConfig, default_workdir
+
+LAWS: tuple[str, ...] = ("compute", "memory", "recall")  # sections of laws.study.fit_study
+
+
+class StudyError(ValueError):
+    """A study is invalid; `errors` holds every problem (each a ConfigError naming its field)."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+    def lines(self) -> list[str]:
+        return [str(e) for e in self.errors]
+
+
+# ---- schema ---------------------------------------------------------------------------------
+
+@dataclass
+class FamilyGrid:
+    """Per-family overrides of the grid (e.g. a different base list for memory_plus)."""
+
+    bases: Optional[list[str]] = None
+    memory_sizes: Optional[list[Any]] = None
+    experts: Optional[list[int]] = None
+    memory: dict[str, Any] = field(default_factory=dict)     # MemoryConfig options
+    moe: dict[str, Any] = field(default_factory=dict)        # MoEConfig options
+    model: dict[str, Any] = field(default_factory=dict)      # ModelConfig overrides
+    resources: dict[str, Any] = field(default_factory=dict)  # ResourcesConfig overrides
+
+
+@dataclass
+class GridConfig:
+    bases: list[str] = field(default_factory=list)           # presets from models.presets.BASES
+    families: list[str] = field(default_factory=list)        # dense | moe | pkm | memory_plus
+    memory_sizes: list[Any] = field(default_factory=list)  # pkm/memory_plus: '4k' or n*n slots
+    experts: list[int] = field(default_factory=list)         # moe: expert counts
+    memory: dict[str, Any] = field(default_factory=dict)     # MemoryConfig options of every memory cell
+    moe: dict[str, Any] = field(default_factory=dict)        # MoEConfig options of every moe cell
+    model: dict[str, Any] = field(default_factory=dict)      # ModelConfig overrides of every cell
+    overrides: dict[str, FamilyGrid] = field(default_factory=dict)  # family -> FamilyGrid
+
+
+@dataclass
+class BudgetConfig:
+    """Exactly one of: tokens, steps, flops (FLOP-matched cells), iso_flops (a sweep)."""
+
+    tokens: Optional[float] = None
+    steps: Optional[int] = None
+    flops: Optional[float] = None
+    iso_flops: Optional[list[float]] = None
+
+    def validate(self, path: str = "budget") -> None:
+        given = [k for k in BUDGET_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(path, f"give exactly one of {', '.join(BUDGET_KINDS)} (got {', '.join(given) or 'none'})")
+        for kind in ("tokens", "steps", "flops"):
+            value = getattr(self, kind)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{path}.{kind}", f"must be > 0, got {value}")
+        if self.tokens is not None and self.tokens != int(self.tokens):
+            raise ConfigError(f"{path}.tokens", f"must be a whole number, got {self.tokens}")
+        if self.iso_flops is not None:
+            if not self.iso_flops:
+                raise ConfigError(f"{path}.iso_flops", "must list at least one FLOP budget")
+            for i, value in enumerate(self.iso_flops):
+                if not value > 0:
+                    raise ConfigError(f"{path}.iso_flops[{i}]", f"must be > 0, got {value}")
+                if value in self.iso_flops[:i]:
+                    raise ConfigError(f"{path}.iso_flops[{i}]", f"duplicate budget {value:g}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in BUDGET_KINDS if getattr(self, k) is not None)
+
+    def values(self) -> list[float]:
+        """The budgets of the sweep (one entry unless iso_flops)."""
+        return list(self.iso_flops) if self.iso_flops is not None else [getattr(self, self.kind)]
+
+
+@dataclass
+class LrConfig:
+    """A fixed learning rate (`lr: 3e-3`) or Optuna tuning per (base, family)."""
+
+    value: Optional[float] = None
+    tune: bool = False
+    trials: int = 4                     # Optuna trials per (base, family)
+    range: tuple[float, float] = (1e-4, 3e-2)   # log-uniform search range
+    steps: Optional[int] = None         # steps per trial; None -> a tenth of the cell's, at least 10
+    metric: str = "val_loss"            # minimised; falls back to the final training loss
+
+    def validate(self, path: str = "lr") -> None:
+        if self.tune:
+            if self.value is not None:
+                raise ConfigError(f"{path}.value", "a tuned learning rate takes no value")
+            if len(self.range) != 2:
+                raise ConfigError(f"{path}.range", f"expected [low, high], got {list(self.range)}")
+            low, high = self.range
+            if not 0 < low < high < 1:
+                raise ConfigError(f"{path}.range", f"needs 0 < low < high < 1, got [{low:g}, {high:g}]")
+            if self.trials < 1:
+                raise ConfigError(f"{path}.trials", f"must be >= 1, got {self.trials}")
+            if self.steps is not None and self.steps < 1:
+                raise ConfigError(f"{path}.steps", f"must be >= 1, got {self.steps}")
+        elif self.value is None:
+            raise ConfigError(path, "give a value (a fixed learning rate) or tune: true")
+        elif not 0 < self.value < 1:
+            raise ConfigError(f"{path}.value", f"a fixed learning rate must be in (0, 1), got {self.value}")
+
+    def spec(self) -> Any:
+        """What the cell id hashes: the number, or the tuning settings."""
+        if not self.tune:
+            return self.value
+        return {"tune": True, "trials": self.trials, "range": list(self.range), "steps": self.steps,
+                "metric": self.metric}
+
+
+@dataclass
+class StudyTracking:
+    uri: Optional[str] = None           # None -> sqlite:///<workdir>/mlflow.db
+    system_metrics: bool = True
+
+
+@dataclass
+class FitConfig:
+    enabled: bool = True
+    laws: list[str] = field(default_factory=lambda: list(LAWS))
+    bootstrap: int = 200                # resamples for the confidence intervals (0: none)
+
+    def validate(self, path: str = "fit") -> None:
+        for i, law in enumerate(self.laws):
+            if law not in LAWS:
+                raise ConfigError(f"{path}.laws[{i}]", f"unknown law {law!r} (expected one of {', '.join(LAWS)})")
+        if self.bootstrap < 0:
+            raise ConfigError(f"{path}.bootstrap", f"must be >= 0, got {self.bootstrap}")
+
+
+@dataclass
+class Study:
+    name: str
+    data: DataConfig
+    grid: GridConfig
+    budget: BudgetConfig
+    seeds: list[int]
+    lr: LrConfig
+    train: TrainConfig                  # defaults; the budget, seed and lr are set per cell
+    resources: ResourcesConfig
+    tracking: StudyTracking
+    fit: FitConfig
+    workdir: Optional[str] = None       # None -> ./runs/<name>
+    description: str = ""
+    report: bool = True                 # write the HTML report after the grid
+    file: Optional[Path] = None         # the YAML it came from
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len
+
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).resolve() if self.workdir else default_workdir(self.name)
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or sqlite_uri(self.workdir_path())
+
+    def family_grid(self, family: str) -> FamilyGrid:
+        """The grid of one family with its overrides applied."""
+        g, o = self.grid, self.grid.overrides.get(family, FamilyGrid())
+        return FamilyGrid(
+            bases=o.bases if o.bases is not None else g.bases,
+            memory_sizes=(o.memory_sizes if o.memory_sizes is not None else g.memory_sizes)
+            if family in MEMORY_FAMILIES else [None],
+            experts=(o.experts if o.experts is not None else g.experts) if family == "moe" else [None],
+            memory={**g.memory, **o.memory}, moe={**g.moe, **o.moe}, model={**g.model, **o.model},
+            resources={**to_dict(self.resources), **o.resources})
+
+
+TOP_KEYS: tuple[str, ...] = ("name", "description", "data", "tokenizer", "seq_len", "grid", "budget", "seeds",
+                             "lr", "train", "resources", "tracking", "fit", "report", "workdir")
+

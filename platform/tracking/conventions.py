@@ -1,0 +1,68 @@
+"""Every MLflow convention of memlayers in one place: tags, roles, run names, URIs, filters.
+
+A study lives in the MLflow experiment named after it. Its runs carry the tag `memlayers.role`:
+`study` for the one parent run, `cell` for a grid cell's run (tags `study`, `cell`, `family`,
+`base`, ...), `tuning` for a learning-rate trial, `run` for a plain `memlayers train` run.
+Children point at the parent with MLflow's own `mlflow.parentRunId`. The embedded default store
+is `sqlite:///<workdir>/mlflow.db` with artifacts in `<workdir>/mlartifacts`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+ROLE_TAG = "memlayers.role"
+ROLES: tuple[str, ...] = ("study", "cell", "tuning", "run")
+RUN_NAME_TAG = "mlflow.runName"
+PARENT_TAG = "mlflow.parentRunId"
+FAILURE_TAG = "failure_reason"
+SQLITE_PREFIX = "sqlite:///"
+
+
+def run_tags(role: str, study: Optional[str] = None) -> dict[str, str]:
+    """The tags that say what a run is: its role and, for study runs, the study."""
+    if role not in ROLES:
+        raise ValueError(f"unknown run role {role!r} (expected one of {', '.join(ROLES)})")
+    return {ROLE_TAG: role, **({"study": study} if study is not None else {})}
+
+
+def role_filter(role: str, study: Optional[str] = None) -> str:
+    """An MLflow search filter for the runs of one role (of one study)."""
+    text = f"tags.`{ROLE_TAG}` = '{role}'"
+    return f"{text} and tags.study = '{study}'" if study is not None else text
+
+
+def cell_run_name(family: str, base: str, variant: Optional[str], budget: Optional[str], seed: int) -> str:
+    """The run name of a cell: `memory_plus-nano-4k-seed0` (variant = memory size or `4x` experts;
+    budget only for iso-FLOP sweeps, e.g. `1e15F`)."""
+    return "-".join(p for p in (family, base, variant, budget, f"seed{seed}") if p)
+
+
+def tuning_run_name(family: str, base: str, trial: int) -> str:
+    return f"tune-{family}-{base}-t{trial}"
+
+
+def sqlite_uri(workdir: Path) -> str:
+    """The embedded default tracking store of a work directory."""
+    return f"{SQLITE_PREFIX}{(Path(workdir) / 'mlflow.db').resolve()}"
+
+
+def artifact_root(workdir: Path) -> str:
+    return (Path(workdir) / "mlartifacts").resolve().as_uri()
+
+
+def sqlite_path(tracking_uri: str) -> Optional[Path]:
+    """The file of a `sqlite:///` store, None for any other URI."""
+    return Path(tracking_uri[len(SQLITE_PREFIX):]) if tracking_uri.startswith(SQLITE_PREFIX) else None
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for a sqlite:/// store whose file does not exist (reading would create it)."""
+    path = sqlite_path(tracking_uri)
+    return path.is_file() if path is not None else True
+
+
+def is_remote(tracking_uri: str) -> bool:
+    """An MLflow tracking server (http/https), which every node of a cluster can reach."""
+    return tracking_uri.startswith(("http://", "https://"))

@@ -1,0 +1,49 @@
+"""Checkpoints: one `state.pt` per rank-file, written atomically, loaded with weights_only=True.
+
+A checkpoint directory holds `state-rank{r}.pt` files (rank 0 always; other ranks only when
+they own state of their own, e.g. value-table shards) and `meta.json` (step, world size).
+Writes go to a temporary file in the same directory and are renamed into place, so a worker
+killed mid-write never leaves a truncated checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def state_file(directory: Path, rank: int = 0) -> Path:
+    return Path(directory) / f"state-rank{rank}.pt"
+
+
+def save_state(state: dict[str, Any], directory: Path, rank: int = 0, meta: dict | None = None) -> Path:
+    """Atomically write `state` (tensors, numbers, strings, nested dicts/lists) for `rank`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = state_file(directory, rank)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if meta is not None and rank == 0:
+        meta_tmp = directory / ".meta.json.tmp"
+        meta_tmp.write_text(json.dumps(meta))
+        os.replace(meta_tmp, directory / "meta.json")
+    return target
+
+
+def load_state(directory: Path, rank: int = 0, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a rank's state safely (no pickled code: weights_only=True)."""
+    return torch.load(state_file(directory, rank), map_location=map_location, weights_only=True)
+

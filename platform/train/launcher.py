@@ -1,0 +1,123 @@
+"""`run_training`: one training run on Ray Train, tracked as one MLflow run.
+
+The driver prepares the data once (workers then read the cache), plans the run (steps, tokens,
+FLOPs from the accounting), creates or continues the MLflow run, and fits a `TorchTrainer`
+whose workers run `worker.train_loop_per_worker`. Ray Train restarts the worker group on a
+failure (`resources.max_failures`) and the workers resume from the latest checkpoint. A run
+re-launched with the same MLflow run id resumes too: the Ray Train run is named after it.
+Ray must be initialised by the caller (`memlayers train` and the study controller do it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memlayers.models.presets import memory_size_name
+from memlayers.platform.data.prepare import prepare_data
+from memlayers.platform.tracking import client as tracking
+from memlayers.platform.tracking.conventions import ROLE_TAG, sqlite_uri
+from memlayers.platform.train.loop import Plan, plan_run
+from memlayers.platform.train.run_config import RunConfig, default_workdir
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    status: str                       # FINISHED | FAILED
+    metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+    error: str | None = None
+
+
+def run_name(cfg: RunConfig, plan: Plan) -> str:
+    """`memory_plus-373m-1m-seed0`, `moe-nano-8x-seed1`, `dense-tiny-seed0`."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    parts = [cfg.model.family, cfg.model.base]
+    if plan.model.memory is not None:
+        parts.append(memory_size_name(plan.model.memory.slots))
+    if plan.model.moe is not None:
+        parts.append(f"{plan.model.moe.experts}x")
+    return "-".join(parts + [f"seed{cfg.train.seed}"])
+
+
+def run_tags(cfg: RunConfig, plan: Plan) -> dict[str, str]:
+    acc = plan.accounting
+    return {
+        "family": cfg.model.family, "base": cfg.model.base,
+        "memory_slots": str(plan.model.memory.slots if plan.model.memory else 0),
+        "experts": str(plan.model.moe.experts if plan.model.moe else 0),
+        "train_flops": f"{plan.train_flops:.6g}", "train_tokens": str(plan.tokens), "steps": str(plan.steps),
+        "total_params": str(acc.total_params), "active_params": str(acc.active_params),
+        "memory_value_params": str(acc.memory_value_params),
+        "train_flops_per_token": str(acc.train_flops_per_token),
+        ROLE_TAG: cfg.tracking.tags.get(ROLE_TAG, "run"),
+    }
+
+
+def resolve_workdir(cfg: RunConfig, workdir: Path | None) -> Path:
+    return Path(workdir or cfg.workdir or default_workdir(cfg.name)).resolve()
+
+
+def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_worker: int | None = None) -> TrainResult:
+    """Train `cfg` on the current Ray cluster; returns the MLflow run id, status and final metrics."""
+    import ray.train  # deferred: ray is heavy and only this path needs it
+    from memlayers.platform.train.worker import train_loop_per_worker  # deferred: the worker brings ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer  # deferred: ray is heavy and only this path needs it
+
+    workdir = resolve_workdir(cfg, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = cfg.tracking.uri or sqlite_uri(workdir)
+    cache_dir = workdir / "data-cache"
+    data = prepare_data(cfg.data, cache_dir)
+    plan = plan_run(cfg, data.tokenizer.vocab_size)
+    name = run_name(cfg, plan)
+
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment or cfg.name, workdir / "mlartifacts")
+    run_id = cfg.tracking.run_id
+    if run_id is None:
+        run_id = tracking.create_run(uri, experiment_id, name, {**run_tags(cfg, plan), **cfg.tracking.tags},
+                                     cfg.tracking.parent_run_id)
+    else:
+        tracking.set_status(uri, run_id, "RUNNING")
+        tracking.set_tags(uri, run_id, {**run_tags(cfg, plan), **cfg.tracking.tags})
+    tracking.log_params(uri, run_id, cfg.to_dict())
+
+    use_gpu = cfg.resources.gpus_per_worker > 0
+    resources = {"CPU": cfg.resources.cpus_per_worker, **({"GPU": cfg.resources.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri,
+                           "cache_dir": str(cache_dir), "workdir": str(workdir),
+                           "threads": threads_per_worker or max(1, int(cfg.resources.cpus_per_worker)),
+                           "system_metrics": cfg.tracking.system_metrics},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.resources.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"{name}-{run_id[:12]}", storage_path=str(workdir / "ray_results"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as error:  # the worker group failed more than max_failures times
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        tracking.set_tags(uri, run_id, {"failure_reason": reason})
+        tracking.set_status(uri, run_id, "FAILED")
+        return TrainResult(run_id, "FAILED", error=reason)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    failed = (result.metrics or {}).get("failed")
+    if checkpoint:
+        tracking.set_tags(uri, run_id, {"checkpoint": checkpoint})
+    if failed:
+        tracking.set_tags(uri, run_id, {"failure_reason": str(failed)[:500]})
+        tracking.set_status(uri, run_id, "FAILED")
+        return TrainResult(run_id, "FAILED", metrics, checkpoint, str(failed))
+    tracking.set_status(uri, run_id, "FINISHED")
+    return TrainResult(run_id, "FINISHED", metrics, checkpoint)

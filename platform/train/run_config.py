@@ -1,0 +1,175 @@
+"""A training run's config: model spec, data, optimisation, resources and tracking.
+
+Loaded from YAML (`load_run_config`) with every field checked before Ray starts: unknown keys,
+wrong types and impossible models raise `ConfigError` naming the dotted field
+(`train.lr: expected a number, got 'fast' (str)`). The same dataclass is what the study
+controller builds for each cell.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from memlayers.config_schema import ConfigError, from_dict, parse_yaml, read_yaml, require, to_dict
+from memlayers.models.config import ModelConfig
+from memlayers.models.presets import BASES, build_config
+from memlayers.platform.data.config import DataConfig
+
+RUNS_ROOT = Path("runs")  # the embedded default: everything of run or study NAME under ./runs/NAME/
+
+# Bounds on what a config may ask for, so that validating any file answers at once.
+MAX_BUDGET = {"steps": 1e9, "tokens": 1e15, "flops": 1e27}
+MAX_BATCH = 2**20
+
+
+@dataclass
+class ModelSpec:
+    base: str = "nano"                  # a preset from memlayers.models.presets.BASES
+    family: str = "memory_plus"         # dense | moe | pkm | memory_plus
+    memory_slots: Optional[Union[int, str]] = None  # memory families: slots or a size name ("1m")
+    experts: Optional[int] = None       # moe: number of experts
+    memory: dict[str, Any] = field(default_factory=dict)    # MemoryConfig overrides
+    moe: dict[str, Any] = field(default_factory=dict)       # MoEConfig overrides
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (dim, n_layers, ...)
+
+    def build(self, vocab_size: int, seq_len: int, path: str = "model") -> ModelConfig:
+        """The full ModelConfig for a tokenizer's vocabulary and the run's sequence length."""
+        fields = {"vocab_size": vocab_size, **self.overrides}
+        fields["max_seq_len"] = max(seq_len, fields.get("max_seq_len", 0))
+        try:
+            return build_config(self.base, self.family, memory_slots=self.memory_slots, experts=self.experts,
+                                memory=self.memory, moe=self.moe, **fields)
+        except ConfigError as error:
+            raise ConfigError(f"{path}.{error.path.removeprefix('model.')}", error.reason) from None
+        except TypeError as error:
+            raise ConfigError(f"{path}.memory", str(error)) from None
+
+    def validate(self, path: str = "model") -> None:
+        require(self.base in BASES, f"{path}.base", f"unknown base {self.base!r} (expected one of {', '.join(BASES)})")
+        self.build(vocab_size=BASES[self.base]["vocab_size"], seq_len=1, path=path)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32                # sequences per optimizer step, summed over data-parallel workers
+    steps: Optional[int] = None         # stop after this many steps ...
+    tokens: Optional[int] = None        # ... or this many training tokens ...
+    flops: Optional[float] = None       # ... or this many training FLOPs (from the accounting)
+    lr: float = 3e-3                    # AdamW for every non-value parameter
+    value_lr: float = 1e-3              # the value tables' own group (paper default)
+    value_optimizer: Literal["lazy_adam", "row_adagrad", "adamw"] = "lazy_adam"
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup: float = 0.05                # fraction of the steps spent in linear warmup
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1           # final lr / peak lr
+    grad_clip: float = 1.0              # global norm of the non-value gradients
+    value_grad_clip: float = 1.0        # norm of the value gradients, clipped separately
+    eval_every: int = 100               # steps between evaluations (and at the end)
+    eval_batches: int = 4               # validation batches per evaluation
+    qa_eval_items: int = 512            # QA pairs scored per evaluation (0: none)
+    checkpoint_every: int = 100         # steps between checkpoints (and at the end)
+    log_every: int = 10                 # steps between metric logs
+    seed: int = 0
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
+    fail_at_step: Optional[int] = None  # fault-injection hook: rank 0 dies once at this step
+
+    def budget(self) -> tuple[str, float]:
+        """(kind, value) of the one budget given: steps, tokens or flops."""
+        kind = next(name for name in ("steps", "tokens", "flops") if getattr(self, name) is not None)
+        return kind, getattr(self, kind)
+
+    def validate(self, path: str = "train") -> None:
+        budgets = [name for name in ("steps", "tokens", "flops") if getattr(self, name) is not None]
+        require(len(budgets) == 1, f"{path}.steps", f"give exactly one of steps, tokens, flops (got {budgets or 'none'})")
+        for name in budgets:
+            value = getattr(self, name)
+            require(value > 0 and math.isfinite(value), f"{path}.{name}", f"must be a finite number > 0, got {value}")
+            require(value <= MAX_BUDGET[name], f"{path}.{name}", f"at most {MAX_BUDGET[name]:.0e}, got {value:g}")
+        require(self.batch_size <= MAX_BATCH, f"{path}.batch_size", f"at most {MAX_BATCH}, got {self.batch_size}")
+        for name in ("batch_size", "eval_every", "eval_batches", "checkpoint_every", "log_every"):
+            require(getattr(self, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "value_lr"):
+            require(0 < getattr(self, name) < 1, f"{path}.{name}", f"must be in (0, 1), got {getattr(self, name)}")
+        require(0 <= self.warmup < 1, f"{path}.warmup", f"must be a fraction in [0, 1), got {self.warmup}")
+        require(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.qa_eval_items >= 0, f"{path}.qa_eval_items", f"must be >= 0, got {self.qa_eval_items}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas",
+                f"must be two numbers in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class ResourcesConfig:
+    workers: int = 1                    # Ray Train workers (data-parallel x memory-parallel)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    memory_parallel: int = 1            # ranks sharing one value table (divides workers)
+    max_failures: int = 2               # worker-group restarts before the run fails
+
+    def validate(self, path: str = "resources") -> None:
+        require(self.workers >= 1, f"{path}.workers", f"must be >= 1, got {self.workers}")
+        require(self.cpus_per_worker > 0, f"{path}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        require(self.gpus_per_worker >= 0, f"{path}.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        require(self.memory_parallel >= 1 and self.workers % self.memory_parallel == 0, f"{path}.memory_parallel",
+                f"must divide workers={self.workers}, got {self.memory_parallel}")
+        require(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None           # None -> sqlite:///<workdir>/mlflow.db
+    experiment: Optional[str] = None    # None -> the run's name
+    run_name: Optional[str] = None      # None -> the run's name
+    parent_run_id: Optional[str] = None  # a study's parent run (makes this a child run)
+    run_id: Optional[str] = None        # continue this existing MLflow run (set by the study controller)
+    tags: dict[str, str] = field(default_factory=dict)
+    system_metrics: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    workdir: Optional[str] = None       # None -> ./runs/<name>
+
+    def validate(self, path: str = "") -> None:
+        require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        if self.resources.memory_parallel > 1:
+            require(self.model.family in ("memory_plus", "pkm"), "resources.memory_parallel",
+                    f"needs a memory family, got {self.model.family!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def default_workdir(name: str, root: Path | None = None) -> Path:
+    return ((root or RUNS_ROOT) / name).resolve()
+
+
+def run_config_from_dict(data: Any) -> RunConfig:
+    """Validate a mapping into a RunConfig; raises ConfigError naming the field."""
+    if isinstance(data, dict) and "train" not in data:
+        raise ConfigError("train", "missing section (needs at least one of steps, tokens, flops)")
+    return from_dict(RunConfig, data, "")
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run YAML (safely), apply `key.sub=value` overrides, validate."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), f"expected a mapping of run config sections, got {type(data).__name__}")
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parse_yaml(value, f"--set {key}")
+    return run_config_from_dict(data)

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memlayers.models.config import FAMILIES
 from memlayers.models.presets import BASES, memory_size_name
 from memlayers.platform.study.ref import StudyRef
 from memlayers.platform.tracking.client import search_all_runs
@@ -193,7 +194,7 @@ def load_study(ref: StudyRef, *, with_histories: bool = True) -> StudyData:
     return data
 
 
-FAMILY_ORDER = ("dense", "moe", "pkm", "memory_plus")
+FAMILY_ORDER = FAMILIES  # display order: the family registry's
 
 
 def base_order(base: str) -> tuple[int, str]:

@@ -5,7 +5,6 @@ test's cluster is stopped afterwards."""
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,17 +16,12 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import REPO_ROOT
+from memlayers.platform.cluster.ports import free_port
 from memlayers.platform.study.cells import expand
 from memlayers.platform.study.progress import cell_runs
 from memlayers.platform.study.validate import load_study
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop_tree(root: psutil.Process, marker: str) -> None:
@@ -60,11 +54,11 @@ def ray_head():
     temp = Path(tempfile.mkdtemp(prefix="mlh-", dir="/tmp"))  # short: Ray's socket paths are length-limited
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
-    dashboard = _free_port()
+    dashboard = free_port()
     command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-               "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                "--include-dashboard", "true", "--num-cpus", "2", "--temp-dir", str(temp),
-               "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+               "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
                "--disable-usage-stats"]
     log = open(temp / "ray-start.log", "w")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,12 +1,11 @@
 """allreduce_value_grads_ on a real 2-process gloo group: sparse rows gathered and averaged, dense all-reduced."""
 
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from memlayers.kernels.value_optim import allreduce_value_grads_
+from memlayers.platform.cluster.ports import free_port
 
 N, V = 10, 3
 
@@ -34,16 +33,10 @@ def _worker(rank: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_allreduce_value_grads_averages_sparse_and_dense_over_gloo():
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
         results = dict(out)
     grads = [_rank_grads(r) for r in range(2)]
     want_table = (grads[0][0].to_dense() + grads[1][0].to_dense()) / 2

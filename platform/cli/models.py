@@ -6,9 +6,8 @@ import argparse
 import json
 
 from memlayers.models.accounting import account
+from memlayers.models.config import FAMILIES, MEMORY_FAMILIES
 from memlayers.models.presets import BASES, PAPER_BASES, PAPER_MEMORY_SIZES, build_config, memory_slots
-
-FAMILIES_ORDER = ("dense", "moe", "pkm", "memory_plus")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +22,8 @@ def accounting_rows(bases: list[str], sizes: list[str], experts: int) -> list[di
     """One row per base x family x memory size (memory sizes only for memory families)."""
     rows = []
     for base in bases:
-        for family in FAMILIES_ORDER:
-            for size in (sizes if family in ("pkm", "memory_plus") else [None]):
+        for family in FAMILIES:
+            for size in (sizes if family in MEMORY_FAMILIES else [None]):
                 cfg = build_config(base, family, memory_slots=size, experts=experts)
                 acc = account(cfg)
                 rows.append({

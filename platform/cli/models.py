@@ -24,7 +24,7 @@ def accounting_rows(bases: list[str], sizes: list[str], experts: int) -> list[di
     for base in bases:
         for family in FAMILIES:
             for size in (sizes if family in MEMORY_FAMILIES else [None]):
-                cfg = build_config(base, family, memory_slots=size, experts=experts)
+                cfg = build_config(base, family, memory_slots=size, experts=experts if family == "moe" else None)
                 acc = account(cfg)
                 rows.append({
                     "preset": base, "family": family,

@@ -14,6 +14,15 @@ autograd function:
   parameter's `.grad` is sparse and no work or memory grows with N; with `sparse_grad=False` it is
   scattered into a dense (N, V) tensor (the paper-faithful mode).
 
+`row_dot` is the same lookup read the other way round (PEER's down projection):
+
+    h_TR[t, j] = <x_TV[t], values_NV[slots_TR[t, j]]>
+
+It is the adjoint of the bag in its weights, so it is built from the same three backend parts:
+its forward is the bag's weight gradient, the gradient of x is the bag's forward with grad_h as
+weights, and the rows' gradient is the bag's value-gradient rows with x as the output gradient
+(row-sparse, like the bag's).
+
 Implementations (`impl`): "torch" (torch ops: `F.embedding_bag` with per-sample weights on
 fp32/fp64, chunked gathers with fp32 accumulation on bf16/fp16; any device), "triton" (the Triton
 kernels of `memlayers.kernels.bag_triton`; on CPU only under TRITON_INTERPRET=1 set before triton
@@ -39,8 +48,8 @@ IMPLS = ("auto", "torch", "triton")
 def embedding_bag_reference(values_NV: torch.Tensor, slots_TR: torch.Tensor, weights_TR: torch.Tensor) -> torch.Tensor:
     """Plain torch gather + weighted sum in fp32 (fp64 for fp64 values); dense autograd gradient."""
     acc = torch.float64 if values_NV.dtype == torch.float64 else torch.float32
-    rows_TKV = values_NV[slots_TR].to(acc)
-    return torch.einsum("tk,tkv->tv", weights_TR.to(acc), rows_TKV).to(values_NV.dtype)
+    rows_TRV = values_NV[slots_TR].to(acc)
+    return torch.einsum("tr,trv->tv", weights_TR.to(acc), rows_TRV).to(values_NV.dtype)
 
 
 def embedding_bag(values_NV: torch.Tensor, slots_TR: torch.Tensor, weights_TR: torch.Tensor, *,
@@ -61,6 +70,27 @@ def embedding_bag(values_NV: torch.Tensor, slots_TR: torch.Tensor, weights_TR: t
     backend = _backend(impl, values_NV.device)
     y_TV = _EmbeddingBag.apply(values_NV, slots_2d, weights_2d, sparse_grad, backend)
     return y_TV.view(*lead, values_NV.shape[1])
+
+
+def row_dot(values_NV: torch.Tensor, slots_TR: torch.Tensor, x_TV: torch.Tensor, *,
+            sparse_grad: bool = True, impl: str = "auto") -> torch.Tensor:
+    """h[t, j] = <x[t], values[slots[t, j]]> -> (T, R) in fp32 (fp64 for fp64 values).
+
+    `slots_TR` may have any leading shape (..., R) with `x_TV` of shape (..., V); the rows get a
+    row-sparse gradient with `sparse_grad=True`, as with `embedding_bag`.
+    """
+    if values_NV.dim() != 2:
+        raise ValueError(f"values_NV must be 2-D (N, V), got shape {tuple(values_NV.shape)}")
+    if slots_TR.shape[:-1] != x_TV.shape[:-1] or x_TV.shape[-1] != values_NV.shape[1]:
+        raise ValueError(f"x_TV {tuple(x_TV.shape)} must be slots_TR's leading shape {tuple(slots_TR.shape[:-1])} "
+                         f"by the value dim {values_NV.shape[1]}")
+    if slots_TR.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"slots_TR must be an integer tensor, got {slots_TR.dtype}")
+    lead = slots_TR.shape[:-1]
+    slots_2d = slots_TR.reshape(-1, slots_TR.shape[-1]).long()
+    x_2d = x_TV.reshape(-1, x_TV.shape[-1])
+    h_TR = _RowDot.apply(values_NV, slots_2d, x_2d, sparse_grad, _backend(impl, values_NV.device))
+    return h_TR.view(*lead, slots_TR.shape[-1])
 
 
 def _backend(impl: str, device: torch.device) -> ModuleType:
@@ -93,6 +123,28 @@ class _EmbeddingBag(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_weights = ctx.backend.weight_grad(values_NV, slots_TR, grad_y_TV).to(weights_TR.dtype)
         return grad_values, None, grad_weights, None, None
+
+
+class _RowDot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values_NV, slots_TR, x_TV, sparse_grad, backend):
+        x_TV = x_TV.contiguous()
+        ctx.save_for_backward(values_NV, slots_TR, x_TV)
+        ctx.sparse_grad, ctx.backend = sparse_grad, backend
+        return backend.weight_grad(values_NV, slots_TR, x_TV)
+
+    @staticmethod
+    def backward(ctx, grad_h_TR):
+        values_NV, slots_TR, x_TV = ctx.saved_tensors
+        grad_h_TR = grad_h_TR.contiguous()
+        grad_values = grad_x = None
+        if ctx.needs_input_grad[0]:
+            segs = segments_of(slots_TR, values_NV.shape[0])
+            rows_UV = ctx.backend.value_grad_rows(x_TV, grad_h_TR, segs).to(values_NV.dtype)
+            grad_values = _scatter_rows(rows_UV, segs, values_NV, ctx.sparse_grad)
+        if ctx.needs_input_grad[2]:
+            grad_x = ctx.backend.forward(values_NV, slots_TR, grad_h_TR).to(x_TV.dtype)
+        return grad_values, None, grad_x, None, None
 
 
 def _scatter_rows(rows_UV: torch.Tensor, segs: Segments, values_NV: torch.Tensor, sparse: bool) -> torch.Tensor:

@@ -11,8 +11,10 @@ updates (one update = the slots a step read, any shape) and reports:
 
 Cost: an update adds the step's reads to an (N,) int32 count with `index_add_` and subtracts the
 reads that leave the window — O(reads), never O(N); the window keeps its steps' slots (int32,
-4 bytes per read). `metrics()` is O(N) for the fraction and KL and O(R log R) for the Gini over
-the R slots read (the unread ones are all zeros); call it at logging time, not every step.
+4 bytes per read). `metrics()` is O(N) for the fraction and KL and O(U log U) for the Gini over
+the U slots read (the unread ones are all zeros); call it at logging time, not every step.
+
+Shape suffixes: see docs/shapes.md (L reads of a step, U distinct slots read).
 """
 
 from __future__ import annotations
@@ -34,28 +36,28 @@ class SlotUsage:
 
     def update(self, slots: torch.Tensor) -> None:
         """Add the slots read by one step (any shape); the oldest step leaves a full window."""
-        slots_R = slots.detach().reshape(-1).to(device="cpu", dtype=torch.int32)
-        if slots_R.numel() and (int(slots_R.min()) < 0 or int(slots_R.max()) >= self.n_slots):
-            raise ValueError(f"slots: must be in [0, {self.n_slots}), got [{int(slots_R.min())}, {int(slots_R.max())}]")
-        self.counts_N.index_add_(0, slots_R, torch.ones_like(slots_R))
-        self._steps.append(slots_R)
+        slots_L = slots.detach().reshape(-1).to(device="cpu", dtype=torch.int32)
+        if slots_L.numel() and (int(slots_L.min()) < 0 or int(slots_L.max()) >= self.n_slots):
+            raise ValueError(f"slots: must be in [0, {self.n_slots}), got [{int(slots_L.min())}, {int(slots_L.max())}]")
+        self.counts_N.index_add_(0, slots_L, torch.ones_like(slots_L))
+        self._steps.append(slots_L)
         if len(self._steps) > self.window:
-            old_R = self._steps.popleft()
-            self.counts_N.index_add_(0, old_R, torch.full_like(old_R, -1))
+            old_L = self._steps.popleft()
+            self.counts_N.index_add_(0, old_L, torch.full_like(old_L, -1))
 
     def reset(self) -> None:
         self.counts_N.zero_()
         self._steps.clear()
 
     def metrics(self) -> dict[str, float]:
-        read_R = self.counts_N[self.counts_N > 0].to(torch.float64)
-        total = float(read_R.sum())
+        read_U = self.counts_N[self.counts_N > 0].to(torch.float64)
+        total = float(read_U.sum())
         if total == 0:
             return {"slot_fraction_read": 0.0, "slot_kl_uniform": 0.0, "slot_gini": 0.0}
-        p_R = read_R / total
-        kl = float((p_R * torch.log(p_R * self.n_slots)).sum())
-        # Gini over all N counts sorted ascending: the N - R zeros come first and add nothing
-        n, r = self.n_slots, read_R.numel()
-        ranks_R = torch.arange(n - r + 1, n + 1, dtype=torch.float64)
-        gini = float(((2 * ranks_R - n - 1) * read_R.sort().values).sum()) / (n * total)
-        return {"slot_fraction_read": r / n, "slot_kl_uniform": max(kl, 0.0), "slot_gini": gini}
+        p_U = read_U / total
+        kl = float((p_U * torch.log(p_U * self.n_slots)).sum())
+        # Gini over all N counts sorted ascending: the N - U zeros come first and add nothing
+        n, u = self.n_slots, read_U.numel()
+        ranks_U = torch.arange(n - u + 1, n + 1, dtype=torch.float64)
+        gini = float(((2 * ranks_U - n - 1) * read_U.sort().values).sum()) / (n * total)
+        return {"slot_fraction_read": u / n, "slot_kl_uniform": max(kl, 0.0), "slot_gini": gini}

@@ -1,17 +1,21 @@
 """Exact parameter and FLOP accounting from a config, without building the model.
 
 Parameters are counted by kind: embedding (input table + untied output head), memory values
-(every distinct value table), the rest, and *active* parameters — those a token uses: all
+(every distinct row table: memory value tables and PEER's down/up expert tables, reported in
+`memory_value_params`), the rest, and *active* parameters — those a token uses: all
 non-value, non-expert parameters, the top-k experts' share of each MoE layer (under expert
 choice: capacity_factor experts per token on average, the training routing), and the rows a
-memory layer reads (heads * topk * value_dim per memory layer).
+memory layer reads (heads * topk * value_dim per memory layer) or a PEER layer retrieves
+(heads * topk * 2 * D: each expert's u_i and v_i).
 
 Forward FLOPs per token count 2 per multiply-add of every matmul (letters as in docs/shapes.md):
   attention projections 2*D*(H*A) + 2*2*D*(G*A) + 2*(H*A)*D, attention mixing 2*2*(H*A)*ctx
   with ctx = (seq_len + 1) / 2 (the mean causal context), SwiGLU 2*3*D*F, MoE router 2*D*E
   plus topk experts 2*3*D*F (plus a shared expert), memory layer: query 2*D*H*2Q,
-  sub-key scoring 2*H*n*2Q, value read 2*H*K*V, Memory+ gate and output 2*D*V each, and the
-  output head 2*D*W. A value table adds N*V parameters and NO FLOPs beyond the K rows read.
+  sub-key scoring 2*H*n*2Q, value read 2*H*K*V, Memory+ gate and output 2*D*V each; PEER
+  layer: query and scoring as a memory layer, x . u_i 2*H*K*D and the weighted sum of the v_i
+  2*H*K*D; the output head 2*D*W. A value table adds N*V parameters (a PEER table pair
+  2*N*D) and NO FLOPs beyond the rows read.
   Norms, rotary embeddings, softmaxes and top-k selection are not counted.
 Training FLOPs = 3 x forward FLOPs (forward + backward).
 """
@@ -81,7 +85,24 @@ def _memory_layer(cfg: ModelConfig) -> _Counts:
     return _Counts(params, params + mem.heads * mem.topk * v, flops)
 
 
+def _peer_layer(cfg: ModelConfig) -> _Counts:
+    """A PEER layer without its expert tables (counted once per distinct table pair)."""
+    d, peer, kd = cfg.dim, cfg.peer, cfg.key_dim
+    reads = peer.heads * peer.topk
+    params = d * peer.heads * kd + peer.heads * peer.sub_keys * kd + (kd // 2 if peer.qk_norm else 0)
+    # query, sub-key scoring, x . u_i for the retrieved experts, the weighted sum of their v_i
+    flops = 2 * d * peer.heads * kd + 2 * peer.heads * peer.sub_keys * kd + 2 * reads * d + 2 * reads * d
+    return _Counts(params, params + reads * 2 * d, flops)
+
+
+_FFN_COUNTS = {"moe": _moe, "memory": _memory_layer, "peer": _peer_layer}
+
+
 def memory_value_params(cfg: ModelConfig) -> int:
+    """Parameters of every distinct row table: memory values, or PEER's down and up expert tables."""
+    if cfg.peer_layers:
+        pairs = 1 if cfg.peer.shared_tables else len(cfg.peer_layers)
+        return pairs * 2 * cfg.peer.experts * cfg.dim
     if not cfg.memory_layers:
         return 0
     tables = 1 if cfg.shared_values else len(cfg.memory_layers)
@@ -98,7 +119,7 @@ def account(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
     for layer in range(cfg.n_layers):
         body += _attention(cfg, seq_len) + _Counts(2 * d, 2 * d, 0)
         kind = cfg.ffn_kind(layer)
-        body += _moe(cfg) if kind == "moe" else _memory_layer(cfg) if kind == "memory" else _dense(d, cfg.hidden_dim)
+        body += _FFN_COUNTS[kind](cfg) if kind in _FFN_COUNTS else _dense(d, cfg.hidden_dim)
     head_flops = 2 * d * cfg.vocab_size
     values = memory_value_params(cfg)
     total = embedding + body.params + d + values

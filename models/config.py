@@ -2,8 +2,9 @@
 
 Families (listed, with what each takes, in `memlayers.models.families`): `dense` (SwiGLU
 everywhere), `moe` (every FFN a mixture of experts), `pkm` (product-key memory replacing the
-FFN in chosen layers, own values per layer) and `memory_plus` (the paper's layer: qk-norm,
-swilu gating, several layers sharing ONE value table).
+FFN in chosen layers, own values per layer), `memory_plus` (the paper's layer: qk-norm,
+swilu gating, several layers sharing ONE value table) and `peer` (product-key retrieval of
+single-neuron experts replacing the FFN in chosen layers).
 All configs validate on construction through `validate(path)`; errors name the field.
 """
 
@@ -16,10 +17,11 @@ from typing import Literal, Optional
 from memlayers.config_schema import ConfigError, require
 from memlayers.models.families import FAMILIES, MEMORY_FAMILIES, MEMORY_PARALLEL_FAMILIES, Family, family_spec
 
-__all__ = ["FAMILIES", "MEMORY_FAMILIES", "MEMORY_PARALLEL_FAMILIES", "Family", "MemoryConfig", "MoEConfig", "ModelConfig", "default_key_dim"]
+__all__ = ["FAMILIES", "MEMORY_FAMILIES", "MEMORY_PARALLEL_FAMILIES", "Family", "MemoryConfig", "MoEConfig",
+           "ModelConfig", "PeerConfig", "default_key_dim"]
 
 
-SECTIONS = ("memory", "moe")  # the optional family sections of a ModelConfig
+SECTIONS = ("memory", "moe", "peer")  # the optional family sections of a ModelConfig
 
 
 def default_key_dim(dim: int) -> int:
@@ -94,6 +96,50 @@ class MoEConfig:
 
 
 @dataclass
+class PeerConfig:
+    """PEER (He 2024, "Mixture of A Million Experts"): product-key retrieval of single-neuron experts."""
+
+    experts: int = 65536          # N = n^2 experts, each a down vector u_i and an up vector v_i of dim D
+    heads: int = 8                # retrieval heads, each retrieves `topk` experts
+    topk: int = 16                # experts per head per token
+    key_dim: Optional[int] = None  # full key dim 2Q; None -> default_key_dim(dim)
+    activation: Literal["gelu", "relu"] = "gelu"   # act in act(x . u_i) (the paper: ReLU or GELU)
+    score_norm: Literal["softmax", "sigmoid"] = "softmax"  # over a head's k scores (the paper: either)
+    n_layers: Optional[int] = None  # PEER layers replacing the FFN; None -> 1
+    layers: Optional[list[int]] = None  # explicit layer indices; None -> evenly spaced
+    shared_tables: bool = False   # one (u, v) table pair for all PEER layers, owned by the model
+    qk_norm: bool = False         # RMS-normalised query halves and sub-keys (as Memory+)
+    temperature: Optional[float] = None  # qk-norm score scale on cosines; None -> sqrt(key_dim/2)
+    sparse_grad: bool = True      # row-sparse expert-table gradients (False: dense)
+
+    @property
+    def sub_keys(self) -> int:
+        return math.isqrt(self.experts)
+
+    def validate(self, path: str = "peer") -> None:
+        require(self.experts > 0 and math.isqrt(self.experts) ** 2 == self.experts, f"{path}.experts",
+                f"must be a perfect square n*n (product keys), got {self.experts}")
+        require(self.heads >= 1, f"{path}.heads", f"must be >= 1, got {self.heads}")
+        require(1 <= self.topk <= self.sub_keys, f"{path}.topk",
+                f"must be between 1 and sqrt(experts)={self.sub_keys}, got {self.topk}")
+        if self.key_dim is not None:
+            require(self.key_dim >= 2 and self.key_dim % 2 == 0, f"{path}.key_dim",
+                    f"must be an even integer >= 2, got {self.key_dim}")
+        require(self.activation in ("gelu", "relu"), f"{path}.activation", f"must be gelu or relu, got {self.activation!r}")
+        require(self.score_norm in ("softmax", "sigmoid"), f"{path}.score_norm",
+                f"must be softmax or sigmoid, got {self.score_norm!r}")
+        if self.temperature is not None:
+            require(self.temperature > 0, f"{path}.temperature", f"must be > 0, got {self.temperature}")
+        if self.n_layers is not None:
+            require(self.n_layers >= 1, f"{path}.n_layers", f"must be >= 1, got {self.n_layers}")
+
+
+def evenly_spaced(count: int, n_layers: int) -> list[int]:
+    """`count` layer indices spread evenly over `n_layers` (never the first)."""
+    return [(i + 1) * n_layers // (count + 1) for i in range(count)]
+
+
+@dataclass
 class ModelConfig:
     family: Family = "dense"
     vocab_size: int = 256
@@ -110,6 +156,7 @@ class ModelConfig:
     init_std: float = 0.02
     memory: Optional[MemoryConfig] = None
     moe: Optional[MoEConfig] = None
+    peer: Optional[PeerConfig] = None
 
     # ---- derived shapes -------------------------------------------------------------------
     @property
@@ -138,8 +185,17 @@ class ModelConfig:
 
     @property
     def key_dim(self) -> int:
-        assert self.memory is not None
-        return self.memory.key_dim or default_key_dim(self.dim)
+        """Full key dim of the product keys (memory or PEER)."""
+        section = self.memory if self.memory is not None else self.peer
+        assert section is not None
+        return section.key_dim or default_key_dim(self.dim)
+
+    @property
+    def memory_size(self) -> int:
+        """Rows of the family's tables: memory slots, PEER experts, 0 for dense and moe."""
+        if self.memory is not None:
+            return self.memory.slots
+        return self.peer.experts if self.peer is not None else 0
 
     @property
     def memory_plus(self) -> bool:
@@ -168,12 +224,23 @@ class ModelConfig:
         if self.memory.layers is not None:
             return sorted(self.memory.layers)
         count = self.memory.n_layers or min(3 if self.memory_plus else 1, self.n_layers)
-        return [(i + 1) * self.n_layers // (count + 1) for i in range(count)]
+        return evenly_spaced(count, self.n_layers)
+
+    @property
+    def peer_layers(self) -> list[int]:
+        """Indices of the layers whose FFN is a PEER layer (evenly spaced by default)."""
+        if self.family != "peer" or self.peer is None:
+            return []
+        if self.peer.layers is not None:
+            return sorted(self.peer.layers)
+        return evenly_spaced(self.peer.n_layers or 1, self.n_layers)
 
     def ffn_kind(self, layer: int) -> str:
-        """'dense' | 'moe' | 'memory' for layer `layer`."""
+        """'dense' | 'moe' | 'memory' | 'peer' for layer `layer`."""
         if self.family == "moe":
             return "moe"
+        if layer in self.peer_layers:
+            return "peer"
         return "memory" if layer in self.memory_layers else "dense"
 
     def validate(self, path: str = "model") -> None:
@@ -196,8 +263,8 @@ class ModelConfig:
             elif value is not None:
                 takers = [name for name in FAMILIES if family_spec(name).section == section]
                 raise ConfigError(f"{path}.{section}", f"only families {', '.join(takers)} take a {section} section")
-        if spec.section == "memory":
-            layers = self.memory_layers
+        if spec.section in ("memory", "peer"):
+            layers = self.memory_layers if spec.section == "memory" else self.peer_layers
             require(len(set(layers)) == len(layers) and all(0 <= i < self.n_layers for i in layers),
-                    f"{path}.memory.layers",
+                    f"{path}.{spec.section}.layers",
                     f"need distinct layer indices in [0, {self.n_layers}), got {layers}")

@@ -5,7 +5,7 @@ the names and properties from here:
 
 - `FAMILIES`: every family name, in display order;
 - `MEMORY_FAMILIES`: families sized by a number of table rows (memory slots or PEER experts),
-  which a study grid sweeps as its memory sizes;
+  which a study grid sweeps as its memory sizes (`ModelConfig.memory_size` reads it back);
 - `MEMORY_PARALLEL_FAMILIES`: families whose value tables can be split by columns across a
   memory-parallel group (`memlayers.kernels.sharded_values`);
 - `family_spec(name)`: the `FamilySpec` of one family (a `ConfigError` naming `family` otherwise).
@@ -34,6 +34,8 @@ REGISTRY: dict[str, FamilySpec] = {spec.name: spec for spec in (
     FamilySpec("pkm", "memory", "slots", True, "product-key memory replacing chosen FFNs, own values per layer"),
     FamilySpec("memory_plus", "memory", "slots", True,
                "the paper's Memory+: qk-norm, swilu gate, several layers sharing one value table"),
+    FamilySpec("peer", "peer", "slots", False,
+               "PEER: product-key retrieval of single-neuron experts replacing chosen FFNs"),
 )}
 
 FAMILIES: tuple[str, ...] = tuple(REGISTRY)

@@ -1,7 +1,7 @@
 """Named model shapes: tiny CPU bases, the paper's bases (134m ... 8b) and memory sizes.
 
 `build_config(base, family, memory_slots=..., experts=...)` turns a base into a `ModelConfig`
-of any family. Shapes of the paper family: 373m is dim 1024 / 24 layers / 16 heads (the
+of any family (for `peer`, `memory_slots` or `experts` is the number of experts). Shapes of the paper family: 373m is dim 1024 / 24 layers / 16 heads (the
 reference configs); 8b is the Llama-3-8B shape. Bases up to 1.3b use a 32,000-token
 vocabulary, 8b Llama 3's 128,256. Names give the dense total parameter count, rounded.
 """
@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from memlayers.config_schema import ConfigError
-from memlayers.models.config import MemoryConfig, ModelConfig, MoEConfig
+from memlayers.models.config import MemoryConfig, ModelConfig, MoEConfig, PeerConfig
 from memlayers.models.families import family_spec
 
 BASES: dict[str, dict[str, Any]] = {
@@ -31,8 +31,22 @@ BASES: dict[str, dict[str, Any]] = {
                max_seq_len=8192, rope_theta=500000.0),
 }
 
+# PEER per base: experts N = n^2, retrieval heads and experts per head. The paper bases use the
+# PEER paper's 8 heads x top-16 (128 experts per token) and N growing with the base up to the
+# 768^2 = 589,824 experts the Memory Layers paper compares with at 1.3b (1024^2 at 8b, the PEER
+# paper's size); the CPU bases use 4 heads x top-8 over 32^2 or 64^2 experts.
+PEER_DEFAULTS: dict[str, dict[str, int]] = {
+    **{base: dict(experts=32 ** 2, heads=4, topk=8) for base in ("pico", "nano", "micro", "tiny")},
+    "small": dict(experts=64 ** 2, heads=4, topk=8),
+    "134m": dict(experts=256 ** 2, heads=8, topk=16),
+    "373m": dict(experts=512 ** 2, heads=8, topk=16),
+    "720m": dict(experts=512 ** 2, heads=8, topk=16),
+    "1.3b": dict(experts=768 ** 2, heads=8, topk=16),
+    "8b": dict(experts=1024 ** 2, heads=8, topk=16),
+}
+
 MEMORY_SIZES: dict[str, int] = {
-    "1k": 32 ** 2, "4k": 64 ** 2, "16k": 128 ** 2, "64k": 256 ** 2, "256k": 512 ** 2, "1m": 1024 ** 2,
+    "1k": 32 ** 2, "4k": 64 ** 2, "16k": 128 ** 2, "64k": 256 ** 2, "256k": 512 ** 2, "576k": 768 ** 2, "1m": 1024 ** 2,
     "4m": 2048 ** 2, "16m": 4096 ** 2, "64m": 8192 ** 2,
 }
 PAPER_BASES = ("134m", "373m", "720m", "1.3b", "8b")
@@ -55,8 +69,12 @@ def memory_size_name(slots: int) -> str:
 
 def build_config(base: str, family: str, *, memory_slots: int | str | None = None, experts: int | None = None,
                  memory: dict[str, Any] | None = None, moe: dict[str, Any] | None = None,
-                 **overrides: Any) -> ModelConfig:
-    """A validated ModelConfig of `family` on base shape `base`."""
+                 peer: dict[str, Any] | None = None, **overrides: Any) -> ModelConfig:
+    """A validated ModelConfig of `family` on base shape `base`.
+
+    `memory` / `moe` / `peer` hold overrides of the family's section; for `peer`, `memory` is
+    accepted in place of `peer` (a study keeps one options mapping per memory-like family).
+    """
     if base not in BASES:
         raise ConfigError("base", f"unknown base {base!r} (expected one of {', '.join(BASES)})")
     spec = family_spec(family)
@@ -68,6 +86,8 @@ def build_config(base: str, family: str, *, memory_slots: int | str | None = Non
         fields["memory"] = MemoryConfig(**options)
     if spec.section == "moe":
         fields["moe"] = MoEConfig(**{"experts": experts or 8, **(moe or {})})
+    if spec.section == "peer":
+        fields["peer"] = _peer_config(base, memory_slots, experts, peer, memory)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     for key in fields:
         if key not in known:
@@ -75,3 +95,17 @@ def build_config(base: str, family: str, *, memory_slots: int | str | None = Non
     cfg = ModelConfig(**fields)
     cfg.validate()
     return cfg
+
+
+def _peer_config(base: str, size: int | str | None, experts: int | None, peer: dict[str, Any] | None,
+                 memory: dict[str, Any] | None) -> PeerConfig:
+    if peer and memory:
+        raise ConfigError("peer", "give the PEER options in `peer` or in `memory`, not both")
+    if size is not None and experts is not None and memory_slots(size) != experts:
+        raise ConfigError("experts", f"memory_slots={size!r} and experts={experts} disagree on the number of PEER experts")
+    defaults = dict(PEER_DEFAULTS[base])
+    count = memory_slots(size if size is not None else experts if experts is not None else defaults.pop("experts"))
+    defaults.pop("experts", None)
+    options = {**defaults, **(peer or memory or {}), "experts": count}
+    options["topk"] = min(options["topk"], int(count ** 0.5))
+    return PeerConfig(**options)

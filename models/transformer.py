@@ -1,8 +1,13 @@
 """The Llama-style decoder: pre-norm blocks of attention + a per-layer feed-forward.
 
-The feed-forward of layer i is SwiGLU, MoE or a memory layer, as `ModelConfig.ffn_kind(i)`
-says. With `memory.shared_values` (the default of memory_plus) the model owns ONE value table
-that its memory layers share.
+The feed-forward of layer i is SwiGLU, MoE, a memory layer or a PEER layer, as
+`ModelConfig.ffn_kind(i)` says. With `memory.shared_values` (the default of memory_plus) the
+model owns ONE value table that its memory layers share; with `peer.shared_tables` it owns one
+pair of expert tables that its PEER layers share.
+
+`value_tables()` lists every distinct row table (memory values and PEER expert tables alike)
+and `value_parameters()` their weights: the parameters that get row-sparse gradients and the
+value optimizer.
 
 Shape suffixes: see docs/shapes.md.
 """
@@ -21,28 +26,33 @@ from memlayers.models.feedforward import SwiGLU
 from memlayers.models.init import trunc_normal_
 from memlayers.models.memory import MemoryLayer
 from memlayers.models.moe import MoE
+from memlayers.models.peer import PeerLayer, expert_tables
 from memlayers.models.values import ValueTable
 
+SharedTables = dict[str, object]  # "values": ValueTable | None, "peer": (down, up) | None
 
-def build_ffn(cfg: ModelConfig, layer: int, shared_values: ValueTable | None) -> nn.Module:
+
+def build_ffn(cfg: ModelConfig, layer: int, shared: SharedTables) -> nn.Module:
     kind = cfg.ffn_kind(layer)
     if kind == "moe":
         moe = cfg.moe
         return MoE(cfg.dim, cfg.expert_hidden_dim, moe.experts, moe.topk,
                    cfg.hidden_dim if moe.shared_expert else None, moe.routing, moe.capacity_factor)
     if kind == "memory":
-        return MemoryLayer(cfg.dim, cfg.memory, shared_values, key_dim=cfg.key_dim,
+        return MemoryLayer(cfg.dim, cfg.memory, shared["values"], key_dim=cfg.key_dim,
                            qk_norm=cfg.qk_norm, gated=cfg.gated)
+    if kind == "peer":
+        return PeerLayer(cfg.dim, cfg.peer, shared["peer"])
     return SwiGLU(cfg.dim, cfg.hidden_dim)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, shared_values: ValueTable | None) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, shared: SharedTables) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn = build_ffn(cfg, layer, shared_values)
+        self.ffn = build_ffn(cfg, layer, shared)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos, sin)
@@ -58,7 +68,12 @@ class Transformer(nn.Module):
         self.memory_values = None
         if cfg.memory_layers and cfg.shared_values:
             self.memory_values = ValueTable(cfg.memory.slots, cfg.dim, sparse_grad=cfg.memory.sparse_grad)
-        self.layers = nn.ModuleList(Block(cfg, i, self.memory_values) for i in range(cfg.n_layers))
+        self.peer_down = self.peer_up = None
+        if cfg.peer_layers and cfg.peer.shared_tables:
+            self.peer_down, self.peer_up = expert_tables(cfg.peer, cfg.dim)
+        shared = {"values": self.memory_values,
+                  "peer": (self.peer_down, self.peer_up) if self.peer_down is not None else None}
+        self.layers = nn.ModuleList(Block(cfg, i, shared) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -79,8 +94,9 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attention.init_weights(std, out_std)
             block.ffn.init_weights(std, out_std)
-        if self.memory_values is not None:
-            self.memory_values.init_weights()
+        for table in (self.memory_values, self.peer_down, self.peer_up):
+            if table is not None:
+                table.init_weights()
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -114,11 +130,22 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
 
+    def peer_layers(self) -> list[PeerLayer]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, PeerLayer)]
+
+    def table_reads(self) -> list[tuple[ValueTable, torch.Tensor | None]]:
+        """(table, rows the last forward read from it) for every read of a row table, layer by layer."""
+        reads: list[tuple[ValueTable, torch.Tensor | None]] = [(m.table, m.last_slots_TR) for m in self.memory_layers()]
+        for layer in self.peer_layers():
+            reads += [(table, layer.last_experts_TR) for table in layer.tables()]
+        return reads
+
     def value_tables(self) -> list[ValueTable]:
-        """Distinct value tables (one for memory_plus, one per layer for pkm)."""
+        """Distinct row tables: memory values (one for memory_plus, one per layer for pkm) and PEER
+        expert tables (down and up, per layer or one shared pair)."""
         tables: dict[int, ValueTable] = {}
-        for layer in self.memory_layers():
-            tables.setdefault(id(layer.table), layer.table)
+        for table, _ in self.table_reads():
+            tables.setdefault(id(table), table)
         return list(tables.values())
 
     def value_parameters(self) -> list[nn.Parameter]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memlayers.models.accounting import account
-from memlayers.models.config import MemoryConfig, ModelConfig, MoEConfig
+from memlayers.models.config import MemoryConfig, ModelConfig, MoEConfig, PeerConfig
 from memlayers.models.presets import BASES, build_config
 from memlayers.models.transformer import Transformer
 
@@ -22,6 +22,8 @@ def hand_config(family: str) -> ModelConfig:
         extra["memory"] = MemoryConfig(slots=64, heads=2, topk=4, key_dim=8, n_layers=1)
     if family == "moe":
         extra["moe"] = MoEConfig(experts=4, topk=2, expert_ffn_dim=24)
+    if family == "peer":
+        extra["peer"] = PeerConfig(experts=64, heads=2, topk=4, key_dim=8, n_layers=1)
     return ModelConfig(family=family, vocab_size=V, dim=D, n_layers=L, n_heads=H, n_kv_heads=G,
                        ffn_dim=F, max_seq_len=S, **extra)
 
@@ -96,7 +98,10 @@ def test_models_json_reports_the_8b_16m_value_parameters():
             "train_flops_per_token"} <= set(row)
     dense = next(r for r in rows if r["preset"] == "8b" and r["family"] == "dense")
     assert dense["memory_slots"] == 0 and dense["memory_value_params"] == 0
-    assert len(rows) == 2 * (2 + 2 * 2)
+    # per base: dense, moe, and every memory-like family (pkm, memory_plus, peer) at both sizes
+    assert len(rows) == 2 * (2 + 3 * 2)
+    peer = next(r for r in rows if r["preset"] == "8b" and r["family"] == "peer" and r["memory_slots"] == 4096 ** 2)
+    assert peer["memory_value_params"] == 2 * 4096 ** 2 * 4096   # one PEER layer: u and v tables, N x D each
 
 
 def _value_table_params(model: Transformer) -> int:
@@ -104,10 +109,12 @@ def _value_table_params(model: Transformer) -> int:
     from memlayers.models.values import ValueTable
     weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, ValueTable)}
     weights.update({id(layer.table.weight): layer.table.weight for layer in model.memory_layers()})
+    weights.update({id(t.weight): t.weight for layer in model.peer_layers() for t in layer.tables()})
     return sum(w.numel() for w in weights.values())
 
 
-SHARING = [("dense", None), ("moe", None)] + [(f, s) for f in ("pkm", "memory_plus") for s in (None, True, False)]
+SHARING = ([("dense", None), ("moe", None)] + [(f, s) for f in ("pkm", "memory_plus") for s in (None, True, False)]
+           + [("peer", False), ("peer", True)])
 
 
 @pytest.mark.parametrize("family, shared", SHARING)
@@ -115,6 +122,8 @@ def test_value_params_counted_equal_the_tables_the_model_builds(family, shared):
     cfg = hand_config(family)
     if cfg.memory is not None:   # two memory layers: shared or not makes a difference
         cfg.memory.n_layers, cfg.memory.shared_values = 2, shared
+    if cfg.peer is not None:
+        cfg.peer.n_layers, cfg.peer.shared_tables = 2, shared
     with torch.device("meta"):
         model = Transformer(cfg)
     acc = account(cfg)

@@ -1,10 +1,10 @@
-"""The embedding-bag op on its torch implementation: values, gradients, sparse layout, gradcheck."""
+"""The lookup ops (embedding bag, row dot) on the torch implementation: values, gradients, sparse layout, gradcheck."""
 
 import pytest
 import torch
 
 from memlayers.kernels.check import densify_grad, random_case, reference_parts
-from memlayers.kernels.lookup import embedding_bag, embedding_bag_reference
+from memlayers.kernels.lookup import embedding_bag, embedding_bag_reference, row_dot
 
 
 def _run(case, impl="torch", sparse_grad=True):
@@ -113,3 +113,32 @@ def test_bad_arguments_are_named():
         embedding_bag(values, slots, weights[:, :2])
     with pytest.raises(TypeError, match="slots_TR"):
         embedding_bag(values, slots.float(), weights)
+
+
+def test_row_dot_matches_the_gathered_dot_products_and_its_gradients():
+    gen = torch.Generator().manual_seed(7)
+    values = torch.randn(20, 6, generator=gen, requires_grad=True)
+    slots = torch.tensor([[1, 1, 4], [4, 0, 1], [7, 2, 2], [19, 4, 1]])
+    x = torch.randn(4, 6, generator=gen, requires_grad=True)
+    grad_h = torch.randn(4, 3, generator=gen)
+    h = row_dot(values, slots, x)
+    h.backward(grad_h)
+    values_ref, x_ref = values.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    h_ref = torch.einsum("trv,tv->tr", values_ref[slots], x_ref)
+    h_ref.backward(grad_h)
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert values.grad.is_sparse and torch.equal(values.grad.coalesce()._indices()[0], slots.unique())
+    torch.testing.assert_close(values.grad.to_dense(), values_ref.grad)
+
+
+@pytest.mark.parametrize("sparse_grad", [True, False])
+def test_row_dot_gradcheck_float64(sparse_grad):
+    slots = torch.tensor([[1, 1, 4], [4, 0, 1], [2, 2, 2]])
+    values = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(v, x_TV):
+        return row_dot(densify_grad(v), slots, x_TV, sparse_grad=sparse_grad, impl="torch")
+
+    assert torch.autograd.gradcheck(f, (values, x))

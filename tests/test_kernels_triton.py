@@ -30,7 +30,7 @@ if not INTERPRETED:
 else:
     from memlayers.kernels import bag_triton
     from memlayers.kernels.check import backend_errors, densify_grad, random_case, reference_parts
-    from memlayers.kernels.lookup import embedding_bag
+    from memlayers.kernels.lookup import embedding_bag, row_dot
     from memlayers.kernels.segments import segments_of
 
     # (n, v, t, k): V not a power of two, V over one 64-column block, T over one 16-token block
@@ -76,6 +76,20 @@ else:
         assert torch.allclose(gw_t, gw_r, rtol=1e-5, atol=1e-6)
         _, rows_ref, _ = reference_parts(case)
         assert torch.allclose(gv_t._values().double(), rows_ref, rtol=1e-5, atol=1e-6)
+
+    def test_row_dot_through_triton_matches_torch_impl():
+        case = random_case(25, 10, 6, 7, seed=8)
+        grads = {}
+        for impl in ("triton", "torch"):
+            values = case.values_NV.clone().requires_grad_()
+            x = case.grad_y_TV.clone().requires_grad_()
+            h = row_dot(values, case.slots_TR, x, impl=impl)
+            h.backward(case.weights_TR)
+            grads[impl] = (h.detach(), values.grad, x.grad)
+        (h_t, gv_t, gx_t), (h_r, gv_r, gx_r) = grads["triton"], grads["torch"]
+        assert gv_t.is_sparse and torch.equal(gv_t._indices(), gv_r._indices())
+        for got, want in ((h_t, h_r), (gv_t._values(), gv_r._values()), (gx_t, gx_r)):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
     @pytest.mark.parametrize("sparse_grad", [True, False])
     def test_gradcheck_float64_with_duplicates(sparse_grad):

@@ -1,14 +1,13 @@
-"""The four model families: causality, learning, gradients, value sharing, config errors."""
+"""Every registered model family: causality, learning, gradients, value sharing, config errors."""
 
 import pytest
 import torch
 
-from memlayers.models.config import MemoryConfig, ModelConfig, MoEConfig
+from memlayers.models.config import FAMILIES, MemoryConfig, ModelConfig, MoEConfig, PeerConfig
 from memlayers.models.memory import MemoryLayer
 from memlayers.config_schema import ConfigError, from_dict
 from memlayers.models.transformer import Transformer
 
-FAMILIES = ["dense", "moe", "pkm", "memory_plus"]
 
 
 def tiny_config(family: str, **overrides) -> ModelConfig:
@@ -17,6 +16,8 @@ def tiny_config(family: str, **overrides) -> ModelConfig:
         fields["memory"] = MemoryConfig(slots=256, heads=2, topk=4, sparse_grad=False)
     if family == "moe":
         fields["moe"] = MoEConfig(experts=4, topk=2, shared_expert=True)
+    if family == "peer":
+        fields["peer"] = PeerConfig(experts=256, heads=2, topk=4, sparse_grad=False)
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -109,6 +110,16 @@ def test_an_invalid_config_names_its_field(data, field):
     with pytest.raises(ConfigError) as error:
         from_dict(ModelConfig, data, "model")
     assert str(error.value).startswith(field + ":"), str(error.value)
+
+
+def test_the_default_key_dim_is_the_largest_even_number_up_to_a_quarter_of_dim():
+    from memlayers.models.config import default_key_dim
+    assert [default_key_dim(d) for d in (4, 8, 32, 36, 44, 64)] == [2, 2, 8, 8, 10, 16]
+    for family in ("pkm", "peer"):
+        cfg = tiny_config(family, dim=36, n_heads=2, n_kv_heads=None)
+        assert cfg.key_dim == 8
+        layer = (Transformer(cfg).memory_layers() or Transformer(cfg).peer_layers())[0]
+        assert layer.key_dim == 8
 
 
 def test_memory_layer_values_default_to_model_dim_and_key_dim_quarter():

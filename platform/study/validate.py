@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from memlayers.config_schema import ConfigError, from_dict, join, read_yaml
-from memlayers.models.config import FAMILIES, MEMORY_FAMILIES, MemoryConfig, ModelConfig, MoEConfig
+from memlayers.models.config import FAMILIES, MEMORY_FAMILIES, MEMORY_PARALLEL_FAMILIES, MemoryConfig, ModelConfig, MoEConfig
 from memlayers.models.presets import BASES, MEMORY_SIZES
 from memlayers.platform.data.config import TOKENIZERS, DataConfig
 from memlayers.platform.study.cells import grid_points, model_spec, parse_memory_size
@@ -216,9 +216,10 @@ def _check_grid(study: Study, errors: list[ConfigError]) -> None:
         path = f"grid.overrides.{family}.resources" if own.resources else "resources"
         try:
             resources = from_dict(ResourcesConfig, fg.resources, path)
-            if resources.memory_parallel > 1 and family not in MEMORY_FAMILIES:
-                errors.append(ConfigError(f"{path}.memory_parallel", f"{resources.memory_parallel} needs a memory "
-                                          f"family; {family} cells would get it (set it under grid.overrides)"))
+            if resources.memory_parallel > 1 and family not in MEMORY_PARALLEL_FAMILIES:
+                errors.append(ConfigError(f"{path}.memory_parallel", f"{resources.memory_parallel} needs a family "
+                                          f"with column-sharded tables ({', '.join(MEMORY_PARALLEL_FAMILIES)}); "
+                                          f"{family} cells would get it (set it under grid.overrides)"))
         except ConfigError as error:
             errors.append(error)
 

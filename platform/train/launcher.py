@@ -17,7 +17,7 @@ from pathlib import Path
 from memlayers.models.presets import memory_size_name
 from memlayers.platform.data.prepare import prepare_data
 from memlayers.platform.tracking import client as tracking
-from memlayers.platform.tracking.conventions import ROLE_TAG, sqlite_uri
+from memlayers.platform.tracking.conventions import ROLE_TAG, cell_run_name, sqlite_uri
 from memlayers.platform.train.loop import Plan, plan_run
 from memlayers.platform.train.run_config import RunConfig, default_workdir
 
@@ -37,19 +37,16 @@ def run_name(cfg: RunConfig, plan: Plan) -> str:
     """`memory_plus-373m-1m-seed0`, `moe-nano-8x-seed1`, `dense-tiny-seed0`."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    parts = [cfg.model.family, cfg.model.base]
-    if plan.model.memory is not None:
-        parts.append(memory_size_name(plan.model.memory.slots))
-    if plan.model.moe is not None:
-        parts.append(f"{plan.model.moe.experts}x")
-    return "-".join(parts + [f"seed{cfg.train.seed}"])
+    size = plan.model.memory_size
+    variant = memory_size_name(size) if size else f"{plan.model.moe.experts}x" if plan.model.moe else None
+    return cell_run_name(cfg.model.family, cfg.model.base, variant, None, cfg.train.seed)
 
 
 def run_tags(cfg: RunConfig, plan: Plan) -> dict[str, str]:
     acc = plan.accounting
     return {
         "family": cfg.model.family, "base": cfg.model.base,
-        "memory_slots": str(plan.model.memory.slots if plan.model.memory else 0),
+        "memory_slots": str(plan.model.memory_size),
         "experts": str(plan.model.moe.experts if plan.model.moe else 0),
         "train_flops": f"{plan.train_flops:.6g}", "train_tokens": str(plan.tokens), "steps": str(plan.steps),
         "total_params": str(acc.total_params), "active_params": str(acc.active_params),

@@ -27,6 +27,7 @@ from memlayers.models.moe import load_imbalance
 from memlayers.models.transformer import Transformer
 from memlayers.platform.data.loader import TokenLoader
 from memlayers.platform.data.prepare import PreparedData
+from memlayers.platform.data.qa import select_items
 from memlayers.platform.train.budget import budget_steps
 from memlayers.platform.train.checkpoint import load_state, save_state
 from memlayers.platform.train.evaluate import qa_metrics, validation_loss
@@ -136,11 +137,10 @@ class RunLoop:
                    "train_flops": float(self.step * self.plan.tokens_per_step * self.plan.accounting.train_flops_per_token)}
         if self.usage:
             metrics["value_grad_norm"] = value_grad_norm
-            tables = self.model.value_tables()
-            for usage, table in zip(self.usage, tables):
-                for layer in self.model.memory_layers():
-                    if layer.table is table and layer.last_slots_TK is not None:
-                        usage.update(layer.last_slots_TK)
+            for usage, table in zip(self.usage, self.model.value_tables()):
+                for read_table, rows_TR in self.model.table_reads():
+                    if read_table is table and rows_TR is not None:
+                        usage.update(rows_TR)
             if self.step % self.cfg.train.log_every == 0 or self.done:  # metrics() is O(slots)
                 per_table = [u.metrics() for u in self.usage]
                 for key in per_table[0]:
@@ -158,11 +158,7 @@ class RunLoop:
 
     # ---- evaluation ----------------------------------------------------------------------
     def qa_items(self) -> list:
-        items, limit = self.data.qa, self.cfg.train.qa_eval_items
-        if not items or limit == 0:
-            return []
-        stride = max(1, len(items) // limit)
-        return list(items[::stride][:limit])
+        return select_items(self.data.qa, self.cfg.train.qa_eval_items)
 
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
@@ -197,9 +193,12 @@ class RunLoop:
     def save(self, directory: Path) -> bool:
         """Write this rank's part of a checkpoint into `directory`; False if it has none."""
         wrote = False
-        if self.rank == 0:
+        if self.rank == 0:  # the run config and tokenizer make the checkpoint loadable on its own
             save_state(self.state_dict(), directory, 0, meta={"step": self.step, "world_size": self.world_size,
-                                                              "memory_parallel": self.cfg.resources.memory_parallel})
+                                                              "memory_parallel": self.cfg.resources.memory_parallel,
+                                                              "run": self.cfg.to_dict(),
+                                                              "tokenizer": self.data.tokenizer.kind})
+            self.data.tokenizer.save(Path(directory))
             wrote = True
         if self.sharded:
             wrote = bool(self.parallel.save_values(self.model, directory, self.optimizers.values)) or wrote

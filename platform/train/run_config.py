@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from memlayers.config_schema import ConfigError, from_dict, parse_yaml, read_yaml, require, to_dict
-from memlayers.models.config import ModelConfig
+from memlayers.models.config import MEMORY_PARALLEL_FAMILIES, ModelConfig
 from memlayers.models.presets import BASES, build_config
 from memlayers.platform.data.config import DataConfig
 
@@ -142,8 +142,9 @@ class RunConfig:
     def validate(self, path: str = "") -> None:
         require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
         if self.resources.memory_parallel > 1:
-            require(self.model.family in ("memory_plus", "pkm"), "resources.memory_parallel",
-                    f"needs a memory family, got {self.model.family!r}")
+            require(self.model.family in MEMORY_PARALLEL_FAMILIES, "resources.memory_parallel",
+                    f"needs a family with column-sharded tables ({', '.join(MEMORY_PARALLEL_FAMILIES)}), "
+                    f"got {self.model.family!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

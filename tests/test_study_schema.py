@@ -63,7 +63,7 @@ MALFORMED = [
     ("two-budgets", mutate("budget", {"tokens": 1000, "flops": 1e9}), "budget: give exactly one of"),
     ("memory-parallel", mutate("resources", {"workers": 2, "memory_parallel": 3}), "resources.memory_parallel: must divide"),
     ("memory-parallel-dense", mutate("resources", {"workers": 2, "memory_parallel": 2}),
-     "resources.memory_parallel: 2 needs a memory family"),
+     "resources.memory_parallel: 2 needs a family with column-sharded tables"),
     ("unknown-base", mutate("grid.bases", ["nano", "huge"]), "grid.bases[1]: unknown base 'huge'"),
     ("empty-grid", mutate("grid.families", []), "grid.families: empty grid"),
     ("duplicate-seeds", mutate("seeds", [0, 1, 0]), "seeds[2]: duplicate seed 0"),
@@ -214,7 +214,9 @@ def test_paper_grid_validates_and_expands():
     study = load_study(REPO_ROOT / "studies" / "paper-grid.yaml")
     cells = expand(study)
     assert {c.base for c in cells} == {"134m", "373m", "720m", "1.3b"}
-    assert {c.family for c in cells} == {"dense", "moe", "pkm", "memory_plus"}
+    assert {c.family for c in cells} == {"dense", "moe", "pkm", "peer", "memory_plus"}
+    assert {c.model.moe["routing"] for c in cells if c.family == "moe"} == {"expert_choice"}
+    assert {c.memory_slots for c in cells if c.family == "peer"} == {768 ** 2}
     slots = {c.memory_slots for c in cells if c.family == "memory_plus"}
     assert min(slots) == 256 ** 2 and max(slots) == 4096 ** 2
     assert all(c.resources.gpus_per_worker >= 1 for c in cells)

@@ -5,7 +5,8 @@ A `QAItem` holds the strings (`prompt`, `answer`, which `person` and `attribute`
 the prompt's tokens; `answer_ids` are the tokens the model must produce next: the tokens of
 " " + answer as they appear in the training text right after the prompt (with the word tokenizer
 exactly one id). Answer NLL scores `answer_ids` given `prompt_ids`; exact match compares a greedy
-continuation of `len(answer_ids)` tokens with them.
+continuation of `len(answer_ids)` tokens with them. `select_items(items, limit)` is the one rule
+that picks which `limit` items an evaluation scores (the training loop's and `memlayers eval`'s).
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ def tokenize_pairs(pairs: Sequence[QAPair], tokenizer: Tokenizer) -> list[QAItem
                             prompt_ids=(tokenizer.eos_id, *prompt_ids), answer_ids=tuple(answer_ids),
                             person=pair.person, attribute=pair.attribute))
     return items
+
+
+def select_items(items: Sequence[QAItem], limit: int | None) -> list[QAItem]:
+    """`limit` items spread evenly over the split (every stride-th, from the first); all if None."""
+    if not items or limit == 0:
+        return []
+    if limit is None or limit >= len(items):
+        return list(items)
+    stride = max(1, len(items) // limit)
+    return list(items[::stride][:limit])
 
 
 def save_qa(items: Sequence[QAItem], path: Path) -> None:

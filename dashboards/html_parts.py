@@ -40,6 +40,11 @@ figure { margin: 18px 0 26px; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e6e8eb; background: #fff; }
 figcaption { color: #3d4652; font-size: 13px; margin-top: 6px; max-width: 900px; }
 .placeholder { padding: 18px; border: 1px dashed #b8bec7; border-radius: 4px; color: #5b6470; background: #fafbfc; }
+ul.claims { list-style: none; padding-left: 0; }
+li.claim { margin: 6px 0; padding: 6px 10px; border-left: 4px solid; }
+li.claim.holds { border-color: #2e7d32; background: #f1f8f1; }
+li.claim.fails { border-color: #c62828; background: #fdf1f1; }
+li.claim .id { color: #5b6470; font-size: 12px; }
 ul.notes { color: #5b6470; font-size: 12.5px; margin: 4px 0 0; padding-left: 18px; }
 .skipped { color: #7a5a00; }
 .summary li { margin: 3px 0; }

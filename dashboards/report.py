@@ -24,7 +24,7 @@ from memlayers.platform.tracking.client import client_for, with_retry
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("summary", "definition", "grid", "laws", "plots")
+SECTIONS = ("claims", "summary", "definition", "grid", "laws", "plots")
 HEADLINE_ORDER = ("loss_vs_compute", "metrics_vs_memory")  # the first figure the study can draw
 ARTIFACT_PATH = "report"
 
@@ -49,6 +49,24 @@ def _best(data: StudyData, family: str, metric: str, lower_is_better: bool):
     if not cells:
         return None
     return (min if lower_is_better else max)(cells, key=lambda c: c.metrics[metric])
+
+
+def claims_section(laws: StudyLaws) -> str:
+    """The study's claims first, as sentences marked holds / does not hold, with their margins."""
+    claims = (laws.laws or {}).get("claims")
+    if not claims:
+        note = "this study states no claims" if claims == [] else "no claims checked (laws refitted without them)"
+        return f'<section id="claims"><h2>Claims</h2><p class="note">{esc(note)}</p></section>'
+    items = []
+    for claim in claims:
+        verdict = "holds" if claim["holds"] else "does not hold"
+        per_seed = ", ".join(f"seed {s}: {fmt(d, 3)}" for s, d in claim.get("differences", {}).items())
+        items.append(f'<li class="claim {"holds" if claim["holds"] else "fails"}"><b>{esc(verdict.upper())}</b> '
+                     f'— {esc(claim["claim"])} <span class="id">({esc(claim["id"])})</span><br>'
+                     f'{esc(claim["metric"])} margin {fmt(claim["effect"], 3) if claim["effect"] is not None else "-"} '
+                     f'{esc(interval(claim.get("interval")))}; {len(claim["seeds_holding"])}/{len(claim["seeds"])} '
+                     f'seeds hold ({esc(per_seed) or esc(claim.get("note", ""))})</li>')
+    return f'<section id="claims"><h2>Claims</h2><ul class="claims">{"".join(items)}</ul></section>'
 
 
 def summary_section(data: StudyData, laws: StudyLaws) -> str:
@@ -203,7 +221,8 @@ def plots_section(plots: list[Plot]) -> str:
 
 def render(data: StudyData, laws: StudyLaws, plots: list[Plot]) -> str:
     """The whole page as a string."""
-    body = (f"<h1>Study report: {esc(data.ref.name)}</h1>{_meta(data)}" + summary_section(data, laws)
+    body = (f"<h1>Study report: {esc(data.ref.name)}</h1>{_meta(data)}" + claims_section(laws)
+            + summary_section(data, laws)
             + definition_section(data) + grid_section(data) + laws_section(laws) + plots_section(plots))
     return page(f"{data.ref.name} — memlayers study report", body)
 

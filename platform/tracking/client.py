@@ -109,6 +109,16 @@ def set_status(uri: str, run_id: str, status: str) -> None:
         with_retry(lambda: client.set_terminated(run_id, status=status))
 
 
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log `metrics` at `step` in one batch (e.g. a finished run's downstream scores)."""
+    from mlflow.entities import Metric  # deferred: mlflow is heavy and only this path needs it
+    stamp = int(time.time() * 1000)
+    batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+    client = client_for(uri)
+    for start in range(0, len(batch), 500):
+        with_retry(lambda: client.log_batch(run_id, metrics=batch[start:start + 500]))
+
+
 class MetricBuffer:
     """Step metrics held until `flush` (after a checkpoint)."""
 

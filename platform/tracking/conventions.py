@@ -18,6 +18,8 @@ RUN_NAME_TAG = "mlflow.runName"
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "failure_reason"
 SQLITE_PREFIX = "sqlite:///"
+CHECKPOINT_TAG = "checkpoint"  # a finished run's final checkpoint folder
+EVAL_PREFIX = "eval/"  # downstream scores of a run's final checkpoint: eval/<task>/<metric>
 
 
 def run_tags(role: str, study: Optional[str] = None) -> dict[str, str]:
@@ -25,6 +27,17 @@ def run_tags(role: str, study: Optional[str] = None) -> dict[str, str]:
     if role not in ROLES:
         raise ValueError(f"unknown run role {role!r} (expected one of {', '.join(ROLES)})")
     return {ROLE_TAG: role, **({"study": study} if study is not None else {})}
+
+
+def eval_metric(task: str, metric: str) -> str:
+    """The MLflow metric of a downstream score: `eval/nq_open/exact_match`."""
+    return f"{EVAL_PREFIX}{task}/{metric}"
+
+
+def eval_tasks_logged(metric_keys) -> set[str]:
+    """The tasks that have at least one `eval/<task>/<metric>` among `metric_keys`."""
+    return {key[len(EVAL_PREFIX):].split("/", 1)[0] for key in metric_keys
+            if key.startswith(EVAL_PREFIX) and key.count("/") >= 2}
 
 
 def role_filter(role: str, study: Optional[str] = None) -> str:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlayers.models.init import trunc_normal_
+from memlayers.models.kv_cache import LayerKV
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,10 +22,14 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.dev
 
 
 def apply_rope(x_BSHA: torch.Tensor, cos_SY: torch.Tensor, sin_SY: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by position-dependent angles."""
+    """Rotate pairs (x[2i], x[2i+1]) by position-dependent angles: the first S rows of the tables,
+    or tables already gathered per token, (B, S, Y), for decoding with a cache."""
     S = x_BSHA.shape[1]
     x_even, x_odd = x_BSHA.float()[..., 0::2], x_BSHA.float()[..., 1::2]
-    cos, sin = cos_SY[:S, None, :], sin_SY[:S, None, :]
+    if cos_SY.dim() == 3:
+        cos, sin = cos_SY[:, :, None, :], sin_SY[:, :, None, :]
+    else:
+        cos, sin = cos_SY[:S, None, :], sin_SY[:S, None, :]
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x_BSHA)
 
@@ -44,13 +49,18 @@ class Attention(nn.Module):
             trunc_normal_(linear.weight, std)
         trunc_normal_(self.wo.weight, out_std)
 
-    def forward(self, x_BSD: torch.Tensor, cos_SY: torch.Tensor, sin_SY: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_SY: torch.Tensor, sin_SY: torch.Tensor,
+                cache: LayerKV | None = None, mask_BSZ: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention over the S tokens; with `cache` (and its mask) over every cached one too."""
         B, S, _ = x_BSD.shape
         q_BSHA = apply_rope(self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim), cos_SY, sin_SY)
         k_BSGA = apply_rope(self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim), cos_SY, sin_SY)
         v_BSGA = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        k_BGZA, v_BGZA = k_BSGA.transpose(1, 2), v_BSGA.transpose(1, 2)
+        if cache is not None:
+            k_BGZA, v_BGZA = cache.update(k_BGZA, v_BGZA)
         out_BHSA = F.scaled_dot_product_attention(
-            q_BSHA.transpose(1, 2), k_BSGA.transpose(1, 2), v_BSGA.transpose(1, 2),
-            is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
+            q_BSHA.transpose(1, 2), k_BGZA, v_BGZA, is_causal=cache is None,
+            attn_mask=None if cache is None else mask_BSZ[:, None], enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out_BHSA.transpose(1, 2).reshape(B, S, -1))

@@ -24,6 +24,7 @@ from memlayers.models.attention import Attention, rope_tables
 from memlayers.models.config import ModelConfig
 from memlayers.models.feedforward import SwiGLU
 from memlayers.models.init import trunc_normal_
+from memlayers.models.kv_cache import KVCache, LayerKV
 from memlayers.models.memory import MemoryLayer
 from memlayers.models.moe import MoE
 from memlayers.models.peer import PeerLayer, expert_tables
@@ -54,8 +55,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer, shared)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerKV | None = None, mask_BSZ: torch.Tensor | None = None) -> torch.Tensor:
+        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos, sin, cache, mask_BSZ)
         return h_BSD + self.ffn(self.ffn_norm(h_BSD))
 
 
@@ -102,14 +104,28 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(sin)
 
     # ---- forward ----------------------------------------------------------------------------
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, S, W), fp32."""
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Next-token logits (B, S, W), fp32. With `cache` (decoding), the S tokens follow the
+        cached ones, take their rotary positions from it, and are added to it."""
         h_BSD = self.tok_embeddings(tokens_BS)
-        for block in self.layers:
-            h_BSD = block(h_BSD, self.rope_cos, self.rope_sin)
+        cos, sin, mask_BSZ = self.rope_cos, self.rope_sin, None
+        if cache is not None:
+            positions_BS, mask_BSZ = cache.positions_BS(tokens_BS.shape[1]), cache.mask_BSZ(tokens_BS.shape[1])
+            cos, sin = self.rope_cos[positions_BS], self.rope_sin[positions_BS]
+        for i, block in enumerate(self.layers):
+            h_BSD = block(h_BSD, cos, sin, None if cache is None else cache.layer(i), mask_BSZ)
+        if cache is not None:
+            cache.advance(tokens_BS.shape[1])
         h_BSD = self.norm(h_BSD)
         weight_WD = self.output.weight if self.output is not None else self.tok_embeddings.weight
         return F.linear(h_BSD, weight_WD).float()
+
+    def new_cache(self, pad_B: torch.Tensor, capacity: int) -> KVCache:
+        """An empty key/value cache for rows left-padded by `pad_B`, `capacity` positions each."""
+        cfg = self.cfg
+        if capacity > cfg.max_seq_len:
+            raise ValueError(f"kv cache: {capacity} positions exceed max_seq_len {cfg.max_seq_len}")
+        return KVCache(cfg.n_layers, pad_B, capacity, cfg.kv_heads, cfg.head_dim, self.tok_embeddings.weight.dtype)
 
     def loss(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss for the optimizer, cross-entropy alone); total adds MoE balance loss."""

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("memlayers.platform.cli.fit", "fit scaling laws to a CSV or a study's runs"),
     "report": ("memlayers.platform.cli.report", "write a study's HTML report"),
     "dashboard": ("memlayers.platform.cli.dashboard", "serve the MLflow UI over a study's store"),
+    "eval": ("memlayers.platform.cli.eval", "downstream tasks (nq_open, triviaqa, facts_qa, lm_eval's) on checkpoints"),
     "bench": ("memlayers.platform.cli.bench", "benchmarks that print numbers"),
 }
 

@@ -3,6 +3,8 @@
 Bound to 127.0.0.1 unless `--host` says otherwise; prints the URL of the study's experiment (its
 runs tab) and serves until Ctrl-C or SIGTERM, which stop the whole server process group and exit 0.
 Without STUDY it serves the embedded default study (quickstart), or the store given by `--tracking-uri`.
+A tracking server (`--tracking-uri http://HOST:5000`) already serves the UI: the command prints the
+study's URL there and exits.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from memlayers.dashboards.mlflow_ui import client_host, port_in_use, server_command, stop_server, wait_healthy
 from memlayers.dashboards.study_arg import StudyNotFound, existing_store, experiment_id, resolve_study_arg
 from memlayers.platform.cluster.ports import free_port
-from memlayers.platform.tracking.conventions import artifact_root
+from memlayers.platform.tracking.conventions import artifact_root, is_remote
 
 DEFAULT_STUDY = "quickstart"
 DEFAULT_PORT = 5000
@@ -48,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
     except StudyNotFound as error:
         print(f"memlayers dashboard: {error}", file=sys.stderr)
         return 2
+    if is_remote(ref.tracking_uri):
+        if exp_id is None:
+            print(f"memlayers dashboard: no experiment named {ref.name} at {ref.tracking_uri}", file=sys.stderr)
+            return 2
+        print(f"MLflow UI: {ref.tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs", flush=True)
+        return 0
     port = args.port or free_port(client_host(args.host))
     if port_in_use(args.host, port):
         print(f"memlayers dashboard: port {port} is in use; choose another with --port", file=sys.stderr)

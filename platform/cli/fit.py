@@ -4,7 +4,7 @@
                   [--d COL] [--drop-highest 5] [--bootstrap 1000] [--seed S] [--json] [--out DIR]
     memlayers fit --csv FILE --law compute --c COL --loss COL
     memlayers fit --csv FILE --law memory|recall --m COL --loss COL [--floor F]
-    memlayers fit --study NAME|FILE [--tracking-uri URI] [--out DIR] [--bootstrap B] [--json]
+    memlayers fit --study NAME|FILE [--tracking-uri URI] [--storage URI] [--out DIR] [--bootstrap B] [--json]
 
 With --json, standard output is one JSON object. Degenerate input (too few points, NaN,
 non-positive losses, a single model size) exits with code 2 and a message on standard error.
@@ -39,6 +39,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=0, metavar="B", help="bootstrap replicates for 95%% intervals")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI of --study (default: the study's)")
+    parser.add_argument("--storage", metavar="URI", help="the storage root of --study (s3://bucket/prefix): laws.json "
+                                                        "is also written to <storage>/<study>/laws/")
     parser.add_argument("--json", action="store_true", help="print one JSON object on standard output")
     parser.add_argument("--out", metavar="DIR", help="write <law>.json and <law>_points.csv (study: laws.json)")
     parser.set_defaults(func=run)
@@ -146,7 +148,7 @@ def run_study(args: argparse.Namespace) -> int:
     from memlayers.platform.study.ref import resolve_study
     from memlayers.platform.tracking.runs import load_study_rows, log_laws_artifact, parent_run_id
 
-    ref = resolve_study(args.study, args.tracking_uri)
+    ref = resolve_study(args.study, args.tracking_uri, storage=args.storage)
     rows = load_study_rows(ref.name, ref.tracking_uri)
     result = fit_study(rows, bootstrap=args.bootstrap, seed=args.seed)
     parent = parent_run_id(ref.name, ref.tracking_uri)
@@ -157,6 +159,11 @@ def run_study(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "laws.json"
     path.write_text(dumps(result) + "\n")
+    stored = None
+    if ref.storage:
+        from memlayers.platform.cluster.storage import join, upload
+
+        stored = upload(path, join(ref.storage, "laws", "laws.json"))
     if parent:
         log_laws_artifact(ref.name, ref.tracking_uri, path, run_id=parent)
     else:
@@ -167,6 +174,8 @@ def run_study(args: argparse.Namespace) -> int:
     else:
         logged = f", logged to run {parent}" if parent else ""
         print(f"study {ref.name}: {len(rows)} finished runs; wrote {path}{logged}")
+        if stored:
+            print(f"  and {stored}")
         for name, entry in result["compute_laws"].items():
             print(f"  compute law {name}: " + (f"skipped ({entry['skipped']})" if "skipped" in entry else
                                                ", ".join(f"{k}={v:.4g}" for k, v in entry["params"].items())

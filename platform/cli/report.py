@@ -22,6 +22,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="also write the headline figure to this PNG (loss vs compute; the memory-size "
                              "figure when every cell had the same budget)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the study's store)")
+    parser.add_argument("--storage", default=None, help="the study's storage root (s3://bucket/prefix): its laws.json "
+                                                        "is read from and the report copied to <storage>/<study>/")
     parser.add_argument("--bootstrap", type=int, default=None,
                         help="bootstrap replicates when the laws must be refitted for the report "
                              "(default: the study's fit.bootstrap)")
@@ -41,6 +43,14 @@ def run(args: argparse.Namespace) -> int:
     except StudyNotFound as error:
         print(f"memlayers report: {error}", file=sys.stderr)
         return 2
+    import dataclasses
+
+    from memlayers.platform.cluster import storage
+
+    if args.storage:
+        ref = dataclasses.replace(ref, storage=storage.study_root(args.storage, ref.name))
+    if ref.storage:  # the study's own fitted laws, where the cluster wrote them
+        storage.download(storage.join(ref.storage, "laws", "laws.json"), Path(ref.workdir) / "laws" / "laws.json")
     try:
         path = write_report(ref, args.out, log_artifacts=not args.no_log, figure_path=args.figure,
                             bootstrap=args.bootstrap)
@@ -48,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"memlayers report: {error}", file=sys.stderr)
         return 2
     print(f"report: {path}")
+    if ref.storage:
+        print(f"report: {storage.upload(path, storage.join(ref.storage, 'report', 'report.html'))}")
     if args.figure is not None:
         print(f"headline figure: {args.figure}")
     return 0

@@ -1,9 +1,10 @@
 """`memlayers study validate|run|submit|status`: the study commands.
 
     memlayers study validate FILE                   every problem, one per line (exit 2), or the cells
-    memlayers study run FILE [--address auto|ray://HOST:10001] [--workdir DIR] [--num-cpus N]
-    memlayers study submit FILE --address http://HEAD:8265 [--workdir DIR] [--wait]
-    memlayers study status FILE|NAME [--tracking-uri URI]
+    memlayers study run FILE [--address auto|ray://HOST:10001] [--workdir DIR] [--num-cpus N] [--storage URI]
+                             [--tracking-uri URI]
+    memlayers study submit FILE --address http://HEAD:8265 [--storage URI] [--tracking-uri URI] [--workdir DIR] [--wait]
+    memlayers study status FILE|NAME [--tracking-uri URI] [--storage URI]
 
 A study that does not validate is refused before anything starts (no Ray, no MLflow, no files).
 """
@@ -28,6 +29,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--address", help="an existing Ray cluster ('auto', ray://HOST:10001); default: start one here")
     run.add_argument("--workdir", help="where MLflow, checkpoints and caches go (default: the study's, ./runs/NAME)")
     run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    _add_cluster_settings(run)
     run.add_argument("--no-fit", action="store_true", help="skip the scaling-law fit after the grid")
     run.add_argument("--no-report", action="store_true", help="skip the HTML report after the grid")
     run.set_defaults(func=run_run)
@@ -35,14 +37,36 @@ def register(parser: argparse.ArgumentParser) -> None:
     submit = actions.add_parser("submit", help="submit a study to a Ray cluster as a Ray Job")
     submit.add_argument("file", help="a study YAML")
     submit.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
-    submit.add_argument("--workdir", help="the study's work directory on the cluster (an absolute path)")
+    submit.add_argument("--workdir", help="the study's work directory on the cluster (an absolute path; "
+                                          "default ~/memlayers/runs/NAME on the head node)")
+    _add_cluster_settings(submit)
     submit.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
     submit.set_defaults(func=run_submit)
 
     status = actions.add_parser("status", help="cells done / running / failed / pending, from MLflow")
     status.add_argument("study", help="a study file or a study name (looked up in ./runs/NAME)")
     status.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's)")
+    status.add_argument("--storage", help="the study's storage root (s3://bucket/prefix), for its table of cells")
     status.set_defaults(func=run_status)
+
+
+def _add_cluster_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", help="where checkpoints, laws, report and the study's copy go: s3://bucket/prefix, "
+                                          "gs://..., or a path every node shares (overrides the study's storage)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://HOST:5000 (overrides tracking.uri)")
+
+
+def _with_overrides(study, args: argparse.Namespace, file: str):
+    """The study with --storage / --tracking-uri, or None after printing the problem (exit 2)."""
+    from memlayers.platform.study.schema import StudyError
+    from memlayers.platform.study.validate import with_overrides
+
+    try:
+        return with_overrides(study, storage=args.storage, tracking_uri=args.tracking_uri)
+    except StudyError as error:
+        for line in error.lines():
+            print(f"{file}: {line}", file=sys.stderr)
+        return None
 
 
 def _load(file: str):
@@ -103,15 +127,23 @@ def run_run(args: argparse.Namespace) -> int:
     from memlayers.platform.study.schema import StudyError
 
     study = _load(args.file)
+    study = _with_overrides(study, args, args.file) if study is not None else None
     if study is None:
         return 2
+    import contextlib
+
     from memlayers.dashboards.report import write_report
+    from memlayers.platform.cluster.session import ray_cluster
     from memlayers.platform.study.controller import run_study
 
     try:
-        result = run_study(study, args.address, num_cpus=args.num_cpus,
-                           workdir=Path(args.workdir) if args.workdir else None,
-                           fit=not args.no_fit, report=None if args.no_report else write_report, out=lambda line: print(line, flush=True))
+        # joining a cluster first lets the controller check, before anything starts, that every node
+        # reaches the study's tracking store and storage
+        with ray_cluster(args.address) if args.address else contextlib.nullcontext():
+            result = run_study(study, args.address, num_cpus=args.num_cpus,
+                               workdir=Path(args.workdir) if args.workdir else None,
+                               fit=not args.no_fit, report=None if args.no_report else write_report,
+                               out=lambda line: print(line, flush=True))
     except StudyError as error:
         for line in error.lines():
             print(f"{args.file}: {line}", file=sys.stderr)
@@ -121,21 +153,31 @@ def run_run(args: argparse.Namespace) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     study = _load(args.file)
-    if study is None:
+    if study is None or _with_overrides(study, args, args.file) is None:
         return 2
-    from memlayers.platform.study.submit import follow_job, submit_study
+    from memlayers.platform.study.submit import follow_job, job_exit_code, last_error_line, submit_study
 
-    job_id, client = submit_study(Path(args.file), args.address, workdir=args.workdir)
+    job_id, client = submit_study(Path(args.file), args.address, workdir=args.workdir, storage=args.storage,
+                                  tracking_uri=args.tracking_uri)
     print(job_id, flush=True)
     if not args.wait:
+        tracking, where = args.tracking_uri or study.tracking.uri, args.storage or study.storage
+        print(f"follow it with: ray job logs --follow --address {args.address} {job_id}\n"
+              f"  or: memlayers study status {study.name}" + (f" --tracking-uri {tracking}" if tracking else "")
+              + (f" --storage {where}" if where else ""))
         return 0
     status = follow_job(client, job_id)
-    print(f"job {job_id}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
+    if status == "SUCCEEDED":
+        print(f"job {job_id}: {status}")
+        return 0
+    print(f"job {job_id}: {status}: {last_error_line(client.get_job_logs(job_id))}", file=sys.stderr)
+    code = job_exit_code(client, job_id)
+    return code if isinstance(code, int) and code > 0 else 1
 
 
 def run_status(args: argparse.Namespace) -> int:
     from memlayers.platform.study.cells import expand
+    from memlayers.platform.study.progress import cell_runs, cell_states, latest, summary_line
     from memlayers.platform.study.progress import cell_runs, cell_states, last_step, latest, summary_line
     from memlayers.platform.study.ref import resolve_study
 
@@ -147,10 +189,14 @@ def run_status(args: argparse.Namespace) -> int:
         name, uri = study.name, args.tracking_uri or study.tracking_uri()
         expected = [(c.id, c.name) for c in expand(study, account_budgets=False)]
     else:
-        ref = resolve_study(args.study, args.tracking_uri)
+        from memlayers.platform.cluster.storage import join, read_text
+
+        ref = resolve_study(args.study, args.tracking_uri, storage=args.storage)
         name, uri = ref.name, ref.tracking_uri
         table = ref.workdir / "cells.json"
-        expected = [(c["id"], c["name"]) for c in json.loads(table.read_text())] if table.is_file() else []
+        text = read_text(join(ref.storage, "cells.json")) if ref.storage else None
+        text = text if text is not None else table.read_text() if table.is_file() else None
+        expected = [(c["id"], c["name"]) for c in json.loads(text)] if text is not None else []
     runs = cell_runs(uri, name)
     names = dict(expected)
     for cell_id, cell_list in runs.items():
@@ -167,7 +213,6 @@ def run_status(args: argparse.Namespace) -> int:
             metrics = run.metrics
             if run.state == "running":
                 step, loss = last_step(uri, run.run_id)
-                detail = f"step {step} loss {loss:.4g}" if step is not None else "starting"
             else:
                 detail = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("val_loss", "qa_exact_match") if k in metrics)
             if run.state == "failed":

@@ -13,6 +13,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the run's workdir)")
     parser.add_argument("--address", help="an existing Ray cluster ('auto' or ray://HOST:10001); default: local")
     parser.add_argument("--workdir", help="where checkpoints, data cache and the default MLflow store go")
+    parser.add_argument("--storage", help="where checkpoints go: s3://bucket/prefix, gs://..., or a path every node "
+                                          "shares (overrides the config's storage)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.steps=50 (repeatable)")
     parser.add_argument("--dry-run", action="store_true",
@@ -29,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"resources.workers={args.workers}")
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.storage:
+        overrides.append(f"storage={args.storage}")
     try:
         cfg = load_run_config(args.config, overrides)
         cfg.model.validate()
@@ -40,10 +44,17 @@ def run(args: argparse.Namespace) -> int:
         return print_plan(cfg, args.config)
 
     from memlayers.platform.cluster.session import ray_cluster
-    from memlayers.platform.train.launcher import resolve_workdir, run_training
+    from memlayers.platform.cluster.visibility import shared_problems
+    from memlayers.platform.tracking.conventions import sqlite_uri
+    from memlayers.platform.train.launcher import resolve_workdir, run_training, storage_root
 
     workdir = resolve_workdir(cfg, Path(args.workdir) if args.workdir else None)
     with ray_cluster(args.address, num_cpus=None):
+        problems = shared_problems(cfg.tracking.uri or sqlite_uri(workdir), storage_root(cfg, workdir))
+        for problem in problems:  # refused before the run starts: some node cannot reach it
+            print(f"memlayers train: {args.config}: {problem}", file=sys.stderr)
+        if problems:
+            return 2
         result = run_training(cfg, workdir=workdir)
     print(f"run {result.run_id}: {result.status}")
     for key in ("loss", "val_loss", "qa_exact_match", "qa_answer_nll", "train_flops"):

@@ -11,17 +11,18 @@ import json
 import shutil
 from pathlib import Path
 
+from memlayers.platform.cluster import storage
 from memlayers.platform.study.cells import Cell
 from memlayers.platform.study.progress import cell_runs, latest
 from memlayers.platform.study.schema import Study
 from memlayers.platform.tracking import client as tracking
 from memlayers.platform.tracking.client import client_for, search_runs, with_retry
-from memlayers.platform.tracking.conventions import FAILURE_TAG, role_filter, run_tags
+from memlayers.platform.tracking.conventions import FAILURE_TAG, STORAGE_TAG, artifact_location, role_filter, run_tags
 
 
 def open_parent_run(study: Study, uri: str, workdir: Path) -> str:
     """The study's parent run: the existing one (tag memlayers.role=study) or a new one."""
-    experiment_id = tracking.ensure_experiment(uri, study.name, workdir / "mlartifacts")
+    experiment_id = tracking.ensure_experiment(uri, study.name, artifact_location(uri, study.storage_root()))
     runs = search_runs(uri, study.name, role_filter("study", study.name))
     if runs:
         run_id = min(runs, key=lambda r: r.info.start_time or 0).info.run_id
@@ -31,7 +32,8 @@ def open_parent_run(study: Study, uri: str, workdir: Path) -> str:
 
 
 def log_definition(study: Study, cells: list[Cell], uri: str, run_id: str, workdir: Path) -> None:
-    """The study file (as an artifact and `<workdir>/study.yaml`), its cells and its settings."""
+    """The study file (as an artifact and `study.yaml`), its cells (`cells.json`) and its settings; the
+    two files in the workdir and, with storage, in the study's storage folder too."""
     client = client_for(uri)
     if study.file is not None:
         shutil.copyfile(study.file, workdir / "study.yaml")
@@ -39,7 +41,12 @@ def log_definition(study: Study, cells: list[Cell], uri: str, run_id: str, workd
     table = workdir / "cells.json"
     table.write_text(json.dumps([cell_row(c) for c in cells], indent=1))
     with_retry(lambda: client.log_artifact(run_id, str(table)))
-    tracking.set_tags(uri, run_id, {"cells": len(cells), "budget_kind": study.budget.kind,
+    root = study.storage_root()
+    if storage.local_path(root) != workdir.resolve():
+        for name in ("study.yaml", "cells.json"):
+            if (workdir / name).is_file():
+                storage.upload(workdir / name, storage.join(root, name))
+    tracking.set_tags(uri, run_id, {"cells": len(cells), "budget_kind": study.budget.kind, STORAGE_TAG: root,
                                     "lr_mode": "tuned" if study.lr.tune else "fixed"})
     tracking.log_params(uri, run_id, {"grid": {"bases": study.grid.bases, "families": study.grid.families,
                                                "memory_sizes": study.grid.memory_sizes,

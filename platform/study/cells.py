@@ -93,7 +93,8 @@ class Cell:
 
     def run_config(self, *, workdir: Path, tracking_uri: str, parent_run_id: str | None = None,
                    run_id: str | None = None, lr: float | None = None, steps: int | None = None,
-                   role: str = "cell", run_name: str | None = None, system_metrics: bool = True) -> RunConfig:
+                   role: str = "cell", run_name: str | None = None, system_metrics: bool = True,
+                   storage: str | None = None) -> RunConfig:
         """The RunConfig of this cell (or of a tuning trial of it: role='tuning', steps, lr)."""
         if lr is None and self.lr == "tuned":
             raise ValueError(f"cell {self.name}: its learning rate is tuned; pass lr=")
@@ -105,7 +106,7 @@ class Cell:
         tracking = TrackingConfig(uri=tracking_uri, experiment=self.study, run_name=name, parent_run_id=parent_run_id,
                                   run_id=run_id, tags=self.tags(role), system_metrics=system_metrics)
         cfg = RunConfig(name=name, model=self.model, data=self.data, train=train, resources=self.resources,
-                        tracking=tracking, workdir=str(workdir / "cells" / f"{self.name}-{self.id}" if role == "cell" else workdir / role / name))
+                        tracking=tracking, storage=storage, workdir=str(workdir / "cells" / f"{self.name}-{self.id}" if role == "cell" else workdir / role / name))
         train.validate("train")
         cfg.validate()
         return cfg

@@ -27,15 +27,17 @@ from typing import Callable, Optional
 
 import memlayers
 import ray
+from memlayers.platform.cluster import storage
 from memlayers.platform.cluster.reaper import reaper
 from memlayers.platform.cluster.session import ray_cluster, ray_env
+from memlayers.platform.cluster.visibility import shared_problems
 from memlayers.platform.laws.io import dumps
 from memlayers.platform.laws.study import fit_study
 from memlayers.platform.study.bookkeeping import log_definition, open_parent_run, record_failure
 from memlayers.platform.study.cells import Cell, expand
 from memlayers.platform.study.progress import ProgressPrinter, cell_runs, cell_states, latest, summary_line
 from memlayers.platform.study.ref import StudyRef
-from memlayers.platform.study.schema import Study
+from memlayers.platform.study.schema import Study, StudyError
 from memlayers.platform.study.trials import run_jobs
 from memlayers.platform.study.tuning import tune_learning_rates
 from memlayers.platform.tracking import client as tracking
@@ -53,8 +55,8 @@ class StudyResult:
     cells: list[Cell]
     states: dict[str, str]              # cell id -> done | failed | ...
     results: dict[str, dict] = field(default_factory=dict)  # cell id -> what its trial reported
-    laws: Optional[Path] = None
-    report: Optional[Path] = None
+    laws: Optional[Path | str] = None    # a local path, or its URI in the study's storage folder
+    report: Optional[Path | str] = None
 
     @property
     def ok(self) -> bool:
@@ -72,6 +74,10 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
     workdir = study.workdir_path()
     uri = study.tracking_uri()
     cells = expand(study)  # a budget that buys no step raises here, before anything is created
+    if ray.is_initialized():  # joined a cluster (the CLI joins first): refuse what some node cannot reach
+        problems = shared_problems(uri, study.storage_root())
+        if problems:
+            raise StudyError(problems)
     workdir.mkdir(parents=True, exist_ok=True)
     out(f"study {study.name}: memlayers {memlayers.__version__} from {Path(memlayers.__file__).parent}")
     parent = open_parent_run(study, uri, workdir)
@@ -93,18 +99,25 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
                 jobs[cell.id] = cell.run_config(
                     workdir=workdir, tracking_uri=uri, parent_run_id=parent,
                     run_id=previous.run_id if previous is not None else None,
-                    lr=lrs.get((cell.base, cell.family)), system_metrics=study.tracking.system_metrics)
+                    lr=lrs.get((cell.base, cell.family)), system_metrics=study.tracking.system_metrics,
+                    storage=study.storage)
                 jobs[cell.id].tracking.tags.update(lr=f"{jobs[cell.id].train.lr:.6g}",
                                                    lr_source="tuned" if study.lr.tune else "fixed")
                 if previous is not None:
                     out(f"  {cell.name}: continuing its unfinished run {previous.run_id}")
+            lost = "the trial reported nothing"
             with ProgressPrinter(uri, study.name, todo, out, poll_interval):
-                results = run_jobs(jobs, workdir=workdir, label="cells")
-            for cell in todo:
-                result = results.get(cell.id, {"status": "FAILED", "error": "the trial reported nothing"})
-                if result.get("status") != "FINISHED":
-                    record_failure(study, cell, jobs[cell.id], uri, str(result.get("error") or "failed"))
-                    out(f"  {cell.name}: FAILED: {result.get('error') or 'failed'}")
+                try:
+                    results = run_jobs(jobs, workdir=workdir, label="cells", storage_root=study.storage_root())
+                except Exception as error:  # Tune itself failed: every cell still ends finished or failed
+                    lost = f"the trials ended early: {type(error).__name__}: {error}".splitlines()[0][:500]
+                    out(f"warning: {lost}")
+            after = cell_states([c.id for c in todo], cell_runs(uri, study.name))
+            for cell in todo:  # MLflow decides: a cell whose run did not finish is failed, never left pending
+                if after[cell.id] != "done":
+                    reason = str((results.get(cell.id) or {}).get("error") or lost)
+                    record_failure(study, cell, jobs[cell.id], uri, reason)
+                    out(f"  {cell.name}: FAILED: {reason}")
     states = cell_states([c.id for c in cells], cell_runs(uri, study.name))
     tracking.set_tags(uri, parent, {"cells_done": sum(s == "done" for s in states.values()),
                                     "cells_failed": sum(s == "failed" for s in states.values())})
@@ -124,12 +137,14 @@ def _learning_rates(study: Study, todo: list[Cell], workdir: Path, uri: str, par
     if not study.lr.tune:
         return {}
     return tune_learning_rates(study, todo, workdir=workdir, tracking_uri=uri, parent_run_id=parent, out=out,
-                               run_jobs=lambda jobs: run_jobs(jobs, workdir=workdir, label="tuning"))
+                               run_jobs=lambda jobs: run_jobs(jobs, workdir=workdir, label="tuning",
+                                                              storage_root=study.storage_root()))
 
 
-def fit_laws(study: Study, uri: str, workdir: Path, parent: str, out: Callable[[str], None]) -> Optional[Path]:
+def fit_laws(study: Study, uri: str, workdir: Path, parent: str, out: Callable[[str], None]) -> Optional[Path | str]:
     """Fit the study's laws to its finished runs into `<workdir>/laws/laws.json` (logged to the
-    parent run); on any problem print a warning and the table of results instead."""
+    parent run, copied to the study's storage folder); on any problem print a warning and the
+    table of results instead."""
     try:
         rows = load_study_rows(study.name, uri)
         laws = fit_study(rows, bootstrap=study.fit.bootstrap)
@@ -150,7 +165,7 @@ def fit_laws(study: Study, uri: str, workdir: Path, parent: str, out: Callable[[
         for name, entry in laws.get("compute_laws", {}).items():
             out(f"  compute law {name}: " + (f"skipped ({entry['skipped']})" if "skipped" in entry else
                                              ", ".join(f"{k}={v:.4g}" for k, v in entry["params"].items())))
-        return path
+        return storage.publish(path, workdir, study.storage_root())
     except Exception as error:
         out(f"warning: scaling-law fit unavailable ({type(error).__name__}: {error}); the results:")
         for line in results_table(study.name, uri):
@@ -159,11 +174,12 @@ def fit_laws(study: Study, uri: str, workdir: Path, parent: str, out: Callable[[
 
 
 def write_report(writer: ReportWriter, study: Study, workdir: Path, uri: str,
-                 out: Callable[[str], None]) -> Optional[Path]:
-    """The HTML report by `writer`; a failure is a warning, never the end of the study."""
+                 out: Callable[[str], None]) -> Optional[Path | str]:
+    """The HTML report by `writer` (copied to the study's storage folder); a failure is a warning,
+    never the end of the study."""
     try:
         path = writer(StudyRef(study.name, workdir, uri, study.file))
-        return Path(path) if path else None
+        return storage.publish(Path(path), workdir, study.storage_root()) if path else None
     except Exception as error:
         out(f"warning: report not written ({type(error).__name__}: {error})")
         return None

@@ -3,7 +3,9 @@
 Commands that inspect a finished or running study (`study status`, `fit --study`, `report`,
 `dashboard`) accept either a study file or a bare study name; this module turns either into a
 `StudyRef`. The embedded default keeps everything of study NAME under `./runs/NAME/`:
-`mlflow.db` (SQLite tracking store), `mlartifacts/` and the controller's own files.
+`mlflow.db` (SQLite tracking store), `mlartifacts/` and the controller's own files. A study with
+storage keeps its durable files in `<storage>/<name>/` (`StudyRef.storage`), which a machine
+outside the cluster reads given the storage root.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memlayers.config_schema import ConfigError, read_yaml
+from memlayers.platform.cluster.storage import study_root
 from memlayers.platform.tracking.conventions import sqlite_uri
 from memlayers.platform.train.run_config import default_workdir
 
@@ -22,10 +25,13 @@ class StudyRef:
     workdir: Path
     tracking_uri: str
     file: Path | None = None
+    storage: str | None = None          # the study's storage folder (<storage>/<name>), None without storage
 
 
-def resolve_study(ref: str, tracking_uri: str | None = None, root: Path | None = None) -> StudyRef:
-    """A study file (path ending in .yaml/.yml that exists) or a study name -> StudyRef."""
+def resolve_study(ref: str, tracking_uri: str | None = None, root: Path | None = None,
+                  storage: str | None = None) -> StudyRef:
+    """A study file (path ending in .yaml/.yml that exists) or a study name -> StudyRef; `storage`
+    (a storage root) overrides the file's."""
     path = Path(ref)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -40,6 +46,9 @@ def resolve_study(ref: str, tracking_uri: str | None = None, root: Path | None =
         workdir = Path(data["workdir"]).resolve() if data.get("workdir") else default_workdir(name, root)
         tracking = data.get("tracking") or {}
         uri = tracking_uri or (tracking.get("uri") if isinstance(tracking, dict) else None) or sqlite_uri(workdir)
-        return StudyRef(name=name, workdir=workdir, tracking_uri=uri, file=path.resolve())
+        storage = storage or (data.get("storage") if isinstance(data.get("storage"), str) else None)
+        return StudyRef(name=name, workdir=workdir, tracking_uri=uri, file=path.resolve(),
+                        storage=study_root(storage, name) if storage else None)
     workdir = default_workdir(ref, root)
-    return StudyRef(name=ref, workdir=workdir, tracking_uri=tracking_uri or sqlite_uri(workdir))
+    return StudyRef(name=ref, workdir=workdir, tracking_uri=tracking_uri or sqlite_uri(workdir),
+                    storage=study_root(storage, ref) if storage else None)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from memlayers.config_schema import ConfigError, to_dict
 from memlayers.models.config import MEMORY_FAMILIES
+from memlayers.platform.cluster.storage import study_root
 from memlayers.platform.data.config import DataConfig
 from memlayers.platform.tracking.conventions import sqlite_uri
 from memlayers.platform.train.budget import BUDGET_KINDS
@@ -167,6 +168,7 @@ class Study:
     tracking: StudyTracking
     fit: FitConfig
     workdir: Optional[str] = None       # None -> ./runs/<name>
+    storage: Optional[str] = None       # s3://bucket/prefix, gs://..., or a shared path; files go to <storage>/<name>/
     description: str = ""
     report: bool = True                 # write the HTML report after the grid
     file: Optional[Path] = None         # the YAML it came from
@@ -181,6 +183,10 @@ class Study:
     def tracking_uri(self) -> str:
         return self.tracking.uri or sqlite_uri(self.workdir_path())
 
+    def storage_root(self) -> str:
+        """The study's one folder for durable files: `<storage>/<name>`, or its workdir without storage."""
+        return study_root(self.storage, self.name) if self.storage else str(self.workdir_path())
+
     def family_grid(self, family: str) -> FamilyGrid:
         """The grid of one family with its overrides applied."""
         g, o = self.grid, self.grid.overrides.get(family, FamilyGrid())
@@ -194,5 +200,6 @@ class Study:
 
 
 TOP_KEYS: tuple[str, ...] = ("name", "description", "data", "tokenizer", "seq_len", "grid", "budget", "seeds",
-                             "lr", "train", "resources", "tracking", "fit", "report", "workdir")
+                             "lr", "train", "resources", "tracking", "fit", "report", "workdir",
+                             "storage")
 

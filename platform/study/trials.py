@@ -12,11 +12,14 @@ from pathlib import Path
 
 import ray
 import ray.tune
+from memlayers.platform.cluster.storage import join
 from memlayers.platform.train.launcher import run_training
 from memlayers.platform.train.run_config import run_config_from_dict
 
-# A trial only drives its TorchTrainer (whose workers hold the CPUs/GPUs): no CPU, some memory.
-TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
+# A trial only drives its TorchTrainer (whose workers hold the CPUs/GPUs): no CPU, some memory, and
+# it runs on the head node, so that a worker node that dies takes no trial (nor its Train controller,
+# which Ray places beside the trial) with it: Ray Train then restarts the workers elsewhere.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 2**20, "node:__internal_head__": 0.001}
 
 
 def _cell_trainable(config: dict) -> None:
@@ -42,8 +45,9 @@ def max_concurrent(configs: list, resources: dict[str, float]) -> int:
     return max(1, min(fits or [1]))
 
 
-def run_jobs(jobs: dict, *, workdir: Path, label: str) -> dict[str, dict]:
-    """Run `jobs` (key -> RunConfig) as Ray Tune trials; key -> the trial's final report."""
+def run_jobs(jobs: dict, *, workdir: Path, label: str, storage_root: str | None = None) -> dict[str, dict]:
+    """Run `jobs` (key -> RunConfig) as Ray Tune trials; key -> the trial's final report. Tune keeps
+    its state in `<storage_root>/tune` (default: the workdir)."""
     if not jobs:
         return {}
     concurrency = max_concurrent(list(jobs.values()), ray.cluster_resources())
@@ -55,7 +59,7 @@ def run_jobs(jobs: dict, *, workdir: Path, label: str) -> dict[str, dict]:
                                         trial_name_creator=lambda t: f"{label}-{t.trial_id}",
                                         trial_dirname_creator=lambda t: f"{label}-{t.trial_id}"),
         run_config=ray.tune.RunConfig(name=f"{label}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      storage_path=str(workdir / "tune"), verbose=0,
+                                      storage_path=join(storage_root or str(workdir), "tune"), verbose=0,
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )
     grid = tuner.fit()

@@ -86,7 +86,7 @@ def tune_learning_rates(study: Study, cells: list[Cell], *, workdir: Path, track
             cfg = cell.run_config(workdir=workdir, tracking_uri=tracking_uri, parent_run_id=parent_run_id, lr=lr,
                                   steps=trial_steps(study, cell), role="tuning",
                                   run_name=tuning_run_name(family, base, trial.number),
-                                  system_metrics=study.tracking.system_metrics)
+                                  system_metrics=study.tracking.system_metrics, storage=study.storage)
             cfg.tracking.tags.update({"tuning_group": f"{base}/{family}", "optuna_trial": str(trial.number),
                                       "lr": f"{lr:.6g}"})
             asked[key], jobs[key] = (studies[(base, family)], trial), cfg

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from memlayers.config_schema import ConfigError, from_dict, join, read_yaml
+from memlayers.platform.cluster.storage import uri_problem
 from memlayers.models.config import FAMILIES, MEMORY_FAMILIES, MEMORY_PARALLEL_FAMILIES, MemoryConfig, ModelConfig, MoEConfig
 from memlayers.models.presets import BASES, MEMORY_SIZES
 from memlayers.platform.data.config import TOKENIZERS, DataConfig
@@ -60,6 +61,9 @@ def study_from_dict(data: Any, file: Path | None = None) -> Study:
     workdir = data.get("workdir")
     if workdir is not None and not isinstance(workdir, str):
         errors.append(ConfigError("workdir", f"expected a path, got {workdir!r}"))
+    storage = data.get("storage")
+    if storage is not None and uri_problem(storage):
+        errors.append(ConfigError("storage", uri_problem(storage)))
     report = data.get("report", True)
     if not isinstance(report, bool):
         errors.append(ConfigError("report", f"expected true or false, got {report!r}"))
@@ -73,7 +77,7 @@ def study_from_dict(data: Any, file: Path | None = None) -> Study:
     fit = _section(FitConfig, data.get("fit"), "fit", errors)
     study = Study(name=name, description=description, data=data_cfg or DataConfig(), grid=grid, budget=budget,
                   seeds=seeds, lr=lr, train=train, resources=resources or ResourcesConfig(), tracking=tracking, fit=fit,
-                  workdir=workdir, report=report, file=file)
+                  workdir=workdir, storage=storage, report=report, file=file)
     if grid is not None:
         _check_grid(study, errors)
     if not errors:
@@ -282,5 +286,15 @@ def _grid_path(study: Study, family: str, error: ConfigError) -> tuple[str, str]
         if options:  # a derived field broke: blame the options that were given
             return f"{where}.{section}", f"{error.path}: {error.reason}"
     return error.path, error.reason
+
+
+def with_overrides(study: Study, *, storage: str | None = None, tracking_uri: str | None = None) -> Study:
+    """The study with the command line's `--storage` / `--tracking-uri`; StudyError naming the field."""
+    if storage is not None and uri_problem(storage):
+        raise StudyError([ConfigError("storage", f"(--storage) {uri_problem(storage)}")])
+    if tracking_uri is not None and not tracking_uri.strip():
+        raise StudyError([ConfigError("tracking.uri", "(--tracking-uri) must not be empty")])
+    tracking = dataclasses.replace(study.tracking, uri=tracking_uri) if tracking_uri else study.tracking
+    return dataclasses.replace(study, storage=storage or study.storage, tracking=tracking)
 
 

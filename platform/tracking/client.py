@@ -57,13 +57,14 @@ def with_retry(call: Callable[[], T], attempts: int = 20, delay: float = 0.25) -
     raise AssertionError("unreachable")
 
 
-def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
-    """The id of experiment `name`, created (with artifacts under `artifact_root`) if missing."""
+def ensure_experiment(uri: str, name: str, artifact_root: Path | str | None = None) -> str:
+    """The id of experiment `name`, created (with artifacts under `artifact_root`: a local folder or
+    a URI; None for the store's default) if missing."""
     client = client_for(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+    location = artifact_root.resolve().as_uri() if isinstance(artifact_root, Path) else artifact_root
     try:
         return with_retry(lambda: client.create_experiment(name, artifact_location=location))
     except Exception:

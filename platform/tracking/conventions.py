@@ -17,6 +17,7 @@ ROLES: tuple[str, ...] = ("study", "cell", "tuning", "run")
 RUN_NAME_TAG = "mlflow.runName"
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "failure_reason"
+STORAGE_TAG = "memlayers.storage"  # on a study's parent run: its storage folder (<storage>/<study>, or its workdir)
 SQLITE_PREFIX = "sqlite:///"
 CHECKPOINT_TAG = "checkpoint"  # a finished run's final checkpoint folder
 EVAL_PREFIX = "eval/"  # downstream scores of a run's final checkpoint: eval/<task>/<metric>
@@ -79,3 +80,13 @@ def store_exists(tracking_uri: str) -> bool:
 def is_remote(tracking_uri: str) -> bool:
     """An MLflow tracking server (http/https), which every node of a cluster can reach."""
     return tracking_uri.startswith(("http://", "https://"))
+def artifact_location(tracking_uri: str, storage_root: str) -> Optional[str]:
+    """Where a new experiment keeps its artifacts: None (the server's own, `mlflow-artifacts:`) for a
+    tracking server, `<storage_root>/mlartifacts` otherwise (a local root as a file URI)."""
+    if is_remote(tracking_uri):
+        return None
+    if "://" in storage_root and not storage_root.startswith("file://"):
+        return storage_root.rstrip("/") + "/mlartifacts"
+    return artifact_root(Path(storage_root.removeprefix("file://")))
+
+

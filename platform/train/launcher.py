@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlayers.models.presets import memory_size_name
+from memlayers.platform.cluster.storage import join, study_root
 from memlayers.platform.data.prepare import prepare_data
 from memlayers.platform.tracking import client as tracking
-from memlayers.platform.tracking.conventions import ROLE_TAG, cell_run_name, sqlite_uri
+from memlayers.platform.tracking.conventions import ROLE_TAG, artifact_location, cell_run_name, sqlite_uri
 from memlayers.platform.train.loop import Plan, plan_run
 from memlayers.platform.train.run_config import RunConfig, default_workdir
 
@@ -60,6 +61,11 @@ def resolve_workdir(cfg: RunConfig, workdir: Path | None) -> Path:
     return Path(workdir or cfg.workdir or default_workdir(cfg.name)).resolve()
 
 
+def storage_root(cfg: RunConfig, workdir: Path) -> str:
+    """The run's folder for durable files: `<storage>/<experiment or name>`, or its workdir."""
+    return study_root(cfg.storage, cfg.tracking.experiment or cfg.name) if cfg.storage else str(workdir)
+
+
 def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_worker: int | None = None) -> TrainResult:
     """Train `cfg` on the current Ray cluster; returns the MLflow run id, status and final metrics."""
     import ray.train  # deferred: ray is heavy and only this path needs it
@@ -74,7 +80,8 @@ def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_wor
     plan = plan_run(cfg, data.tokenizer.vocab_size)
     name = run_name(cfg, plan)
 
-    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment or cfg.name, workdir / "mlartifacts")
+    root = storage_root(cfg, workdir)
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment or cfg.name, artifact_location(uri, root))
     run_id = cfg.tracking.run_id
     if run_id is None:
         run_id = tracking.create_run(uri, experiment_id, name, {**run_tags(cfg, plan), **cfg.tracking.tags},
@@ -96,7 +103,7 @@ def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_wor
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=f"{name}-{run_id[:12]}", storage_path=str(workdir / "ray_results"),
+            name=f"{name}-{run_id[:12]}", storage_path=join(root, "ray_results"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
         ),
     )

@@ -9,16 +9,19 @@ controller builds for each cell.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from memlayers.config_schema import ConfigError, from_dict, parse_yaml, read_yaml, require, to_dict
+from memlayers.platform.cluster.storage import uri_problem
 from memlayers.models.config import MEMORY_PARALLEL_FAMILIES, ModelConfig
 from memlayers.models.presets import BASES, build_config
 from memlayers.platform.data.config import DataConfig
 
 RUNS_ROOT = Path("runs")  # the embedded default: everything of run or study NAME under ./runs/NAME/
+RUNS_ROOT_ENV = "MEMLAYERS_RUNS_ROOT"  # overrides RUNS_ROOT (`study submit` sets it: never Ray's session folder)
 
 # Bounds on what a config may ask for, so that validating any file answers at once.
 MAX_BUDGET = {"steps": 1e9, "tokens": 1e15, "flops": 1e27}
@@ -138,9 +141,12 @@ class RunConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     workdir: Optional[str] = None       # None -> ./runs/<name>
+    storage: Optional[str] = None       # s3://bucket/prefix, gs://..., or a shared path: checkpoints in <storage>/<name>/
 
     def validate(self, path: str = "") -> None:
         require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        if self.storage is not None:
+            require(uri_problem(self.storage) is None, "storage", str(uri_problem(self.storage)))
         if self.resources.memory_parallel > 1:
             require(self.model.family in MEMORY_PARALLEL_FAMILIES, "resources.memory_parallel",
                     f"needs a family with column-sharded tables ({', '.join(MEMORY_PARALLEL_FAMILIES)}), "
@@ -151,7 +157,8 @@ class RunConfig:
 
 
 def default_workdir(name: str, root: Path | None = None) -> Path:
-    return ((root or RUNS_ROOT) / name).resolve()
+    env_root = os.environ.get(RUNS_ROOT_ENV)
+    return ((root or (Path(env_root).expanduser() if env_root else RUNS_ROOT)) / name).resolve()
 
 
 def run_config_from_dict(data: Any) -> RunConfig:

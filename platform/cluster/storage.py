@@ -1,0 +1,133 @@
+"""Storage URIs: where a study's durable files go when its cluster has no shared disk.
+
+A storage root is `s3://bucket/prefix`, `gs://bucket/prefix`, any URI `pyarrow.fs` opens, or a
+path (which, on a cluster, every node must share). A study keeps one folder under it,
+`<root>/<study>/` (`study_root`): Ray Train and Tune results, `study.yaml`, `cells.json`,
+`laws/laws.json`, `report/report.html`. Endpoint and credentials come from the environment as
+pyarrow and boto3 read them (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`GOOGLE_APPLICATION_CREDENTIALS`, ...); nothing here takes a secret as an argument.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import pyarrow.fs as pafs
+
+SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+SCHEMES: tuple[str, ...] = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")  # what pyarrow.fs opens
+
+
+def scheme(uri: str) -> Optional[str]:
+    """`s3` for s3://bucket/x, None for a plain path."""
+    match = SCHEME_RE.match(uri)
+    return match.group(1).lower() if match else None
+
+
+def is_local(uri: str) -> bool:
+    """A path on this machine's file system (plain or file://): on a cluster, only if every node shares it."""
+    return scheme(uri) in (None, "file")
+
+
+def local_path(uri: str) -> Optional[Path]:
+    """The absolute path of a local storage URI, None for a remote one."""
+    if not is_local(uri):
+        return None
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser().resolve()
+
+
+def uri_problem(uri: object) -> Optional[str]:
+    """Why `uri` cannot be a storage root (for the `storage:` field's error), or None."""
+    if not isinstance(uri, str) or not uri.strip():
+        return f"expected a URI (s3://bucket/prefix, gs://bucket/prefix) or a path, got {uri!r}"
+    kind = scheme(uri)
+    if kind is not None and kind not in SCHEMES:
+        return f"unknown scheme {kind}:// in {uri!r} (expected one of {', '.join(s + '://' for s in SCHEMES)} or a path)"
+    if kind in ("s3", "gs", "gcs") and not uri[len(kind) + 3:].strip("/"):
+        return f"{uri!r} names no bucket (expected {kind}://bucket/prefix)"
+    return None
+
+
+def join(uri: str, *parts: str) -> str:
+    """`uri` with `parts` appended by '/' (an absolute path for a local root)."""
+    path = local_path(uri)
+    if path is not None:
+        return str(path.joinpath(*parts))
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def study_root(storage: str, name: str) -> str:
+    """The one folder of study (or run) `name` under the storage root `storage`."""
+    return join(storage, name)
+
+
+def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(file system, path inside it) for a storage URI or a local path."""
+    path = local_path(uri)
+    if path is not None:
+        return pafs.LocalFileSystem(), str(path)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = open_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent and parent != path:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def read_bytes(uri: str) -> Optional[bytes]:
+    """The file's bytes, None when it does not exist."""
+    fs, path = open_fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def read_text(uri: str) -> Optional[str]:
+    data = read_bytes(uri)
+    return data.decode("utf-8") if data is not None else None
+
+
+def upload(local: Path, uri: str) -> str:
+    """Copy the local file `local` to `uri`; returns `uri`."""
+    write_bytes(uri, Path(local).read_bytes())
+    return uri
+
+
+def download(uri: str, local: Path) -> bool:
+    """Copy `uri` to the local file `local`; False (and nothing written) when it does not exist."""
+    data = read_bytes(uri)
+    if data is None:
+        return False
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    Path(local).write_bytes(data)
+    return True
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file under the folder `uri`, as paths relative to it (sorted; [] if it does not exist)."""
+    fs, path = open_fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    prefix = path.rstrip("/") + "/"
+    return sorted(i.path[len(prefix):] for i in infos if i.type == pafs.FileType.File and i.path.startswith(prefix))
+
+
+def publish(local: Path, workdir: Path, root: str) -> Path | str:
+    """Copy `local` (a file under `workdir`) to the same place under the storage folder `root`, unless
+    `root` is the workdir itself; returns where the file is kept (the local path, or its URI)."""
+    workdir = Path(workdir).resolve()
+    if local_path(root) == workdir:
+        return Path(local)
+    return upload(local, join(root, *Path(local).resolve().relative_to(workdir).parts))

@@ -1,6 +1,8 @@
 """The memory-size figure: loss and factual recall against the number of memory slots at one base.
 
-One panel per metric (validation loss, QA exact match, QA answer NLL — those the study logged).
+One panel per metric (validation loss, QA exact match, QA answer NLL — those the study logged);
+`factual_qa_vs_memory` draws the downstream scores (`memlayers eval`, a study's eval stage) the
+same way, one accuracy and one answer-NLL panel per task.
 Memory families are points (mean over seeds, bars = min–max) with their fitted memory-size law
 (L(M) = E + A·M^(−γ) for losses, the logistic recall curve for exact match) and its bootstrap band.
 Dense and MoE runs are horizontal reference lines: the same base, plus the other dense bases
@@ -18,6 +20,7 @@ from memlayers.dashboards.plot_scaling import law_label
 from memlayers.dashboards.plots import MissingData, Plot, family_color, family_label, make_plot, new_figure, tidy_log_axis
 from memlayers.dashboards.study_data import Cell, StudyData, base_order
 from memlayers.models.presets import memory_size_name
+from memlayers.platform.tracking.conventions import EVAL_PREFIX
 
 METRICS = {
     "val_loss": ("validation loss (nats/token, log scale)", "log"),
@@ -25,6 +28,8 @@ METRICS = {
     "qa_answer_nll": ("QA answer NLL (nats per answer, log scale)", "log"),
 }
 TITLES = {"val_loss": "Loss", "qa_exact_match": "Factual recall", "qa_answer_nll": "Answer likelihood"}
+DOWNSTREAM_NAMES = {"exact_match": "exact match", "f1": "F1 (token overlap)", "acc": "accuracy",
+                    "acc_norm": "accuracy (length-normalised)"}
 REFERENCE_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1)))
 
 
@@ -87,9 +92,19 @@ def _compute_ratio(cells: list[Cell], memory_cells: list[Cell]) -> str:
     return f", {np.median(ref) / np.median(mem):.2g}× the FLOPs"
 
 
+def axis_of(metric: str) -> tuple[str, str, str]:
+    """(axis label, y scale, panel title) of a metric; downstream scores `eval/<task>/<metric>` too."""
+    if metric in METRICS:
+        return (*METRICS[metric], TITLES[metric])
+    task, name = metric.removeprefix(EVAL_PREFIX).rsplit("/", 1)
+    if name == "answer_nll":
+        return f"{task} answer NLL (nats per answer, log scale)", "log", f"{task} answer likelihood"
+    return f"{task} {DOWNSTREAM_NAMES.get(name, name)}", "linear", f"{task} {DOWNSTREAM_NAMES.get(name, name)}"
+
+
 def _draw_panel(ax, laws: StudyLaws, base: str, metric: str, memory_cells: list[Cell], references,
                 notes: list[str]) -> None:
-    label_text, scale = METRICS[metric]
+    label_text, scale, title = axis_of(metric)
     all_sizes: set[int] = set()
     for family in sorted({c.family for c in memory_cells}):
         members = [c for c in memory_cells if c.family == family]
@@ -102,7 +117,7 @@ def _draw_panel(ax, laws: StudyLaws, base: str, metric: str, memory_cells: list[
                     label=f"{family_label(family)} {base} runs")
         entry, reason = laws.memory_law(base, family, metric)
         if entry is None:
-            notes.append(f"{TITLES[metric]}, {family_label(family)}: no fitted law ({reason or laws.note}).")
+            notes.append(f"{title}, {family_label(family)}: no fitted law ({reason or laws.note}).")
             continue
         xs, ys = laws.points(entry, "memory_slots", metric)
         curve = law_curve(entry, xs or sizes, ys or mean, grid(min(sizes), max(sizes)))
@@ -115,7 +130,7 @@ def _draw_panel(ax, laws: StudyLaws, base: str, metric: str, memory_cells: list[
         if curve.low is not None:
             ax.fill_between(curve.x, curve.low, curve.high, color=color, alpha=0.15, lw=0)
         elif curve.band_note:
-            notes.append(f"{TITLES[metric]}, {family_label(family)}: {curve.band_note}.")
+            notes.append(f"{title}, {family_label(family)}: {curve.band_note}.")
     for (family, ref_base, cells), style in zip(references, REFERENCE_STYLES):
         values = [c.metrics[metric] for c in cells if c.metrics.get(metric) is not None]
         if values:
@@ -136,8 +151,55 @@ def _draw_panel(ax, laws: StudyLaws, base: str, metric: str, memory_cells: list[
         ax.set_ylim(max(-0.02, low - 0.05), min(1.02, high + 0.05))
     ax.set_xlabel("memory size M (value slots, log scale)")
     ax.set_ylabel(label_text)
-    ax.set_title(f"{TITLES[metric]} vs memory size ({base})")
+    ax.set_title(f"{title} vs memory size ({base})")
     ax.legend(fontsize=6.5, frameon=False, loc="best")
+
+
+def _memory_cells(data: StudyData, notes: list[str]) -> tuple[str, list[Cell], list]:
+    """The base shown, its memory cells (at the budget with the most runs) and the reference runs."""
+    memory = [c for c in data.finished_cells() if c.memory_slots > 0]
+    if not memory:
+        raise MissingData("the study has no finished memory-layer cell (pkm or memory_plus)")
+    base = pick_base(memory)
+    memory_cells = [c for c in memory if c.base == base]
+    budget = pick_budget(memory_cells)
+    if budget is not None:
+        notes.append(f"Several budgets on {base}: the figure shows budget {budget}, the one with the most runs.")
+        memory_cells = [c for c in memory_cells if c.tags.get("budget", "") == budget]
+    return base, memory_cells, _references(data, base, budget)
+
+
+def downstream_metrics(cells: list[Cell]) -> list[str]:
+    """Per task, its accuracy (the paper's: F1 for triviaqa, else exact match) then its answer NLL."""
+    keys = {k for c in cells for k, v in c.metrics.items() if k.startswith(EVAL_PREFIX) and v is not None}
+    tasks = sorted({k.removeprefix(EVAL_PREFIX).rsplit("/", 1)[0] for k in keys})
+    out = []
+    for task in tasks:
+        accuracy = [f"{EVAL_PREFIX}{task}/{m}" for m in ("f1", "exact_match", "acc_norm", "acc")
+                    if f"{EVAL_PREFIX}{task}/{m}" in keys][:1]
+        out += accuracy + [k for k in (f"{EVAL_PREFIX}{task}/answer_nll",) if k in keys]
+    return out
+
+
+def factual_qa_vs_memory(data: StudyData, laws: StudyLaws) -> Plot:
+    caption = ("Downstream factual QA against memory size at a fixed base model (log x), per task: accuracy "
+               "(TriviaQA F1, exact match otherwise; lm-eval's accuracy for other tasks) and the answer NLL "
+               "(nats per gold answer given the question). Points: memory runs (mean over seeds, bars = range); "
+               "curves: fitted memory-size laws; horizontal lines: dense and MoE runs.")
+    notes: list[str] = []
+
+    def draw():
+        base, memory_cells, references = _memory_cells(data, notes)
+        metrics = downstream_metrics(memory_cells)
+        if not metrics:
+            raise MissingData(f"the memory cells on {base} have no downstream scores (eval/<task>/<metric>; "
+                              "give the study an eval section or run memlayers eval)")
+        fig, axes = new_figure(len(metrics), width=5.2, height=4.4)
+        for ax, metric in zip(axes, metrics):
+            _draw_panel(ax, laws, base, metric, memory_cells, references, notes)
+        return fig
+
+    return make_plot("factual_qa_vs_memory", "Factual QA vs memory size, per task", caption, draw, notes)
 
 
 def metrics_vs_memory(data: StudyData, laws: StudyLaws) -> Plot:
@@ -147,21 +209,12 @@ def metrics_vs_memory(data: StudyData, laws: StudyLaws) -> Plot:
     notes: list[str] = []
 
     def draw():
-        memory = [c for c in data.finished_cells() if c.memory_slots > 0]
-        if not memory:
-            raise MissingData("the study has no finished memory-layer cell (pkm or memory_plus)")
-        base = pick_base(memory)
-        memory_cells = [c for c in memory if c.base == base]
-        budget = pick_budget(memory_cells)
-        if budget is not None:
-            notes.append(f"Several budgets on {base}: the figure shows budget {budget}, the one with the most runs.")
-            memory_cells = [c for c in memory_cells if c.tags.get("budget", "") == budget]
+        base, memory_cells, references = _memory_cells(data, notes)
         metrics = [m for m in METRICS if any(c.metrics.get(m) is not None for c in memory_cells)]
         if not metrics:
             raise MissingData(f"the memory cells on {base} logged none of {', '.join(METRICS)}")
         if len({c.memory_slots for c in memory_cells}) < 2:
             notes.append(f"Only one memory size on {base}: no memory-size law can be drawn.")
-        references = _references(data, base, budget)
         fig, axes = new_figure(len(metrics), width=5.2, height=4.4)
         for ax, metric in zip(axes, metrics):
             _draw_panel(ax, laws, base, metric, memory_cells, references, notes)

@@ -114,6 +114,7 @@ def all_plots(data, laws) -> list[Plot]:
     return [
         plot_scaling.loss_vs_compute(data, laws),
         plot_memory.metrics_vs_memory(data, laws),
+        plot_memory.factual_qa_vs_memory(data, laws),
         plot_scaling.compute_multipliers(data, laws),
         plot_training.training_curves(data),
         plot_training.slot_usage(data),

@@ -17,6 +17,7 @@ from memlayers.platform.study.ref import StudyRef
 
 needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
 PLOT_KEYS = {"loss_vs_compute", "metrics_vs_memory", "compute_multipliers", "training_curves", "slot_usage"}
+ALL_PLOT_KEYS = PLOT_KEYS | {"factual_qa_vs_memory"}  # that one only with downstream scores (memlayers eval)
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +123,18 @@ def _cell(run_id: str, family: str, flops: float, slots: int = 0, **metrics) -> 
 
 @pytest.mark.parametrize("cells, expected", [
     ([], {"loss_vs_compute": "no finished cell", "metrics_vs_memory": "no finished memory-layer cell",
-          "training_curves": "no cell logged", "slot_usage": "slot usage"}),
+          "training_curves": "no cell logged", "slot_usage": "slot usage",
+          "factual_qa_vs_memory": "no finished memory-layer cell"}),
     ([_cell("a", "dense", 1e12, val_loss=3.0), _cell("b", "memory_plus", 1.02e12, slots=4096, val_loss=2.9)],
-     {"loss_vs_compute": "same training compute", "training_curves": "no cell logged"}),
+     {"loss_vs_compute": "same training compute", "training_curves": "no cell logged",
+      "factual_qa_vs_memory": "no downstream scores"}),
 ])
 def test_figures_degrade_to_notes(cells, expected, tmp_path):
     """A thin study gives notes instead of figures, and the page still renders."""
     data = StudyData(ref=StudyRef("thin", tmp_path, "sqlite:///unused.db"), cells=cells)
     laws = StudyLaws(note="no finished cell runs to fit")
     plots = {p.key: p for p in all_plots(data, laws)}
-    assert set(plots) == PLOT_KEYS
+    assert set(plots) == ALL_PLOT_KEYS
     for key, words in expected.items():
         assert plots[key].png is None and words in plots[key].note, (key, plots[key].note)
     assert plots["compute_multipliers"].png is None

@@ -72,13 +72,15 @@ def facts_docs(trained: TrainedModel, limit: int | None) -> list[dict]:
     return [{"prompt": item.prompt, "answer": item.answer} for item in select_items(items, limit)]
 
 
-def harness_tasks(names: Sequence[str], trained: TrainedModel, data_dir: str | Path | None,
+def harness_tasks(names: Sequence[str], trained: TrainedModel | None, data_dir: str | Path | None,
                   limit: int | None) -> list[HarnessTask]:
     out: list[HarnessTask] = []
     for name in names:
         if name in DATA_TASKS:
             out += factual_tasks(name, data_dir)
         elif name == "facts_qa":
+            if trained is None:
+                raise EvalInputError("task facts_qa: needs a trained checkpoint (its QA split)")
             out.append(facts_task(facts_docs(trained, limit)))
         else:
             out.append(HarnessTask(name, name, own=False))
@@ -105,10 +107,11 @@ def scores_of(results: dict, tasks: Sequence[HarnessTask]) -> list[Score]:
     return sorted(out, key=lambda s: (order.get(s.task, len(order)), s.task, s.metric))
 
 
-def evaluate_model(trained: TrainedModel, names: Sequence[str], *, data_dir: str | Path | None = None,
+def evaluate_model(trained: TrainedModel | None, names: Sequence[str], *, data_dir: str | Path | None = None,
                    limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 32,
                    manager: TaskManager | None = None, lm: MemlayersLM | None = None) -> list[Score]:
-    """Scores of `trained` on the tasks `names` (see the module docstring)."""
+    """Scores of `trained` on the tasks `names` (see the module docstring); `lm` replaces the
+    adapter of `trained` (then `trained` may be None unless facts_qa is asked)."""
     manager = manager or task_manager(names)
     tasks = harness_tasks(names, trained, data_dir, limit)
     lm = lm or MemlayersLM(trained.model, trained.tokenizer, batch_size=batch_size)

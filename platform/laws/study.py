@@ -4,7 +4,9 @@
   count when a family has several), where there are at least three distinct compute values;
 - memory-size laws per (base, family[, budget]) over `memory_slots` > 0: L(M) for `val_loss` and
   `qa_answer_nll`, the logistic recall curve for `qa_exact_match` (floor fixed to the dense
-  baseline's recall at that base when fewer than four memory sizes leave it unidentified);
+  baseline's recall at that base when fewer than four memory sizes leave it unidentified); the
+  same for downstream scores (`eval/<task>/answer_nll` as L(M), `eval/<task>/exact_match` and
+  `f1` as recall curves);
 - compute-equivalent multipliers of every other family against dense and against MoE.
 
 A law that cannot be fitted (too few runs, missing metrics) is recorded as {"skipped": reason}
@@ -23,9 +25,12 @@ from memlayers.platform.laws.compare import compare_family
 from memlayers.platform.laws.power import fit_power_law
 from memlayers.platform.laws.recall import fit_recall
 from memlayers.platform.laws.result import FITTER_VERSION, LawFit
+from memlayers.platform.tracking.conventions import EVAL_PREFIX
 
 LOSS_METRICS = ("val_loss", "qa_answer_nll")
 RECALL_METRIC = "qa_exact_match"
+EVAL_LOSSES = ("answer_nll",)                   # eval/<task>/answer_nll: a power law like qa_answer_nll
+EVAL_ACCURACIES = ("exact_match", "f1")         # eval/<task>/exact_match, f1: the recall curve
 
 
 def _value(row: dict, key: str) -> float | None:
@@ -90,10 +95,17 @@ def fit_compute_laws(rows: list[dict], skipped: list[str], bootstrap: int = 0, s
     return out
 
 
-def _dense_recall(rows: list[dict], base, dense_family: str) -> float | None:
+def eval_metrics(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """The downstream scores in the rows: (answer-NLL keys, accuracy keys: exact match and F1)."""
+    keys = sorted({k for r in rows for k in r if k.startswith(EVAL_PREFIX) and _value(r, k) is not None})
+    return ([k for k in keys if k.rsplit("/", 1)[-1] in EVAL_LOSSES],
+            [k for k in keys if k.rsplit("/", 1)[-1] in EVAL_ACCURACIES])
+
+
+def _dense_recall(rows: list[dict], base, dense_family: str, metric: str = RECALL_METRIC) -> float | None:
     dense = [r for r in rows if str(r.get("family")) == dense_family and r.get("base") == base
              and int(r.get("memory_slots") or 0) == 0]
-    values = [v for v in (_value(r, RECALL_METRIC) for r in dense) if v is not None]
+    values = [v for v in (_value(r, metric) for r in dense) if v is not None]
     return float(np.mean(values)) if values else None
 
 
@@ -103,9 +115,10 @@ def _memory_law(usable: list[dict], metric: str, bootstrap: int, seed: int) -> d
     return _fit_entry(fit_power_law(slots, values, law="memory", bootstrap=bootstrap, seed=seed), usable)
 
 
-def _recall_law(usable: list[dict], floor: float | None, bootstrap: int, seed: int) -> dict:
+def _recall_law(usable: list[dict], floor: float | None, bootstrap: int, seed: int,
+                metric: str = RECALL_METRIC) -> dict:
     slots = [r["memory_slots"] for r in usable]
-    values = [_value(r, RECALL_METRIC) for r in usable]
+    values = [_value(r, metric) for r in usable]
     return _fit_entry(fit_recall(slots, values, floor=floor, bootstrap=bootstrap, seed=seed), usable)
 
 
@@ -119,17 +132,23 @@ def fit_memory_laws(rows: list[dict], skipped: list[str], dense_family: str = "d
                 key += f"@{row['budget']}"
             groups[key].append(row)
     out = {}
+    eval_losses, eval_accuracies = eval_metrics(rows)
     for key, group in sorted(groups.items()):
         entry = {}
-        for metric in LOSS_METRICS:
+        for metric in (*LOSS_METRICS, *eval_losses):
             usable = _with(group, metric)
+            if metric in eval_losses and not usable:
+                continue  # a downstream score only where some cell of the group has it
             entry[metric] = _attempt(f"memory law {key} {metric}", skipped,
                                      _memory_law, usable, metric, bootstrap, seed)
-        usable = _with(group, RECALL_METRIC)
-        sizes = len({r["memory_slots"] for r in usable})
-        floor = None if sizes >= 4 else _dense_recall(rows, group[0].get("base"), dense_family)
-        entry[RECALL_METRIC] = _attempt(f"memory law {key} {RECALL_METRIC}", skipped,
-                                        _recall_law, usable, floor, bootstrap, seed)
+        for metric in (RECALL_METRIC, *eval_accuracies):
+            usable = _with(group, metric)
+            if metric in eval_accuracies and not usable:
+                continue
+            sizes = len({r["memory_slots"] for r in usable})
+            floor = None if sizes >= 4 else _dense_recall(rows, group[0].get("base"), dense_family, metric)
+            entry[metric] = _attempt(f"memory law {key} {metric}", skipped,
+                                     _recall_law, usable, floor, bootstrap, seed, metric)
         out[key] = entry
     return out
 

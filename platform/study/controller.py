@@ -13,7 +13,9 @@
    function trainable per cell calls `run_training`, which fits a TorchTrainer; at most as many
    trials run at once as the cluster's CPUs/GPUs fit. A failed cell is recorded (run FAILED, tag
    `failure_reason`) and the others go on. Progress lines are printed as cells start and finish;
-5. fits the scaling laws (memlayers.platform.laws) and writes the report (a writer the CLI hands in),
+5. with an `eval` section, evaluates every finished cell without scores on its final checkpoint,
+   one Ray task per cell (platform/eval/stage.py), and logs `eval/<task>/<metric>` to its run;
+6. fits the scaling laws (memlayers.platform.laws) and writes the report (a writer the CLI hands in),
    each guarded: if one is missing or fails, a warning and the table of results are printed.
 """
 
@@ -124,6 +126,10 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
     tracking.set_status(uri, parent, "FINISHED")
     out(f"study {study.name}: {summary_line(states)}")
     result = StudyResult(study.name, workdir, uri, parent, cells, states, results)
+    if study.eval is not None and any(state == "done" for state in states.values()):
+        from memlayers.platform.eval.stage import run_eval_stage  # deferred: lm_eval only for a study with eval
+        with ray_cluster(address, num_cpus=num_cpus):
+            run_eval_stage(study.name, uri, study.eval, out)
     if fit and study.fit.enabled:
         result.laws = fit_laws(study, uri, workdir, parent, out)
     if report is not None and study.report:

@@ -156,6 +156,39 @@ class FitConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The evaluation stage: downstream tasks on every finished cell's final checkpoint."""
+
+    tasks: list[str] = field(default_factory=list)  # nq_open, triviaqa, facts_qa, or lm_eval task names
+    data_dir: Optional[str] = None      # holds nq_open/validation.jsonl, triviaqa/validation.jsonl (on the cluster)
+    limit: Optional[int] = None         # items per task (None: all; facts_qa: the training loop's rule)
+    num_fewshot: Optional[int] = None   # None: each task's default (0 for ours)
+    batch_size: int = 32                # sequences per forward pass
+
+    def validate(self, path: str = "eval") -> None:
+        if not self.tasks:
+            raise ConfigError(f"{path}.tasks", "name at least one task (nq_open, triviaqa, facts_qa, or an lm_eval task)")
+        for i, task in enumerate(self.tasks):
+            if not isinstance(task, str) or not task or "," in task:
+                raise ConfigError(f"{path}.tasks[{i}]", f"expected a task name, got {task!r}")
+            if task in self.tasks[:i]:
+                raise ConfigError(f"{path}.tasks[{i}]", f"task {task} named twice")
+            if task in ("nq_open", "triviaqa") and not self.data_dir:
+                raise ConfigError(f"{path}.data_dir", f"task {task} reads its questions from data_dir/{task}/validation.jsonl")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"{path}.limit", f"must be >= 1, got {self.limit}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"{path}.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
+        if self.batch_size < 1:
+            raise ConfigError(f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
+
+    def options(self) -> dict[str, Any]:
+        """The keyword options of an evaluation (eval.stage.evaluate_target)."""
+        return {"data_dir": self.data_dir, "limit": self.limit, "num_fewshot": self.num_fewshot,
+                "batch_size": self.batch_size}
+
+
+@dataclass
 class Study:
     name: str
     data: DataConfig
@@ -171,6 +204,7 @@ class Study:
     storage: Optional[str] = None       # s3://bucket/prefix, gs://..., or a shared path; files go to <storage>/<name>/
     description: str = ""
     report: bool = True                 # write the HTML report after the grid
+    eval: Optional[EvalConfig] = None   # downstream tasks after each cell (None: no evaluation stage)
     file: Optional[Path] = None         # the YAML it came from
 
     @property
@@ -201,5 +235,5 @@ class Study:
 
 TOP_KEYS: tuple[str, ...] = ("name", "description", "data", "tokenizer", "seq_len", "grid", "budget", "seeds",
                              "lr", "train", "resources", "tracking", "fit", "report", "workdir",
-                             "storage")
+                             "storage", "eval")
 

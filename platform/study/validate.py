@@ -22,6 +22,7 @@ from memlayers.platform.study.cells import grid_points, model_spec, parse_memory
 from memlayers.platform.study.schema import (
     TOP_KEYS,
     BudgetConfig,
+    EvalConfig,
     FamilyGrid,
     FitConfig,
     GridConfig,
@@ -75,9 +76,10 @@ def study_from_dict(data: Any, file: Path | None = None) -> Study:
     resources = _section(ResourcesConfig, data.get("resources"), "resources", errors)
     tracking = _section(StudyTracking, data.get("tracking"), "tracking", errors)
     fit = _section(FitConfig, data.get("fit"), "fit", errors)
+    eval_cfg = _section(EvalConfig, data["eval"], "eval", errors) if data.get("eval") is not None else None
     study = Study(name=name, description=description, data=data_cfg or DataConfig(), grid=grid, budget=budget,
                   seeds=seeds, lr=lr, train=train, resources=resources or ResourcesConfig(), tracking=tracking, fit=fit,
-                  workdir=workdir, storage=storage, report=report, file=file)
+                  workdir=workdir, storage=storage, report=report, eval=eval_cfg, file=file)
     if grid is not None:
         _check_grid(study, errors)
     if not errors:

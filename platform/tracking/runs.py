@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from memlayers.platform.tracking.client import client_for, search_all_runs
-from memlayers.platform.tracking.conventions import role_filter
+from memlayers.platform.tracking.conventions import EVAL_PREFIX, role_filter
 
 METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll")
 INT_TAGS = ("memory_slots", "experts")
@@ -45,6 +45,9 @@ def run_to_row(run) -> dict:
     for k in METRICS:
         value = metrics.get(k)
         row[k] = float(value) if value is not None and math.isfinite(value) else None
+    for k, value in metrics.items():  # downstream scores: eval/<task>/<metric>
+        if k.startswith(EVAL_PREFIX) and math.isfinite(value):
+            row[k] = float(value)
     row["memory_slots"] = row["memory_slots"] or 0
     row["experts"] = row["experts"] or 0
     return row

@@ -24,9 +24,10 @@ weights, and the rows' gradient is the bag's value-gradient rows with x as the o
 (row-sparse, like the bag's).
 
 Implementations (`impl`): "torch" (torch ops: `F.embedding_bag` with per-sample weights on
-fp32/fp64, chunked gathers with fp32 accumulation on bf16/fp16; any device), "triton" (the Triton
+fp32/fp64, chunked gathers with fp32 accumulation on bf16/fp16; any device), "cpu" (the torch
+parts with the C++ weight gradient of `memlayers.kernels.bag_cpu` where it applies), "triton" (the Triton
 kernels of `memlayers.kernels.bag_triton`; on CPU only under TRITON_INTERPRET=1 set before triton
-is imported), "auto" (CUDA -> triton, otherwise torch). `embedding_bag_reference` is the plain
+is imported), "auto" (CUDA -> triton, otherwise cpu). `embedding_bag_reference` is the plain
 definition, differentiated by autograd (dense gradient), used as the oracle in tests.
 
 Shape suffixes: see docs/shapes.md (here R is the reads of one bag, L = T * R).
@@ -42,7 +43,7 @@ import torch
 
 from memlayers.kernels.segments import Segments, segments_of
 
-IMPLS = ("auto", "torch", "triton")
+IMPLS = ("auto", "torch", "cpu", "triton")
 
 
 def embedding_bag_reference(values_NV: torch.Tensor, slots_TR: torch.Tensor, weights_TR: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,7 @@ def _backend(impl: str, device: torch.device) -> ModuleType:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "torch"
+        impl = "triton" if device.type == "cuda" else "cpu"
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("impl='triton' on a CPU tensor needs TRITON_INTERPRET=1 in the environment "
                            "before triton is first imported")

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from memlayers.kernels import cpu_ops
+
+COUNTING_SORT_SLOTS_PER_READ = 4  # the counting sort's O(N) pass stays within a few times O(L)
+
 
 @dataclass(frozen=True)
 class Segments:
@@ -27,9 +31,15 @@ def segments_of(slots_TR: torch.Tensor, n_slots: int | None = None) -> Segments:
     """Stable sort of the reads by slot and the segment boundaries of each unique slot.
 
     With `n_slots` < 2^31 the sort runs on int32 keys (several times faster on CPU than int64).
+    On CPU, with the C++ ops (`memlayers.kernels.cpu_ops`) and no more than a few slots per read,
+    a counting sort gives the same segments in O(L + N).
     """
     r = slots_TR.shape[1]
     keys_L = slots_TR.reshape(-1)
+    ops = cpu_ops.applies(keys_L)
+    if ops is not None and n_slots is not None and n_slots <= COUNTING_SORT_SLOTS_PER_READ * keys_L.numel() + 4096:
+        unique_U, start_U1, read_L = ops.sort_reads(keys_L.long(), n_slots)
+        return Segments(unique_U, start_U1, read_L, torch.div(read_L, r, rounding_mode="floor"))
     if n_slots is not None and n_slots < 2 ** 31:
         keys_L = keys_L.to(torch.int32)
     sorted_L, read_L = torch.sort(keys_L, stable=True)

@@ -17,6 +17,7 @@ import functools
 import torch
 from torch import nn
 
+from memlayers.kernels import pk_search
 from memlayers.models.init import trunc_normal_
 
 
@@ -38,7 +39,19 @@ def candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, torc
 
 def product_key_topk(q1_THQ: torch.Tensor, q2_THQ: torch.Tensor, keys1_HnQ: torch.Tensor,
                      keys2_HnQ: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k over all n*n full keys via the product structure -> (scores_THK, rows_THK)."""
+    """Exact top-k over all n*n full keys via the product structure -> (scores_THK, rows_THK).
+
+    On CPU (fp32/fp64) the fused C++ search of `memlayers.kernels.pk_search`, elsewhere (CUDA,
+    or `MEMLAYERS_CPU_OPS=torch`) `product_key_topk_torch`: the same scores and rows.
+    """
+    if pk_search.applies(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ):
+        return pk_search.product_key_search(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
+    return product_key_topk_torch(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
+
+
+def product_key_topk_torch(q1_THQ: torch.Tensor, q2_THQ: torch.Tensor, keys1_HnQ: torch.Tensor,
+                           keys2_HnQ: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`product_key_topk` in torch ops (any device); the order of tied scores is torch.topk's."""
     n = keys1_HnQ.shape[1]
     s1_THn = torch.einsum("thq,hnq->thn", q1_THQ, keys1_HnQ)
     s2_THn = torch.einsum("thq,hnq->thn", q2_THQ, keys2_HnQ)

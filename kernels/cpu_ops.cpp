@@ -1,0 +1,241 @@
+// CPU ops of the memory layers (built by memlayers/kernels/cpu_ops.py with torch's cpp_extension).
+//
+// Shape suffixes: see docs/shapes.md. Every op is deterministic: work is split over threads
+// only where each output element is written by one thread, in a fixed order.
+//
+// - topk_merge:       per (token, head), the top-k of each half's sub-key scores and the exact
+//                     top-k of their candidate pair sums -> (scores_THK, rows_THK, order_THK)
+// - search_backward:  gradients of those scores w.r.t. the query halves and the sub-keys
+// - bag_weight_grad:  <grad_y[t], values[slots[t, j]]> for every read
+// - sort_reads:       counting sort of the reads by slot (stable) -> segments
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// Insert (x, i) into a descending list of at most k; ties keep the earlier insertion first,
+// so scanning candidates in index order ranks equal scores by ascending index.
+template <typename scalar_t>
+inline void push_topk(scalar_t* vals, int64_t* ids, int64_t k, int64_t& size, scalar_t x, int64_t i) {
+  int64_t pos;
+  if (size == k) {
+    if (!(x > vals[k - 1])) return;
+    pos = k - 1;
+  } else {
+    pos = size++;
+  }
+  while (pos > 0 && x > vals[pos - 1]) {
+    vals[pos] = vals[pos - 1];
+    ids[pos] = ids[pos - 1];
+    --pos;
+  }
+  vals[pos] = x;
+  ids[pos] = i;
+}
+
+// Top-k of one row of n scores into vals/ids (best first, ties by ascending index). The smallest
+// of k disjoint block maxima is a lower bound on the k-th largest score: only the scores at or
+// above it (in index order, compressed without branches) go through the insertion.
+template <typename scalar_t>
+inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, int64_t* ids,
+                     scalar_t* cand_v, int64_t* cand_i) {
+  const int64_t block = n / k;
+  scalar_t bound = s_n[0];
+  for (int64_t b = 0; b < k; ++b) {
+    const scalar_t* x = s_n + b * block;
+    scalar_t top = x[0];
+    for (int64_t a = 1; a < block; ++a) top = x[a] > top ? x[a] : top;
+    bound = (b == 0 || top < bound) ? top : bound;
+  }
+  int64_t count = 0;
+  for (int64_t a = 0; a < n; ++a) {
+    cand_v[count] = s_n[a];
+    cand_i[count] = a;
+    count += s_n[a] >= bound;
+  }
+  int64_t size = 0;
+  for (int64_t c = 0; c < count; ++c) push_topk(vals, ids, k, size, cand_v[c], cand_i[c]);
+}
+
+}  // namespace
+
+// s1_HTn, s2_HTn: sub-key scores of the two query halves, (H, T, n) contiguous.
+// -> scores_THK, rows_THK (row = i1 * n + i2), both best first.
+std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn, int64_t topk) {
+  TORCH_CHECK(s1_HTn.dim() == 3 && s1_HTn.sizes() == s2_HTn.sizes(), "topk_merge: s1, s2 must be (H, T, n)");
+  s1_HTn = s1_HTn.contiguous();
+  s2_HTn = s2_HTn.contiguous();
+  const int64_t heads = s1_HTn.size(0), tokens = s1_HTn.size(1), n = s1_HTn.size(2), k = topk;
+  TORCH_CHECK(k >= 1 && k <= n, "topk_merge: topk must be in [1, n]");
+  auto scores_THK = torch::empty({tokens, heads, k}, s1_HTn.options());
+  auto rows_THK = torch::empty({tokens, heads, k}, s1_HTn.options().dtype(torch::kInt64));
+  AT_DISPATCH_FLOATING_TYPES(s1_HTn.scalar_type(), "topk_merge", [&] {
+    const scalar_t* s1 = s1_HTn.data_ptr<scalar_t>();
+    const scalar_t* s2 = s2_HTn.data_ptr<scalar_t>();
+    scalar_t* out_s = scores_THK.data_ptr<scalar_t>();
+    int64_t* out_r = rows_THK.data_ptr<int64_t>();
+    at::parallel_for(0, tokens * heads, 256, [&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> v1(k), v2(k), vs(k);
+      std::vector<int64_t> i1(k), i2(k), pair(k), cand_i(n);
+      std::vector<scalar_t> cand_v(n);
+      for (int64_t th = lo; th < hi; ++th) {
+        const int64_t t = th / heads, h = th % heads;
+        const int64_t off = (h * tokens + t) * n;
+        row_topk(s1 + off, n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data());
+        row_topk(s2 + off, n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data());
+        // pairs (i, j) with (i + 1)(j + 1) <= k, scanned in (i, j) order: equal sums rank by
+        // (i, j), under which a pair is always preceded by the pairs that dominate it
+        int64_t size = 0;
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t jmax = k / (i + 1);
+          for (int64_t j = 0; j < jmax; ++j) {
+            const scalar_t sum = v1[i] + v2[j];
+            if (size == k && !(sum > vs[k - 1])) break;  // sums fall along j
+            push_topk(vs.data(), pair.data(), k, size, sum, i * k + j);
+          }
+        }
+        scalar_t* os = out_s + th * k;
+        int64_t* orr = out_r + th * k;
+        for (int64_t r = 0; r < k; ++r) {
+          os[r] = vs[r];
+          orr[r] = i1[pair[r] / k] * n + i2[pair[r] % k];
+        }
+      }
+    });
+  });
+  return {scores_THK, rows_THK};
+}
+
+// d scores_THK / d (q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ) for scores = q1 . keys1[i1] + q2 . keys2[i2].
+std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor rows_THK, torch::Tensor q1_THQ,
+                                           torch::Tensor q2_THQ, torch::Tensor keys1_HnQ, torch::Tensor keys2_HnQ) {
+  grad_THK = grad_THK.contiguous();
+  rows_THK = rows_THK.contiguous();
+  q1_THQ = q1_THQ.contiguous();
+  q2_THQ = q2_THQ.contiguous();
+  keys1_HnQ = keys1_HnQ.contiguous();
+  keys2_HnQ = keys2_HnQ.contiguous();
+  const int64_t tokens = q1_THQ.size(0), heads = q1_THQ.size(1), q = q1_THQ.size(2);
+  const int64_t n = keys1_HnQ.size(1), k = rows_THK.size(2);
+  auto gq1 = torch::empty_like(q1_THQ), gq2 = torch::empty_like(q2_THQ);
+  auto gk1 = torch::zeros_like(keys1_HnQ), gk2 = torch::zeros_like(keys2_HnQ);
+  AT_DISPATCH_FLOATING_TYPES(q1_THQ.scalar_type(), "search_backward", [&] {
+    const scalar_t* g = grad_THK.data_ptr<scalar_t>();
+    const int64_t* rows = rows_THK.data_ptr<int64_t>();
+    const scalar_t* qs[2] = {q1_THQ.data_ptr<scalar_t>(), q2_THQ.data_ptr<scalar_t>()};
+    const scalar_t* ks[2] = {keys1_HnQ.data_ptr<scalar_t>(), keys2_HnQ.data_ptr<scalar_t>()};
+    scalar_t* gqs[2] = {gq1.data_ptr<scalar_t>(), gq2.data_ptr<scalar_t>()};
+    scalar_t* gks[2] = {gk1.data_ptr<scalar_t>(), gk2.data_ptr<scalar_t>()};
+    // query halves: one (token, head) per iteration
+    at::parallel_for(0, tokens * heads, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t th = lo; th < hi; ++th) {
+        const int64_t h = th % heads;
+        for (int half = 0; half < 2; ++half) {
+          scalar_t* out = gqs[half] + th * q;
+          for (int64_t c = 0; c < q; ++c) out[c] = 0;
+          for (int64_t r = 0; r < k; ++r) {
+            const int64_t row = rows[th * k + r];
+            const int64_t sub = half == 0 ? row / n : row % n;
+            const scalar_t w = g[th * k + r];
+            const scalar_t* key = ks[half] + (h * n + sub) * q;
+            for (int64_t c = 0; c < q; ++c) out[c] += w * key[c];
+          }
+        }
+      }
+    });
+    // sub-keys: one (half, head) per iteration, tokens in order (fp64 accumulation for fp32)
+    using acc_t = double;
+    at::parallel_for(0, 2 * heads, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> acc(n * q);
+      for (int64_t hh = lo; hh < hi; ++hh) {
+        const int half = static_cast<int>(hh / heads);
+        const int64_t h = hh % heads;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t t = 0; t < tokens; ++t) {
+          const int64_t th = t * heads + h;
+          const scalar_t* qv = qs[half] + th * q;
+          for (int64_t r = 0; r < k; ++r) {
+            const int64_t row = rows[th * k + r];
+            const int64_t sub = half == 0 ? row / n : row % n;
+            const acc_t w = g[th * k + r];
+            acc_t* a = acc.data() + sub * q;
+            for (int64_t c = 0; c < q; ++c) a[c] += w * qv[c];
+          }
+        }
+        scalar_t* out = gks[half] + h * n * q;
+        for (int64_t i = 0; i < n * q; ++i) out[i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return {gq1, gq2, gk1, gk2};
+}
+
+// grad_TR[t, j] = <grad_y_TV[t], values_NV[slots_TR[t, j]]>
+torch::Tensor bag_weight_grad(torch::Tensor values_NV, torch::Tensor slots_TR, torch::Tensor grad_y_TV) {
+  values_NV = values_NV.contiguous();
+  slots_TR = slots_TR.contiguous();
+  grad_y_TV = grad_y_TV.contiguous().to(values_NV.scalar_type());
+  const int64_t tokens = slots_TR.size(0), reads = slots_TR.size(1), v = values_NV.size(1);
+  auto grad_TR = torch::empty({tokens, reads}, values_NV.options());
+  AT_DISPATCH_FLOATING_TYPES(values_NV.scalar_type(), "bag_weight_grad", [&] {
+    const scalar_t* vals = values_NV.data_ptr<scalar_t>();
+    const scalar_t* gy = grad_y_TV.data_ptr<scalar_t>();
+    const int64_t* slots = slots_TR.data_ptr<int64_t>();
+    scalar_t* out = grad_TR.data_ptr<scalar_t>();
+    constexpr int64_t lanes = 8;
+    at::parallel_for(0, tokens, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const scalar_t* gt = gy + t * v;
+        for (int64_t j = 0; j < reads; ++j) {
+          const scalar_t* row = vals + slots[t * reads + j] * v;
+          scalar_t acc[lanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+          int64_t c = 0;
+          for (; c + lanes <= v; c += lanes)
+            for (int64_t l = 0; l < lanes; ++l) acc[l] += gt[c + l] * row[c + l];
+          for (; c < v; ++c) acc[0] += gt[c] * row[c];
+          scalar_t total = 0;
+          for (int64_t l = 0; l < lanes; ++l) total += acc[l];
+          out[t * reads + j] = total;
+        }
+      }
+    });
+  });
+  return grad_TR;
+}
+
+// Stable counting sort of the reads slots_L by slot -> (unique_U, start_U1, read_L).
+std::vector<torch::Tensor> sort_reads(torch::Tensor slots_L, int64_t n_slots) {
+  slots_L = slots_L.contiguous();
+  const int64_t reads = slots_L.numel();
+  const int64_t* slots = slots_L.data_ptr<int64_t>();
+  std::vector<int64_t> start(n_slots + 1, 0);
+  for (int64_t l = 0; l < reads; ++l) {
+    TORCH_CHECK(slots[l] >= 0 && slots[l] < n_slots, "sort_reads: slot out of range");
+    ++start[slots[l] + 1];
+  }
+  int64_t unique = 0;
+  for (int64_t s = 0; s < n_slots; ++s) {
+    unique += start[s + 1] > 0;
+    start[s + 1] += start[s];
+  }
+  auto opts = slots_L.options();
+  auto unique_U = torch::empty({unique}, opts), start_U1 = torch::empty({unique + 1}, opts);
+  auto read_L = torch::empty({reads}, opts);
+  int64_t* u_out = unique_U.data_ptr<int64_t>();
+  int64_t* s_out = start_U1.data_ptr<int64_t>();
+  int64_t* r_out = read_L.data_ptr<int64_t>();
+  int64_t u = 0;
+  for (int64_t s = 0; s < n_slots; ++s) {
+    if (start[s + 1] > start[s]) {
+      u_out[u] = s;
+      s_out[u++] = start[s];
+    }
+  }
+  s_out[unique] = reads;
+  for (int64_t l = 0; l < reads; ++l) r_out[start[slots[l]]++] = l;
+  return {unique_U, start_U1, read_L};
+}

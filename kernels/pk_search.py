@@ -1,0 +1,63 @@
+"""The product-key search on CPU in one fused op: scoring, both top-ks, the exact pair merge.
+
+    scores_THK, rows_THK = product_key_search(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
+
+gives the top-`topk` full-key scores of every (token, head) over the n*n rows whose full key is
+the concatenation of sub-keys i1 (first half) and i2 (second half), row = i1 * n + i2. Scoring
+is one batched matmul per half; the rest runs in `cpu_ops.cpp`: per (token, head) the top-k of
+each half's n scores, then the top-k of the pair sums over the candidate pairs (i + 1)(j + 1) <= k
+of the two sorted lists (the only pairs that can be among the k best; `memlayers.models.product_keys`).
+
+Ties are ranked deterministically: a sub-key list by (score desc, sub-key index asc), the pairs by
+(sum desc, i asc, j asc). That order on full keys is a total order under which the candidate
+pairs always hold the top-k, so the search stays exact with ties; torch's `topk` leaves the order
+of ties unspecified, so the torch path and this op agree on the scores and, without ties, the rows.
+
+The backward is sparse: the selected score of row (i1, i2) is q1 . keys1[i1] + q2 . keys2[i2], so
+each selection adds grad * keys to the query halves and grad * query to the two sub-keys it used
+(O(T H K Q), no (T, H, n) gradient). Sub-key gradients are summed in token order, in fp64.
+
+`applies(...)` says whether this op can run (CPU fp32/fp64 tensors, the C++ ops built and
+selected: `memlayers.kernels.cpu_ops`); otherwise callers take their torch path.
+Shape suffixes: see docs/shapes.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memlayers.kernels import cpu_ops
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """True when `product_key_search` can run on these tensors."""
+    return cpu_ops.applies(*tensors) is not None
+
+
+def product_key_search(q1_THQ: torch.Tensor, q2_THQ: torch.Tensor, keys1_HnQ: torch.Tensor,
+                       keys2_HnQ: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-`topk` over all n*n full keys -> (scores_THK, rows_THK), best first; differentiable in the scores."""
+    ops = cpu_ops.applies(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ)
+    if ops is None:
+        raise RuntimeError("product_key_search: the C++ CPU ops do not apply here (see kernels.cpu_ops)")
+    dtype = torch.promote_types(q1_THQ.dtype, keys1_HnQ.dtype)
+    return _ProductKeySearch.apply(q1_THQ.to(dtype), q2_THQ.to(dtype), keys1_HnQ.to(dtype), keys2_HnQ.to(dtype),
+                                   topk, ops)
+
+
+class _ProductKeySearch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk, ops):
+        s1_HTn = torch.bmm(q1_THQ.transpose(0, 1), keys1_HnQ.transpose(1, 2))
+        s2_HTn = torch.bmm(q2_THQ.transpose(0, 1), keys2_HnQ.transpose(1, 2))
+        scores_THK, rows_THK = ops.topk_merge(s1_HTn, s2_HTn, topk)
+        ctx.save_for_backward(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, rows_THK)
+        ctx.ops = ops
+        ctx.mark_non_differentiable(rows_THK)
+        return scores_THK, rows_THK
+
+    @staticmethod
+    def backward(ctx, grad_THK, _grad_rows):
+        q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, rows_THK = ctx.saved_tensors
+        grads = ctx.ops.search_backward(grad_THK, rows_THK, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ)
+        return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])], None, None)

@@ -139,7 +139,7 @@ def facts_run(tmp_path_factory):
         "name": "evaltest", "model": {"base": "nano", "family": "memory_plus", "memory_slots": 1024},
         "data": {"source": "facts", "tokenizer": "word", "seq_len": 32,
                  "facts": {"people": 60, "values_per_attribute": 8, "renderings": 4}},
-        "train": {"steps": 40, "batch_size": 8, "lr": 1e-2, "qa_eval_items": 32, "eval_batches": 1}})
+        "train": {"steps": 24, "batch_size": 8, "lr": 1e-2, "qa_eval_items": 32, "eval_batches": 1}})
     torch.manual_seed(0)
     loop = RunLoop(cfg, prepare_data(cfg.data, root / "cache"))
     while not loop.done:

@@ -17,6 +17,7 @@ from memlayers.models.families import family_spec
 
 BASES: dict[str, dict[str, Any]] = {
     # tiny CPU bases (vocab set by the tokenizer at run time)
+    "femto": dict(dim=16, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64),
     "pico": dict(dim=24, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64),
     "nano": dict(dim=32, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64),
     "micro": dict(dim=48, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=64),
@@ -36,7 +37,7 @@ BASES: dict[str, dict[str, Any]] = {
 # 768^2 = 589,824 experts the Memory Layers paper compares with at 1.3b (1024^2 at 8b, the PEER
 # paper's size); the CPU bases use 4 heads x top-8 over 32^2 or 64^2 experts.
 PEER_DEFAULTS: dict[str, dict[str, int]] = {
-    **{base: dict(experts=32 ** 2, heads=4, topk=8) for base in ("pico", "nano", "micro", "tiny")},
+    **{base: dict(experts=32 ** 2, heads=4, topk=8) for base in ("femto", "pico", "nano", "micro", "tiny")},
     "small": dict(experts=64 ** 2, heads=4, topk=8),
     "134m": dict(experts=256 ** 2, heads=8, topk=16),
     "373m": dict(experts=512 ** 2, heads=8, topk=16),

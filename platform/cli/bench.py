@@ -11,6 +11,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "kernels": ("memlayers.platform.bench.kernels", "embedding-bag kernel bandwidth (GPU) or interpreter check (CPU)"),
     "fit": ("memlayers.platform.bench.fit", "Chinchilla fit: analytic-gradient grid vs plain scipy"),
     "train": ("memlayers.platform.bench.train", "training-loop tokens/s for tiny dense and Memory+ models"),
+    "study": ("memlayers.platform.bench.study", "a small study on local Ray: wall time, time in steps, start-up per cell"),
     "decode": ("memlayers.platform.bench.decode", "decoding tokens/s and ms/token, dense / MoE / PKM / Memory+ at equal FLOPs"),
     "parallel": ("memlayers.platform.bench.parallel", "memory-parallel bytes/token and step time for P = 1, 2, 4"),
 }

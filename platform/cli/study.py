@@ -177,8 +177,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     from memlayers.platform.study.cells import expand
-    from memlayers.platform.study.progress import cell_runs, cell_states, latest, summary_line
-    from memlayers.platform.study.progress import cell_runs, cell_states, last_step, latest, summary_line
+    from memlayers.platform.tracking.conventions import read_progress
     from memlayers.platform.study.ref import resolve_study
 
     is_file = args.study.endswith((".yaml", ".yml"))
@@ -212,7 +211,8 @@ def run_status(args: argparse.Namespace) -> int:
         if run is not None:
             metrics = run.metrics
             if run.state == "running":
-                step, loss = last_step(uri, run.run_id)
+                live = read_progress(run.tags)
+                detail = f"step {live[0]} loss {live[1]:.4g} {live[2]:,.0f} tok/s" if live else "starting"
             else:
                 detail = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("val_loss", "qa_exact_match") if k in metrics)
             if run.state == "failed":

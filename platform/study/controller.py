@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,12 @@ from typing import Callable, Optional
 
 import memlayers
 import ray
+from memlayers.config_schema import to_dict
 from memlayers.platform.cluster import storage
 from memlayers.platform.cluster.reaper import reaper
 from memlayers.platform.cluster.session import ray_cluster, ray_env
 from memlayers.platform.cluster.visibility import shared_problems
+from memlayers.platform.laws.claims import check_claims, claim_line
 from memlayers.platform.laws.io import dumps
 from memlayers.platform.laws.study import fit_study
 from memlayers.platform.study.bookkeeping import log_definition, open_parent_run, record_failure
@@ -135,6 +138,7 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
     if report is not None and study.report:
         result.report = write_report(report, study, workdir, uri, out)
     _print_locations(result, out)
+    _print_claims(workdir / "laws" / "laws.json", out)
     return result
 
 
@@ -159,6 +163,8 @@ def fit_laws(study: Study, uri: str, workdir: Path, parent: str, out: Callable[[
         for section in ("compute_laws", "multipliers", "memory_laws"):
             if section not in wanted:
                 laws.pop(section, None)
+        laws["claims"] = check_claims(rows, [to_dict(c) for c in study.fit.claims],
+                                      bootstrap=max(study.fit.bootstrap, 1000))
         laws["provenance"] = {"study": study.name, "tracking_uri": uri, "parent_run_id": parent,
                               "laws": list(study.fit.laws)}
         path = workdir / "laws" / "laws.json"
@@ -207,3 +213,12 @@ def _print_locations(result: StudyResult, out: Callable[[str], None]) -> None:
         f"browse with `memlayers dashboard {result.name}`")
     out(f"fitted laws: {result.laws if result.laws else 'not fitted (see above)'}")
     out(f"report: {result.report if result.report else 'not written (see above)'}")
+
+
+def _print_claims(laws_path: Path, out: Callable[[str], None]) -> None:
+    """The study's claims, last, one line each: what holds and what does not."""
+    claims = json.loads(laws_path.read_text()).get("claims", []) if laws_path.is_file() else []
+    if claims:
+        out(f"claims ({sum(c['holds'] for c in claims)}/{len(claims)} hold in every seed):")
+        for claim in claims:
+            out(f"  {claim['id']}: {claim_line(claim)}")

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from memlayers.platform.tracking.client import client_for, search_runs
-from memlayers.platform.tracking.conventions import RUN_NAME_TAG, role_filter
+from memlayers.platform.tracking.client import search_runs
+from memlayers.platform.tracking.conventions import RUN_NAME_TAG, read_progress, role_filter
 
 STATES: tuple[str, ...] = ("done", "running", "failed", "pending")
 _STATE_OF = {"FINISHED": "done", "RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed", "KILLED": "failed"}
@@ -30,6 +30,7 @@ class CellRun:
     start_time: int
     metrics: dict
     tags: dict
+    end_time: int = 0                   # ms since the epoch; 0 while the run has not ended
 
     @property
     def state(self) -> str:
@@ -45,7 +46,7 @@ def cell_runs(tracking_uri: str, study: str, role: str = "cell") -> dict[str, li
         key = tags.get("cell") or tags.get("tuning_group") or run.info.run_id
         by_cell.setdefault(key, []).append(CellRun(run.info.run_id, key, tags.get(RUN_NAME_TAG, ""),
                                                    run.info.status, run.info.start_time or 0,
-                                                   dict(run.data.metrics), dict(tags)))
+                                                   dict(run.data.metrics), dict(tags), run.info.end_time or 0))
     return by_cell
 
 
@@ -73,15 +74,6 @@ def summary_line(states: dict[str, str]) -> str:
     return f"cells {c['done']}/{len(states)} done, {c['running']} running, {c['failed']} failed, {c['pending']} pending"
 
 
-def last_step(tracking_uri: str, run_id: str, metric: str = "loss") -> tuple[Optional[int], Optional[float]]:
-    """(step, value) of the newest point of `metric` in a run."""
-    history = client_for(tracking_uri).get_metric_history(run_id, metric)
-    if not history:
-        return None, None
-    point = max(history, key=lambda m: m.step)
-    return point.step, point.value
-
-
 class ProgressPrinter:
     """Polls the study's runs every `interval` seconds and prints a line when anything changed."""
 
@@ -102,9 +94,11 @@ class ProgressPrinter:
         for cell_id, state in states.items():
             if state != "running":
                 continue
-            step, loss = last_step(self.uri, latest(runs[cell_id]).run_id)
-            if step is not None:
-                parts.append(f"{self.names[cell_id]} step {step}/{self.steps[cell_id]} loss {loss:.4g}")
+            live = read_progress(latest(runs[cell_id]).tags)
+            if live is not None:
+                step, loss, rate = live
+                parts.append(f"{self.names[cell_id]} step {step}/{self.steps[cell_id]} loss {loss:.4g} "
+                             f"{rate:,.0f} tok/s")
             else:
                 parts.append(f"{self.names[cell_id]} starting")
         return " | ".join(parts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from memlayers.config_schema import ConfigError, to_dict
 from memlayers.models.config import MEMORY_FAMILIES
@@ -21,6 +21,7 @@ from memlayers.platform.train.budget import BUDGET_KINDS
 from memlayers.platform.train.run_config import ResourcesConfig, TrainConfig, default_workdir
 
 LAWS: tuple[str, ...] = ("compute", "memory", "recall")  # sections of laws.study.fit_study
+CLAIM_METRICS: tuple[str, ...] = ("val_loss", "qa_exact_match", "qa_answer_nll")
 
 
 class StudyError(ValueError):
@@ -141,13 +142,48 @@ class StudyTracking:
     system_metrics: bool = True
 
 
+SELECTOR_KEYS: tuple[str, ...] = ("family", "base", "memory_slots", "experts")
+
+
+@dataclass
+class ClaimConfig:
+    """A claim the study tests after the grid (`platform/laws/claims.py`), seed by seed."""
+
+    id: str                             # short name, e.g. recall_vs_dense
+    claim: str                          # the sentence a reader checks
+    metric: str                         # val_loss | qa_exact_match | qa_answer_nll (lower is better for losses)
+    kind: Literal["pairwise", "trend"] = "pairwise"  # subject beats reference | subject improves with memory size
+    subject: dict[str, Any] = field(default_factory=dict)    # which cells: family, base, memory_slots, experts
+    reference: dict[str, Any] = field(default_factory=dict)  # pairwise: the cells they are compared with
+    at_least: bool = False              # ties hold (>=) instead of strictly better
+
+    def validate(self, path: str = "claim") -> None:
+        if not self.id or not self.claim:
+            raise ConfigError(path, "a claim needs an id and the sentence it claims")
+        if self.metric not in CLAIM_METRICS:
+            raise ConfigError(f"{path}.metric", f"unknown metric {self.metric!r} (expected one of {', '.join(CLAIM_METRICS)})")
+        for part in ("subject", "reference"):
+            for key in getattr(self, part):
+                if key not in SELECTOR_KEYS:
+                    raise ConfigError(f"{path}.{part}.{key}", f"unknown key (expected one of {', '.join(SELECTOR_KEYS)})")
+        if not self.subject:
+            raise ConfigError(f"{path}.subject", "name the cells the claim is about (e.g. family: memory_plus)")
+        if self.kind == "pairwise" and not self.reference:
+            raise ConfigError(f"{path}.reference", "a pairwise claim needs the cells it compares with")
+
+
 @dataclass
 class FitConfig:
     enabled: bool = True
     laws: list[str] = field(default_factory=lambda: list(LAWS))
     bootstrap: int = 200                # resamples for the confidence intervals (0: none)
+    claims: list[ClaimConfig] = field(default_factory=list)  # checked after the grid, reported first
 
     def validate(self, path: str = "fit") -> None:
+        ids = [c.id for c in self.claims]
+        for i, claim_id in enumerate(ids):
+            if claim_id in ids[:i]:
+                raise ConfigError(f"{path}.claims[{i}].id", f"duplicate claim id {claim_id!r}")
         for i, law in enumerate(self.laws):
             if law not in LAWS:
                 raise ConfigError(f"{path}.laws[{i}]", f"unknown law {law!r} (expected one of {', '.join(LAWS)})")

@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 import ray.tune
 from memlayers.platform.cluster.storage import join
+from memlayers.platform.tracking.conventions import STARTED_TAG
 from memlayers.platform.train.launcher import run_training
 from memlayers.platform.train.run_config import run_config_from_dict
 
@@ -26,7 +27,9 @@ def _cell_trainable(config: dict) -> None:
     """One Tune trial: train one run config with `run_training` and report how it ended."""
     job = config["job"]
     try:
-        result = run_training(run_config_from_dict(job["run"]), workdir=Path(job["workdir"]))
+        cfg = run_config_from_dict(job["run"])
+        cfg.tracking.tags[STARTED_TAG] = f"{time.time():.3f}"
+        result = run_training(cfg, workdir=Path(job["workdir"]))
         report = {**{k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
                   "run_id": result.run_id, "status": result.status, "error": result.error or ""}
     except Exception as error:  # a crash outside the training loop: recorded by the controller

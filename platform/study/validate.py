@@ -298,5 +298,3 @@ def with_overrides(study: Study, *, storage: str | None = None, tracking_uri: st
         raise StudyError([ConfigError("tracking.uri", "(--tracking-uri) must not be empty")])
     tracking = dataclasses.replace(study.tracking, uri=tracking_uri) if tracking_uri else study.tracking
     return dataclasses.replace(study, storage=storage or study.storage, tracking=tracking)
-
-

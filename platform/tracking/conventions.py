@@ -18,6 +18,9 @@ RUN_NAME_TAG = "mlflow.runName"
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "failure_reason"
 STORAGE_TAG = "memlayers.storage"  # on a study's parent run: its storage folder (<storage>/<study>, or its workdir)
+STARTED_TAG = "memlayers.started_at"        # unix time a study cell's trial began (start-up is measured from it)
+FIRST_STEP_TAG = "memlayers.first_step_at"  # unix time rank 0 finished the run's first training step
+PROGRESS_TAG = "memlayers.progress"  # a running run's latest step, overwritten every log_every steps
 SQLITE_PREFIX = "sqlite:///"
 CHECKPOINT_TAG = "checkpoint"  # a finished run's final checkpoint folder
 EVAL_PREFIX = "eval/"  # downstream scores of a run's final checkpoint: eval/<task>/<metric>
@@ -57,6 +60,21 @@ def tuning_run_name(family: str, base: str, trial: int) -> str:
     return f"tune-{family}-{base}-t{trial}"
 
 
+def progress_tags(step: int, loss: float, tokens_per_s: float) -> dict[str, str]:
+    """The live progress of a run as one tag: a tag is overwritten, so the run's metrics (logged
+    once each, after checkpoints) stay exactly-once while the progress line moves every log_every."""
+    return {PROGRESS_TAG: f"{step} {loss:.6g} {tokens_per_s:.6g}"}
+
+
+def read_progress(tags: dict[str, str]) -> Optional[tuple[int, float, float]]:
+    """(step, loss, tokens/s) from a run's tags, None when it has reported none."""
+    try:
+        step, loss, rate = tags[PROGRESS_TAG].split()
+        return int(step), float(loss), float(rate)
+    except (KeyError, ValueError):
+        return None
+
+
 def sqlite_uri(workdir: Path) -> str:
     """The embedded default tracking store of a work directory."""
     return f"{SQLITE_PREFIX}{(Path(workdir) / 'mlflow.db').resolve()}"
@@ -64,6 +82,16 @@ def sqlite_uri(workdir: Path) -> str:
 
 def artifact_root(workdir: Path) -> str:
     return (Path(workdir) / "mlartifacts").resolve().as_uri()
+
+
+def artifact_location(tracking_uri: str, storage_root: str) -> Optional[str]:
+    """Where a new experiment keeps its artifacts: None (the server's own, `mlflow-artifacts:`) for a
+    tracking server, `<storage_root>/mlartifacts` otherwise (a local root as a file URI)."""
+    if is_remote(tracking_uri):
+        return None
+    if "://" in storage_root and not storage_root.startswith("file://"):
+        return storage_root.rstrip("/") + "/mlartifacts"
+    return artifact_root(Path(storage_root.removeprefix("file://")))
 
 
 def sqlite_path(tracking_uri: str) -> Optional[Path]:
@@ -80,13 +108,3 @@ def store_exists(tracking_uri: str) -> bool:
 def is_remote(tracking_uri: str) -> bool:
     """An MLflow tracking server (http/https), which every node of a cluster can reach."""
     return tracking_uri.startswith(("http://", "https://"))
-def artifact_location(tracking_uri: str, storage_root: str) -> Optional[str]:
-    """Where a new experiment keeps its artifacts: None (the server's own, `mlflow-artifacts:`) for a
-    tracking server, `<storage_root>/mlartifacts` otherwise (a local root as a file URI)."""
-    if is_remote(tracking_uri):
-        return None
-    if "://" in storage_root and not storage_root.startswith("file://"):
-        return storage_root.rstrip("/") + "/mlartifacts"
-    return artifact_root(Path(storage_root.removeprefix("file://")))
-
-

@@ -16,7 +16,7 @@ from memlayers.platform.tracking.client import client_for, search_all_runs
 from memlayers.platform.tracking.conventions import EVAL_PREFIX, role_filter
 
 METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll")
-INT_TAGS = ("memory_slots", "experts")
+INT_TAGS = ("memory_slots", "experts", "seed")
 FLOAT_TAGS = ("train_flops", "total_params", "active_params")
 TEXT_TAGS = ("study", "cell", "family", "base", "budget")
 

@@ -121,14 +121,25 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
 
 
 class MetricBuffer:
-    """Step metrics held until `flush` (after a checkpoint)."""
+    """Step metrics held until `flush` (right before a checkpoint). A worker restarted from a
+    checkpoint calls `skip_logged`: the steps it replays that were logged before it died are
+    dropped, so every step is logged exactly once."""
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri, self.run_id = uri, run_id
         self.pending: list[tuple[int, dict[str, float]]] = []
+        self.logged_through = -1        # steps up to this one are in the store already
+
+    def skip_logged(self) -> None:
+        """Read the newest training step the run has logged; later `add`s up to it are dropped."""
+        client = client_for(self.uri)
+        keys = [k for k in client.get_run(self.run_id).data.metrics if not k.startswith("system/")]  # own steps
+        steps = [m.step for key in keys for m in client.get_metric_history(self.run_id, key)]
+        self.logged_through = max(steps, default=-1)
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
-        self.pending.append((step, dict(metrics)))
+        if step > self.logged_through:
+            self.pending.append((step, dict(metrics)))
 
     def flush(self) -> None:
         if not self.pending:

@@ -42,6 +42,8 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as directory:
             loop.load(Path(directory))
     metrics_out = MetricBuffer(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    if metrics_out is not None and checkpoint is not None:  # a restart replays steps logged before it died
+        metrics_out.skip_logged()
     monitor = _system_monitor(config) if rank == 0 else None
     marker = Path(config["workdir"]) / f".fault-injected-{config['run_id']}"
     train = cfg.train
@@ -67,9 +69,9 @@ def train_loop_per_worker(config: dict) -> None:
                 if metrics_out is not None:
                     metrics_out.add(loop.step, evaluation)
             if loop.step % train.checkpoint_every == 0 or last:
-                _report(loop, metrics)
-                if metrics_out is not None:
+                if metrics_out is not None:  # before the checkpoint: a replay after it is skipped, never lost
                     metrics_out.flush()
+                _report(loop, metrics)
     finally:
         if monitor is not None:
             monitor.finish()

@@ -177,6 +177,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     from memlayers.platform.study.cells import expand
+    from memlayers.platform.study.progress import cell_runs, cell_states, latest, summary_line
     from memlayers.platform.tracking.conventions import read_progress
     from memlayers.platform.study.ref import resolve_study
 

@@ -64,7 +64,7 @@ inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, 
 }  // namespace
 
 // s1_HTn, s2_HTn: sub-key scores of the two query halves, (H, T, n) contiguous.
-// -> scores_THK, rows_THK (row = i1 * n + i2), both best first.
+// -> scores_THK, rows_THK (row = i1 * n + i2), both best first, and subs_THK2 (i1, i2 as int32).
 std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn, int64_t topk) {
   TORCH_CHECK(s1_HTn.dim() == 3 && s1_HTn.sizes() == s2_HTn.sizes(), "topk_merge: s1, s2 must be (H, T, n)");
   s1_HTn = s1_HTn.contiguous();
@@ -73,11 +73,13 @@ std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn
   TORCH_CHECK(k >= 1 && k <= n, "topk_merge: topk must be in [1, n]");
   auto scores_THK = torch::empty({tokens, heads, k}, s1_HTn.options());
   auto rows_THK = torch::empty({tokens, heads, k}, s1_HTn.options().dtype(torch::kInt64));
+  auto subs_THK2 = torch::empty({tokens, heads, k, 2}, s1_HTn.options().dtype(torch::kInt32));
   AT_DISPATCH_FLOATING_TYPES(s1_HTn.scalar_type(), "topk_merge", [&] {
     const scalar_t* s1 = s1_HTn.data_ptr<scalar_t>();
     const scalar_t* s2 = s2_HTn.data_ptr<scalar_t>();
     scalar_t* out_s = scores_THK.data_ptr<scalar_t>();
     int64_t* out_r = rows_THK.data_ptr<int64_t>();
+    int32_t* out_sub = subs_THK2.data_ptr<int32_t>();
     at::parallel_for(0, tokens * heads, 256, [&](int64_t lo, int64_t hi) {
       std::vector<scalar_t> v1(k), v2(k), vs(k);
       std::vector<int64_t> i1(k), i2(k), pair(k), cand_i(n);
@@ -95,37 +97,42 @@ std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn
           for (int64_t j = 0; j < jmax; ++j) {
             const scalar_t sum = v1[i] + v2[j];
             if (size == k && !(sum > vs[k - 1])) break;  // sums fall along j
-            push_topk(vs.data(), pair.data(), k, size, sum, i * k + j);
+            push_topk(vs.data(), pair.data(), k, size, sum, (i << 32) | j);  // (i, j) order = id order
           }
         }
         scalar_t* os = out_s + th * k;
         int64_t* orr = out_r + th * k;
+        int32_t* osub = out_sub + th * k * 2;
         for (int64_t r = 0; r < k; ++r) {
+          const int64_t a = i1[pair[r] >> 32], b = i2[pair[r] & 0xFFFFFFFF];
           os[r] = vs[r];
-          orr[r] = i1[pair[r] / k] * n + i2[pair[r] % k];
+          orr[r] = a * n + b;
+          osub[2 * r] = static_cast<int32_t>(a);
+          osub[2 * r + 1] = static_cast<int32_t>(b);
         }
       }
     });
   });
-  return {scores_THK, rows_THK};
+  return {scores_THK, rows_THK, subs_THK2};
 }
 
-// d scores_THK / d (q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ) for scores = q1 . keys1[i1] + q2 . keys2[i2].
-std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor rows_THK, torch::Tensor q1_THQ,
+// d scores_THK / d (q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ) for scores = q1 . keys1[i1] + q2 . keys2[i2],
+// (i1, i2) = subs_THK2 from topk_merge.
+std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor subs_THK2, torch::Tensor q1_THQ,
                                            torch::Tensor q2_THQ, torch::Tensor keys1_HnQ, torch::Tensor keys2_HnQ) {
   grad_THK = grad_THK.contiguous();
-  rows_THK = rows_THK.contiguous();
+  subs_THK2 = subs_THK2.contiguous();
   q1_THQ = q1_THQ.contiguous();
   q2_THQ = q2_THQ.contiguous();
   keys1_HnQ = keys1_HnQ.contiguous();
   keys2_HnQ = keys2_HnQ.contiguous();
   const int64_t tokens = q1_THQ.size(0), heads = q1_THQ.size(1), q = q1_THQ.size(2);
-  const int64_t n = keys1_HnQ.size(1), k = rows_THK.size(2);
+  const int64_t n = keys1_HnQ.size(1), k = subs_THK2.size(2);
   auto gq1 = torch::empty_like(q1_THQ), gq2 = torch::empty_like(q2_THQ);
   auto gk1 = torch::zeros_like(keys1_HnQ), gk2 = torch::zeros_like(keys2_HnQ);
   AT_DISPATCH_FLOATING_TYPES(q1_THQ.scalar_type(), "search_backward", [&] {
     const scalar_t* g = grad_THK.data_ptr<scalar_t>();
-    const int64_t* rows = rows_THK.data_ptr<int64_t>();
+    const int32_t* subs = subs_THK2.data_ptr<int32_t>();
     const scalar_t* qs[2] = {q1_THQ.data_ptr<scalar_t>(), q2_THQ.data_ptr<scalar_t>()};
     const scalar_t* ks[2] = {keys1_HnQ.data_ptr<scalar_t>(), keys2_HnQ.data_ptr<scalar_t>()};
     scalar_t* gqs[2] = {gq1.data_ptr<scalar_t>(), gq2.data_ptr<scalar_t>()};
@@ -138,8 +145,7 @@ std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor
           scalar_t* out = gqs[half] + th * q;
           for (int64_t c = 0; c < q; ++c) out[c] = 0;
           for (int64_t r = 0; r < k; ++r) {
-            const int64_t row = rows[th * k + r];
-            const int64_t sub = half == 0 ? row / n : row % n;
+            const int64_t sub = subs[(th * k + r) * 2 + half];
             const scalar_t w = g[th * k + r];
             const scalar_t* key = ks[half] + (h * n + sub) * q;
             for (int64_t c = 0; c < q; ++c) out[c] += w * key[c];
@@ -159,8 +165,7 @@ std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor
           const int64_t th = t * heads + h;
           const scalar_t* qv = qs[half] + th * q;
           for (int64_t r = 0; r < k; ++r) {
-            const int64_t row = rows[th * k + r];
-            const int64_t sub = half == 0 ? row / n : row % n;
+            const int64_t sub = subs[(th * k + r) * 2 + half];
             const acc_t w = g[th * k + r];
             acc_t* a = acc.data() + sub * q;
             for (int64_t c = 0; c < q; ++c) a[c] += w * qv[c];

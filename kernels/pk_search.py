@@ -50,14 +50,14 @@ class _ProductKeySearch(torch.autograd.Function):
     def forward(ctx, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk, ops):
         s1_HTn = torch.bmm(q1_THQ.transpose(0, 1), keys1_HnQ.transpose(1, 2))
         s2_HTn = torch.bmm(q2_THQ.transpose(0, 1), keys2_HnQ.transpose(1, 2))
-        scores_THK, rows_THK = ops.topk_merge(s1_HTn, s2_HTn, topk)
-        ctx.save_for_backward(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, rows_THK)
+        scores_THK, rows_THK, subs_THK2 = ops.topk_merge(s1_HTn, s2_HTn, topk)
+        ctx.save_for_backward(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, subs_THK2)
         ctx.ops = ops
         ctx.mark_non_differentiable(rows_THK)
         return scores_THK, rows_THK
 
     @staticmethod
     def backward(ctx, grad_THK, _grad_rows):
-        q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, rows_THK = ctx.saved_tensors
-        grads = ctx.ops.search_backward(grad_THK, rows_THK, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ)
+        q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, subs_THK2 = ctx.saved_tensors
+        grads = ctx.ops.search_backward(grad_THK, subs_THK2, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ)
         return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])], None, None)

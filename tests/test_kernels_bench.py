@@ -16,7 +16,7 @@ def test_bench_memory_json_rows_from_child_processes_with_the_peer():
     rows = json.loads(proc.stdout)
     assert [(r["impl"], r["slots"]) for r in rows] == [("memlayers", 1024), ("lucidrains", 1024)]
     for row in rows:
-        assert set(row) == {"impl", "slots", "step_ms", "peak_rss_gb"}
+        assert set(row) == {"impl", "slots", "step_ms", "peak_rss_gb"}  # the stable JSON schema
         assert row["step_ms"] > 0 and 0.05 < row["peak_rss_gb"] < 8
 
 

@@ -8,17 +8,23 @@ forward + backward + optimizer step, at each `--sizes` slot count, for:
 - `lucidrains`: the peer `product_key_memory.PKM(dim=512, heads=4, num_keys=sqrt(S), topk=32,
   dim_head=128)` (the optional `bench` extra, product-key-memory==0.3.0) with torch Adam.
 
+`--cpu-ops auto,torch` adds a `memlayers-torch` row per size: ours with the torch path in place
+of the C++ CPU ops (`memlayers.kernels.cpu_ops`), measured in the same run. The peer is skipped,
+with a printed reason, above `--peer-max-slots` (default 1M): at 4M slots its dense value table,
+gradient and two Adam moments alone need 4 x 4M x 512 x 4 B = 34 GB.
+
 Both run in the same conditions: by default each child gets the CPU allocator settings of
 `memlayers.kernels.allocator` (huge-page allocations for large tensors, freed memory kept for
 reuse instead of being page-faulted in again every step); `--default-allocator` turns them off
 for both.
 Every (impl, size) row runs in its own child process (`python -m memlayers.platform.bench.memory
 --child IMPL SLOTS`), so its peak RSS (`ru_maxrss` of the child) is its own. `step_ms` is the median
-of the timed steps after the warm-up steps (robust to other load on a shared machine); `peak_rss_gb` is in GB (10^9 bytes). The table also shows the
-CPU time of a step (both threads, median): on a machine shared with other work it moves much less
-than the wall time. The table is
-followed by the ratios: ours at the largest size / ours at the smallest, the peer / ours at the
-largest size (time and RSS). `--json` prints a list of {impl, slots, step_ms, peak_rss_gb}.
+of the timed steps after the warm-up steps, with its interquartile range; `peak_rss_gb` is in GB
+(10^9 bytes). The table also shows the CPU time of a step (both threads, median and IQR): on a
+machine shared with other work it moves much less than the wall time. The table is followed by
+the ratios of medians: ours at the largest size / ours at the smallest, the peer / ours at the
+largest size where both ran (time and RSS), on wall and on CPU time. `--json` prints a list of
+{impl, slots, step_ms, peak_rss_gb}.
 """
 
 from __future__ import annotations
@@ -30,18 +36,24 @@ import subprocess
 import sys
 
 DIM, HEADS, TOPK, KEY_DIM, BATCH, SEQ, THREADS = 512, 4, 32, 256, 4, 256, 2
-DEFAULT_SIZES = (16384, 262144, 1048576)
+DEFAULT_SIZES = (16384, 262144, 1048576, 4194304)
+PEER_MAX_SLOTS = 1048576
+OURS = {"auto": "memlayers", "torch": "memlayers-torch"}  # our rows per MEMLAYERS_CPU_OPS mode
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                         help="comma-separated slot counts (perfect squares)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     parser.add_argument("--optimizer", choices=("row_adagrad", "lazy_adam"), default="row_adagrad",
                         help="value optimizer of the memlayers rows")
     parser.add_argument("--skip-peer", action="store_true", help="measure memlayers only")
+    parser.add_argument("--peer-max-slots", type=int, default=PEER_MAX_SLOTS,
+                        help="largest size the peer runs at (default 1M: it needs ~34 GB at 4M)")
+    parser.add_argument("--cpu-ops", default="auto",
+                        help="comma-separated MEMLAYERS_CPU_OPS modes for our rows (auto, torch)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="measure without the allocator settings of memlayers.kernels.allocator (both impls)")
     parser.set_defaults(func=run)
@@ -53,23 +65,33 @@ def run(args: argparse.Namespace) -> int:
         if int(s ** 0.5) ** 2 != s:
             print(f"--sizes: {s} is not a perfect square (product keys need n*n slots)", file=sys.stderr)
             return 2
-    impls = ["memlayers"] + ([] if args.skip_peer else ["lucidrains"])
+    modes = [m for m in args.cpu_ops.split(",") if m]
+    if not modes or any(m not in ("auto", "torch") for m in modes):
+        print(f"--cpu-ops: expected a comma-separated subset of auto, torch, got {args.cpu_ops!r}", file=sys.stderr)
+        return 2
+    impls = [OURS[m] for m in modes] + ([] if args.skip_peer else ["lucidrains"])
     rows = []
     if not args.json:
         print(f"memory layer dim {DIM}, {HEADS} heads, top-{TOPK}, key dim {KEY_DIM}; batch {BATCH}x{SEQ}; "
               f"{THREADS} threads; {args.warmup} warm-up + {args.steps} timed steps; "
               f"memlayers values: {args.optimizer}; allocator: {'default' if args.default_allocator else 'tuned'} (both impls)")
-        print(f"{'impl':<11} {'slots':>9} {'ms/step':>9} {'peak RSS GB':>12} {'CPU ms/step':>12}")
+        print(f"{'impl':<16} {'slots':>9} {'ms/step (IQR)':>18} {'CPU ms/step (IQR)':>18} {'peak RSS GB':>12}")
     for slots in sizes:
         for impl in impls:
+            if impl == "lucidrains" and slots > args.peer_max_slots:
+                if not args.json:
+                    print(f"{impl:<16} {slots:>9} skipped: above --peer-max-slots {args.peer_max_slots} (its dense "
+                          f"table, gradient and Adam moments need ~{16 * slots * DIM / 1e9:.0f} GB)", flush=True)
+                continue
             row = _run_child(impl, slots, args)
             rows.append(row)
             if not args.json:
                 shown = ("failed" if row["step_ms"] is None else
-                         f"{row['step_ms']:9.1f} {row['peak_rss_gb']:12.2f} {row['cpu_ms']:12.1f}")
-                print(f"{impl:<11} {slots:>9} {shown}", flush=True)
+                         f"{row['step_ms']:9.1f} ({row['step_ms_iqr']:6.1f}) {row['cpu_ms']:9.1f} ({row['cpu_ms_iqr']:6.1f}) "
+                         f"{row['peak_rss_gb']:12.2f}")
+                print(f"{impl:<16} {slots:>9} {shown}", flush=True)
     if args.json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "cpu_ms"} for r in rows]))
+        print(json.dumps([{k: r[k] for k in ("impl", "slots", "step_ms", "peak_rss_gb")} for r in rows]))
     else:
         for line in _ratios(rows, sizes):
             print(line)
@@ -82,7 +104,10 @@ def _run_child(impl: str, slots: int, args: argparse.Namespace) -> dict:
     # deferred: a bench target imports what it measures only when it runs
     from memlayers.kernels.allocator import HUGE_PAGES_ENV
 
+    from memlayers.kernels.cpu_ops import ENV
+
     env = dict(os.environ) if args.default_allocator else dict(os.environ, **HUGE_PAGES_ENV)
+    env[ENV] = "torch" if impl == OURS["torch"] else "auto"
     if args.default_allocator:
         cmd.append("--default-allocator")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -95,19 +120,33 @@ def _run_child(impl: str, slots: int, args: argparse.Namespace) -> dict:
 
 
 def _ratios(rows: list[dict], sizes: list[int]) -> list[str]:
+    """Ratios of medians: ours at each size / ours at the smallest, the peer vs ours at the largest
+    size both ran at, and ours with the C++ CPU ops vs ours on the torch path (CPU time beside)."""
     by = {(r["impl"], r["slots"]): r for r in rows if r["step_ms"] is not None}
-    lo, hi = min(sizes), max(sizes)
+    lo = min(sizes)
+    cpu = lambda a, b: f", CPU x{a['cpu_ms'] / b['cpu_ms']:.2f}" if a.get("cpu_ms") and b.get("cpu_ms") else ""
     out = []
-    ours_lo, ours_hi, peer_hi = by.get(("memlayers", lo)), by.get(("memlayers", hi)), by.get(("lucidrains", hi))
-    if ours_lo and ours_hi and lo != hi:
-        out.append(f"ours {hi} / ours {lo} slots: time x{ours_hi['step_ms'] / ours_lo['step_ms']:.2f}"
-                   f" (target <= 2.0), RSS x{ours_hi['peak_rss_gb'] / ours_lo['peak_rss_gb']:.2f}")
+    ours_lo = by.get(("memlayers", lo))
+    for hi in sorted(sizes):
+        ours_hi = by.get(("memlayers", hi))
+        if ours_lo and ours_hi and hi != lo:
+            out.append(f"ours {hi} / ours {lo} slots: time x{ours_hi['step_ms'] / ours_lo['step_ms']:.2f}"
+                       f" (target <= 2.0), RSS x{ours_hi['peak_rss_gb'] / ours_lo['peak_rss_gb']:.2f}{cpu(ours_hi, ours_lo)}")
+    both = [size for size in sizes if ("memlayers", size) in by and ("lucidrains", size) in by]
     peer_lo = by.get(("lucidrains", lo))
-    if peer_lo and peer_hi and lo != hi:
-        out.append(f"lucidrains {hi} / lucidrains {lo} slots: time x{peer_hi['step_ms'] / peer_lo['step_ms']:.2f}")
-    if ours_hi and peer_hi:
+    if both:
+        hi = max(both)
+        ours_hi, peer_hi = by[("memlayers", hi)], by[("lucidrains", hi)]
+        if peer_lo and hi != lo:
+            out.append(f"lucidrains {hi} / lucidrains {lo} slots: time x{peer_hi['step_ms'] / peer_lo['step_ms']:.2f}")
         out.append(f"lucidrains / ours at {hi} slots: time x{peer_hi['step_ms'] / ours_hi['step_ms']:.1f} "
-                   f"(target >= 10), RSS x{peer_hi['peak_rss_gb'] / ours_hi['peak_rss_gb']:.2f} (target >= 2)")
+                   f"(target >= 10), RSS x{peer_hi['peak_rss_gb'] / ours_hi['peak_rss_gb']:.2f} (target >= 2)"
+                   f"{cpu(peer_hi, ours_hi)}")
+    for size in sizes:
+        fast, slow = by.get(("memlayers", size)), by.get((OURS["torch"], size))
+        if fast and slow:
+            out.append(f"ours at {size} slots, torch path / C++ CPU ops: time x{slow['step_ms'] / fast['step_ms']:.2f}"
+                       f"{cpu(slow, fast)}")
     return out
 
 
@@ -118,7 +157,7 @@ def _build(impl: str, slots: int, optimizer: str):
     # deferred: a bench target imports what it measures only when it runs
     import torch
 
-    if impl == "memlayers":  # each implementation's own imports, only for the row being measured
+    if impl in OURS.values():  # each implementation's own imports, only for the row being measured
         from memlayers.kernels.value_optim import make_value_optimizer
         from memlayers.models.config import MemoryConfig
         from memlayers.models.memory import MemoryLayer
@@ -134,16 +173,16 @@ def _build(impl: str, slots: int, optimizer: str):
 
         layer = PKM(dim=DIM, heads=HEADS, num_keys=int(slots ** 0.5), topk=TOPK, dim_head=128)
         return layer, [torch.optim.Adam(layer.parameters(), lr=1e-3)]
-    raise ValueError(f"impl: must be 'memlayers' or 'lucidrains', got {impl!r}")
+    raise ValueError(f"impl: must be one of {', '.join(OURS.values())} or 'lucidrains', got {impl!r}")
 
 
 def measure(impl: str, slots: int, steps: int, warmup: int, optimizer: str, tuned_allocator: bool = True) -> dict:
     """Time `warmup + steps` training steps of one layer in this process -> the JSON row."""
     # deferred: a bench target imports what it measures only when it runs
     import resource
-    import time
 
     import torch
+    from memlayers.platform.bench.timing import StepTimes
 
     if tuned_allocator:
         from memlayers.kernels.allocator import keep_freed_memory  # before the first allocation
@@ -154,20 +193,21 @@ def measure(impl: str, slots: int, steps: int, warmup: int, optimizer: str, tune
     torch.manual_seed(0)
     layer, optimizers = _build(impl, slots, optimizer)
     x_BTD = torch.randn(BATCH, SEQ, DIM)
-    times, cpu_times = [], []
-    for i in range(warmup + steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
+
+    def step() -> None:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         layer(x_BTD).float().pow(2).mean().backward()
         for opt in optimizers:
             opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+
+    for _ in range(warmup):
+        step()
+    times = StepTimes()
+    for _ in range(steps):
+        times.time(step)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    return {"impl": impl, "slots": slots, "step_ms": round(1e3 * sorted(times)[len(times) // 2], 1),
-            "peak_rss_gb": round(rss_gb, 3), "cpu_ms": round(1e3 * sorted(cpu_times)[len(cpu_times) // 2], 1)}
+    return {"impl": impl, "slots": slots, **times.summary(), "peak_rss_gb": round(rss_gb, 3)}
 
 
 def _child_main(argv: list[str]) -> int:

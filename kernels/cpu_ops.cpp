@@ -12,53 +12,73 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
 
-// Insert (x, i) into a descending list of at most k; ties keep the earlier insertion first,
-// so scanning candidates in index order ranks equal scores by ascending index.
 template <typename scalar_t>
-inline void push_topk(scalar_t* vals, int64_t* ids, int64_t k, int64_t& size, scalar_t x, int64_t i) {
-  int64_t pos;
-  if (size == k) {
-    if (!(x > vals[k - 1])) return;
-    pos = k - 1;
-  } else {
-    pos = size++;
-  }
-  while (pos > 0 && x > vals[pos - 1]) {
-    vals[pos] = vals[pos - 1];
-    ids[pos] = ids[pos - 1];
-    --pos;
-  }
-  vals[pos] = x;
-  ids[pos] = i;
+inline int64_t count_at_least(const scalar_t* x, int64_t n, scalar_t bound) {
+  int64_t count = 0;
+  for (int64_t a = 0; a < n; ++a) count += x[a] >= bound;
+  return count;
 }
 
-// Top-k of one row of n scores into vals/ids (best first, ties by ascending index). The smallest
-// of k disjoint block maxima is a lower bound on the k-th largest score: only the scores at or
-// above it (in index order, compressed without branches) go through the insertion.
+// Top-k of one row of n scores into vals/ids (best first, ties by ascending index).
+// 1. A lower bound on the k-th largest score: the smallest of k disjoint block maxima (each block
+//    holds a score at or above it), raised by a few bisection steps that keep >= k scores above it.
+// 2. The scores at or above the bound (~k of them), in index order, compressed without branches.
+// 3. Each candidate's place = #(larger candidates) + #(equal candidates before it): no insertion.
+// cand_v/cand_i hold n + 8 entries. NaN scores are never selected (with NaNs a row may come back
+// short: its tail keeps NaN scores and index 0, a valid row).
 template <typename scalar_t>
 inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, int64_t* ids,
                      scalar_t* cand_v, int64_t* cand_i) {
   const int64_t block = n / k;
-  scalar_t bound = s_n[0];
+  scalar_t lo = s_n[0], hi = s_n[0];
   for (int64_t b = 0; b < k; ++b) {
     const scalar_t* x = s_n + b * block;
     scalar_t top = x[0];
     for (int64_t a = 1; a < block; ++a) top = x[a] > top ? x[a] : top;
-    bound = (b == 0 || top < bound) ? top : bound;
+    lo = (b == 0 || top < lo) ? top : lo;
+    hi = top > hi ? top : hi;
+  }
+  for (int64_t a = k * block; a < n; ++a) hi = s_n[a] > hi ? s_n[a] : hi;
+  for (int step = 0; step < 4; ++step) {
+    const scalar_t mid = lo + (hi - lo) / 2;
+    if (count_at_least(s_n, n, mid) >= k) lo = mid; else hi = mid;
   }
   int64_t count = 0;
   for (int64_t a = 0; a < n; ++a) {
     cand_v[count] = s_n[a];
     cand_i[count] = a;
-    count += s_n[a] >= bound;
+    count += s_n[a] >= lo;
   }
-  int64_t size = 0;
-  for (int64_t c = 0; c < count; ++c) push_topk(vals, ids, k, size, cand_v[c], cand_i[c]);
+  const int64_t padded = (count + 7) / 8 * 8;
+  for (int64_t a = count; a < padded; ++a) cand_v[a] = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t r = 0; r < k; ++r) {
+    vals[r] = std::numeric_limits<scalar_t>::quiet_NaN();
+    ids[r] = 0;
+  }
+  for (int64_t a = 0; a < count; ++a) {
+    const scalar_t x = cand_v[a];
+    int64_t above = 0, equal = 0;
+    for (int64_t d = 0; d < padded; ++d) {
+      above += cand_v[d] > x;
+      equal += cand_v[d] == x;
+    }
+    if (equal > 1) {  // ties (rare): only the equal candidates before this one rank above it
+      equal = 0;
+      for (int64_t d = 0; d < a; ++d) equal += cand_v[d] == x;
+      above += equal;
+    }
+    if (above < k) {
+      vals[above] = x;
+      ids[above] = cand_i[a];
+    }
+  }
 }
 
 }  // namespace
@@ -74,6 +94,14 @@ std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn
   auto scores_THK = torch::empty({tokens, heads, k}, s1_HTn.options());
   auto rows_THK = torch::empty({tokens, heads, k}, s1_HTn.options().dtype(torch::kInt64));
   auto subs_THK2 = torch::empty({tokens, heads, k, 2}, s1_HTn.options().dtype(torch::kInt32));
+  // pairs (i, j) of positions in the two sorted top-k lists with (i + 1)(j + 1) <= k
+  std::vector<int64_t> pair_i, pair_j;
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; (i + 1) * (j + 1) <= k; ++j) {
+      pair_i.push_back(i);
+      pair_j.push_back(j);
+    }
+  const int64_t pairs = static_cast<int64_t>(pair_i.size());
   AT_DISPATCH_FLOATING_TYPES(s1_HTn.scalar_type(), "topk_merge", [&] {
     const scalar_t* s1 = s1_HTn.data_ptr<scalar_t>();
     const scalar_t* s2 = s2_HTn.data_ptr<scalar_t>();
@@ -82,29 +110,23 @@ std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn
     int32_t* out_sub = subs_THK2.data_ptr<int32_t>();
     at::parallel_for(0, tokens * heads, 256, [&](int64_t lo, int64_t hi) {
       std::vector<scalar_t> v1(k), v2(k), vs(k);
-      std::vector<int64_t> i1(k), i2(k), pair(k), cand_i(n);
-      std::vector<scalar_t> cand_v(n);
+      const int64_t width = std::max(n, pairs) + 8;
+      std::vector<int64_t> i1(k), i2(k), pick(k), cand_i(width);
+      std::vector<scalar_t> cand_v(width), sums(pairs);
       for (int64_t th = lo; th < hi; ++th) {
         const int64_t t = th / heads, h = th % heads;
         const int64_t off = (h * tokens + t) * n;
         row_topk(s1 + off, n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data());
         row_topk(s2 + off, n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data());
-        // pairs (i, j) with (i + 1)(j + 1) <= k, scanned in (i, j) order: equal sums rank by
-        // (i, j), under which a pair is always preceded by the pairs that dominate it
-        int64_t size = 0;
-        for (int64_t i = 0; i < k; ++i) {
-          const int64_t jmax = k / (i + 1);
-          for (int64_t j = 0; j < jmax; ++j) {
-            const scalar_t sum = v1[i] + v2[j];
-            if (size == k && !(sum > vs[k - 1])) break;  // sums fall along j
-            push_topk(vs.data(), pair.data(), k, size, sum, (i << 32) | j);  // (i, j) order = id order
-          }
-        }
+        // the candidate pairs' sums, in (i, j) order: equal sums rank by (i, j), under which a
+        // pair is always preceded by the pairs that dominate it
+        for (int64_t p = 0; p < pairs; ++p) sums[p] = v1[pair_i[p]] + v2[pair_j[p]];
+        row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data());
         scalar_t* os = out_s + th * k;
         int64_t* orr = out_r + th * k;
         int32_t* osub = out_sub + th * k * 2;
         for (int64_t r = 0; r < k; ++r) {
-          const int64_t a = i1[pair[r] >> 32], b = i2[pair[r] & 0xFFFFFFFF];
+          const int64_t a = i1[pair_i[pick[r]]], b = i2[pair_j[pick[r]]];
           os[r] = vs[r];
           orr[r] = a * n + b;
           osub[2 * r] = static_cast<int32_t>(a);

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import ray.train
 import torch
 from memlayers.platform.data.prepare import prepare_data
-from memlayers.platform.tracking.client import MetricBuffer
+from memlayers.platform.tracking.client import MetricBuffer, set_tags
+from memlayers.platform.tracking.conventions import FIRST_STEP_TAG, progress_tags
 from memlayers.platform.train.loop import NonFiniteLoss, RunLoop
 from memlayers.platform.train.run_config import run_config_from_dict
 
@@ -53,6 +55,8 @@ def train_loop_per_worker(config: dict) -> None:
                 _maybe_fail(loop.step + 1, train.fail_at_step, marker)
             try:
                 metrics = loop.train_step()
+                if loop.step == 1 and metrics_out is not None:
+                    _tag_first_step(config)
             except NonFiniteLoss as error:
                 if metrics_out is not None:
                     metrics_out.flush()
@@ -63,6 +67,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics["tokens_per_s"] = loop.throughput()
                 if metrics_out is not None:
                     metrics_out.add(loop.step, metrics)
+                    _show_progress(config, loop.step, metrics)
             if loop.step % train.eval_every == 0 or last:
                 evaluation = loop.evaluate()
                 metrics.update(evaluation)
@@ -75,6 +80,23 @@ def train_loop_per_worker(config: dict) -> None:
     finally:
         if monitor is not None:
             monitor.finish()
+
+
+def _tag_first_step(config: dict) -> None:
+    """When the run's first step finished: a cell's start-up is the time up to here."""
+    try:
+        set_tags(config["tracking_uri"], config["run_id"], {FIRST_STEP_TAG: f"{time.time():.3f}"})
+    except Exception:  # a busy store loses the measurement, nothing else
+        pass
+
+
+def _show_progress(config: dict, step: int, metrics: dict) -> None:
+    """Rank 0's live progress (a tag the study's progress line reads); best effort, never fatal."""
+    try:
+        set_tags(config["tracking_uri"], config["run_id"],
+                 progress_tags(step, float(metrics["loss"]), float(metrics["tokens_per_s"])))
+    except Exception:  # a busy store loses one progress update, nothing else
+        pass
 
 
 def _report(loop: RunLoop, metrics: dict) -> None:

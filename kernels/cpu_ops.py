@@ -68,6 +68,9 @@ def _cpu() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
+BUILD_TIMEOUT_S = 600.0  # waiting longer for another process's build falls back to the torch path
+
+
 def _build() -> ModuleType:
     # deferred: building pulls in setuptools/ninja machinery only when the ops are first used
     from torch.utils.cpp_extension import load_inline
@@ -76,11 +79,18 @@ def _build() -> ModuleType:
         import ninja  # deferred: only needed to locate the binary
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    from filelock import FileLock  # deferred: only a build needs the lock
+
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    return load_inline(name=f"memlayers_{directory.name}", cpp_sources=[SOURCE.read_text()], functions=FUNCTIONS,
-                       extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
-                       verbose=False)
+    # torch's own build lock is a plain file that a build killed half-way leaves behind, after which
+    # every later process waits for it forever. Our flock dies with its holder: under it, no other
+    # memlayers process is building, so a torch lock file still there is stale and can go.
+    with FileLock(str(directory / ".memlayers-build.lock"), timeout=BUILD_TIMEOUT_S):
+        (directory / "lock").unlink(missing_ok=True)
+        return load_inline(name=f"memlayers_{directory.name}", cpp_sources=[SOURCE.read_text()], functions=FUNCTIONS,
+                           extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
+                           verbose=False)
 
 
 def ops() -> ModuleType | None:

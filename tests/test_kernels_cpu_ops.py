@@ -167,3 +167,13 @@ def test_the_mode_is_validated_and_cuda_or_bf16_tensors_never_take_the_cpu_ops(m
     assert not pk_search.applies(torch.zeros(2, device="meta"))
     monkeypatch.setenv(cpu_ops.ENV, "torch")
     assert not pk_search.applies(torch.zeros(2))
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_process(monkeypatch):
+    if cpu_ops.ops() is None:
+        pytest.skip("the C++ CPU ops do not build on this machine")
+    stale = cpu_ops.cache_dir() / "lock"  # what torch leaves when a build is killed half-way
+    stale.touch()
+    monkeypatch.setattr(cpu_ops, "_state", {})
+    assert cpu_ops.ops() is not None  # loads the cached build instead of waiting on the stale file
+    assert not stale.exists()

@@ -29,6 +29,11 @@ def default_key_dim(dim: int) -> int:
     return max(2, 2 * (dim // 8))
 
 
+# Bounds on table sizes a config may ask for (far above the paper's 4096^2 memory and 768^2 PEER
+# experts), so that validating any config answers at once instead of sizing an impossible model.
+MAX_ROWS = 2**32
+MAX_EXPERTS = 65536
+
 @dataclass
 class MemoryConfig:
     slots: int = 65536            # N = n^2 value rows; n sub-keys per half
@@ -50,6 +55,7 @@ class MemoryConfig:
     def validate(self, path: str = "memory") -> None:
         require(self.slots > 0 and math.isqrt(self.slots) ** 2 == self.slots, f"{path}.slots",
                 f"must be a perfect square n*n (product keys), got {self.slots}")
+        require(self.slots <= MAX_ROWS, f"{path}.slots", f"at most {MAX_ROWS:,} (65536^2), got {self.slots:,}")
         require(self.heads >= 1, f"{path}.heads", f"must be >= 1, got {self.heads}")
         require(1 <= self.topk <= self.sub_keys, f"{path}.topk",
                 f"must be between 1 and sqrt(slots)={self.sub_keys}, got {self.topk}")
@@ -82,7 +88,7 @@ class MoEConfig:
         return self.capacity_factor if self.routing == "expert_choice" else self.topk
 
     def validate(self, path: str = "moe") -> None:
-        require(self.experts >= 1, f"{path}.experts", f"must be >= 1, got {self.experts}")
+        require(1 <= self.experts <= MAX_EXPERTS, f"{path}.experts", f"must be in [1, {MAX_EXPERTS}], got {self.experts}")
         require(1 <= self.topk <= self.experts, f"{path}.topk",
                 f"must be between 1 and experts={self.experts}, got {self.topk}")
         if self.expert_ffn_dim is not None:
@@ -119,6 +125,7 @@ class PeerConfig:
     def validate(self, path: str = "peer") -> None:
         require(self.experts > 0 and math.isqrt(self.experts) ** 2 == self.experts, f"{path}.experts",
                 f"must be a perfect square n*n (product keys), got {self.experts}")
+        require(self.experts <= MAX_ROWS, f"{path}.experts", f"at most {MAX_ROWS:,} (65536^2), got {self.experts:,}")
         require(self.heads >= 1, f"{path}.heads", f"must be >= 1, got {self.heads}")
         require(1 <= self.topk <= self.sub_keys, f"{path}.topk",
                 f"must be between 1 and sqrt(experts)={self.sub_keys}, got {self.topk}")

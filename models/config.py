@@ -34,6 +34,23 @@ def default_key_dim(dim: int) -> int:
 MAX_ROWS = 2**32
 MAX_EXPERTS = 65536
 
+
+def _check_product_keys(cfg, rows_field: str, path: str) -> None:
+    """The checks a product-key search's config shares (memory layers and PEER): N = n^2 rows,
+    bounded; heads; top-k within the n sub-keys; an even key dim; a positive temperature."""
+    rows = getattr(cfg, rows_field)
+    require(rows > 0 and math.isqrt(rows) ** 2 == rows, f"{path}.{rows_field}",
+            f"must be a perfect square n*n (product keys), got {rows}")
+    require(rows <= MAX_ROWS, f"{path}.{rows_field}", f"at most {MAX_ROWS:,} (65536^2), got {rows:,}")
+    require(cfg.heads >= 1, f"{path}.heads", f"must be >= 1, got {cfg.heads}")
+    require(1 <= cfg.topk <= cfg.sub_keys, f"{path}.topk",
+            f"must be between 1 and sqrt({rows_field})={cfg.sub_keys}, got {cfg.topk}")
+    if cfg.key_dim is not None:
+        require(cfg.key_dim >= 2 and cfg.key_dim % 2 == 0, f"{path}.key_dim",
+                f"must be an even integer >= 2, got {cfg.key_dim}")
+    if cfg.temperature is not None:
+        require(cfg.temperature > 0, f"{path}.temperature", f"must be > 0, got {cfg.temperature}")
+
 @dataclass
 class MemoryConfig:
     slots: int = 65536            # N = n^2 value rows; n sub-keys per half
@@ -53,17 +70,7 @@ class MemoryConfig:
         return math.isqrt(self.slots)
 
     def validate(self, path: str = "memory") -> None:
-        require(self.slots > 0 and math.isqrt(self.slots) ** 2 == self.slots, f"{path}.slots",
-                f"must be a perfect square n*n (product keys), got {self.slots}")
-        require(self.slots <= MAX_ROWS, f"{path}.slots", f"at most {MAX_ROWS:,} (65536^2), got {self.slots:,}")
-        require(self.heads >= 1, f"{path}.heads", f"must be >= 1, got {self.heads}")
-        require(1 <= self.topk <= self.sub_keys, f"{path}.topk",
-                f"must be between 1 and sqrt(slots)={self.sub_keys}, got {self.topk}")
-        if self.key_dim is not None:
-            require(self.key_dim >= 2 and self.key_dim % 2 == 0, f"{path}.key_dim",
-                    f"must be an even integer >= 2, got {self.key_dim}")
-        if self.temperature is not None:
-            require(self.temperature > 0, f"{path}.temperature", f"must be > 0, got {self.temperature}")
+        _check_product_keys(self, "slots", path)
         if self.n_layers is not None:
             require(self.n_layers >= 1, f"{path}.n_layers", f"must be >= 1, got {self.n_layers}")
 
@@ -123,20 +130,10 @@ class PeerConfig:
         return math.isqrt(self.experts)
 
     def validate(self, path: str = "peer") -> None:
-        require(self.experts > 0 and math.isqrt(self.experts) ** 2 == self.experts, f"{path}.experts",
-                f"must be a perfect square n*n (product keys), got {self.experts}")
-        require(self.experts <= MAX_ROWS, f"{path}.experts", f"at most {MAX_ROWS:,} (65536^2), got {self.experts:,}")
-        require(self.heads >= 1, f"{path}.heads", f"must be >= 1, got {self.heads}")
-        require(1 <= self.topk <= self.sub_keys, f"{path}.topk",
-                f"must be between 1 and sqrt(experts)={self.sub_keys}, got {self.topk}")
-        if self.key_dim is not None:
-            require(self.key_dim >= 2 and self.key_dim % 2 == 0, f"{path}.key_dim",
-                    f"must be an even integer >= 2, got {self.key_dim}")
+        _check_product_keys(self, "experts", path)
         require(self.activation in ("gelu", "relu"), f"{path}.activation", f"must be gelu or relu, got {self.activation!r}")
         require(self.score_norm in ("softmax", "sigmoid"), f"{path}.score_norm",
                 f"must be softmax or sigmoid, got {self.score_norm!r}")
-        if self.temperature is not None:
-            require(self.temperature > 0, f"{path}.temperature", f"must be > 0, got {self.temperature}")
         if self.n_layers is not None:
             require(self.n_layers >= 1, f"{path}.n_layers", f"must be >= 1, got {self.n_layers}")
 

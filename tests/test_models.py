@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from causality import later_token_changes
 from memlayers.models.config import FAMILIES, MemoryConfig, ModelConfig, MoEConfig, PeerConfig
 from memlayers.models.memory import MemoryLayer
 from memlayers.config_schema import ConfigError, from_dict
@@ -26,12 +27,7 @@ def tiny_config(family: str, **overrides) -> ModelConfig:
 def test_changing_a_later_token_never_changes_earlier_outputs(family):
     torch.manual_seed(0)
     model = Transformer(tiny_config(family)).eval()
-    tokens = torch.randint(0, 61, (2, 16))
-    for t in (0, 7, 14):
-        changed = tokens.clone()
-        changed[:, t + 1] = (changed[:, t + 1] + 1) % 61
-        with torch.no_grad():
-            before, after = model(tokens), model(changed)
+    for t, before, after in later_token_changes(model):
         torch.testing.assert_close(before[:, : t + 1], after[:, : t + 1], rtol=0, atol=1e-6)
         assert not torch.allclose(before[:, t + 1:], after[:, t + 1:])
 

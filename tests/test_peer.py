@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from causality import later_token_changes
 from memlayers.config_schema import ConfigError, from_dict
 from memlayers.kernels.value_optim import make_value_optimizer
 from memlayers.models.accounting import account
@@ -69,12 +70,7 @@ def test_changing_a_later_token_never_changes_earlier_outputs(mode):
     torch.manual_seed(0)
     model = Transformer(tiny_peer())
     model.train(mode == "train")
-    tokens = torch.randint(0, VOCAB, (2, 16))
-    for t in (0, 7, 14):
-        changed = tokens.clone()
-        changed[:, t + 1] = (changed[:, t + 1] + 1) % VOCAB
-        with torch.no_grad():
-            before, after = model(tokens), model(changed)
+    for t, before, after in later_token_changes(model, VOCAB):
         torch.testing.assert_close(before[:, : t + 1], after[:, : t + 1], rtol=0, atol=1e-6)
         assert not torch.allclose(before[:, t + 1:], after[:, t + 1:])
 

@@ -23,16 +23,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memlayers.platform.cluster.ports import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRIVATE_ON_WORKER = (Path("/tmp"), Path("/var/tmp"))  # what the worker node's mount namespace hides
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "memlayers-test"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def can_build() -> str | None:
@@ -43,6 +39,9 @@ def can_build() -> str | None:
         return "needs unshare (util-linux)"
     if not (VENV_BIN / "moto_server").exists():
         return "needs moto[server] (pip install -e '.[test]')"
+    for path in (REPO_ROOT, VENV_BIN):
+        if any(path.resolve().is_relative_to(hidden) for hidden in PRIVATE_ON_WORKER):
+            return f"the checkout or its venv lies at {path}, under a folder the worker node's private mounts hide"
     return None
 
 
@@ -129,7 +128,7 @@ def _wait_http(url: str, proc: Proc, timeout: float, ok_codes: tuple[int, ...] =
 
 
 def start_moto(cluster: Cluster) -> None:
-    port = _free_port()
+    port = free_port()
     proc = cluster.start("moto", [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)])
     cluster.s3 = f"http://127.0.0.1:{port}"
     cluster.env.update(AWS_ENDPOINT_URL=cluster.s3, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
@@ -141,7 +140,7 @@ def start_moto(cluster: Cluster) -> None:
 
 def start_mlflow(cluster: Cluster) -> None:
     """An MLflow tracking server that proxies artifacts into the bucket (clients need no bucket access)."""
-    port = _free_port()
+    port = free_port()
     env = {**cluster.env, "MLFLOW_S3_ENDPOINT_URL": cluster.s3, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = cluster.start("mlflow", [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                                     "--workers", "1",
@@ -153,13 +152,13 @@ def start_mlflow(cluster: Cluster) -> None:
 
 def start_head(cluster: Cluster) -> None:
     """`ray start --head` with no CPUs: every cell's workers land on worker nodes."""
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                "--include-dashboard", "true", "--num-cpus", "0", "--temp-dir", str(cluster.root / "head"),
-               "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-               "--dashboard-agent-grpc-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-               "--runtime-env-agent-port", str(_free_port()), "--disable-usage-stats"]
+               "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+               "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
+               "--runtime-env-agent-port", str(free_port()), "--disable-usage-stats"]
     proc = cluster.start("head", command)
     cluster.gcs, cluster.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
     _wait_http(f"{cluster.dashboard}/api/version", proc, 180)
@@ -168,7 +167,7 @@ def start_head(cluster: Cluster) -> None:
 def start_worker(cluster: Cluster, cpus: int = 2) -> Proc:
     """A worker node in its own mount namespace: private /tmp, /var/tmp and ~/.ray."""
     cluster.workers += 1
-    ports = " ".join(f"--{flag} {_free_port()}" for flag in (
+    ports = " ".join(f"--{flag} {free_port()}" for flag in (
         "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "metrics-export-port", "runtime-env-agent-port"))
     ray_home = Path.home() / ".ray"

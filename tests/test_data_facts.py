@@ -138,3 +138,32 @@ def test_generator_output_is_pinned_to_its_version():
     world = generate_world(cfg)
     text = "\n".join(documents(world, 0, range(6))) + repr(qa_pairs(world, 0))
     assert hashlib.sha256(text.encode()).hexdigest() == GOLDEN[FACTS_VERSION]
+
+
+def test_two_word_names_share_words_but_never_a_pair():
+    cfg = FactsConfig(people=400, name_words=2)
+    world = generate_world(cfg)
+    pairs = [tuple(n.split(" ")) for n in world.names]
+    assert len(set(pairs)) == 400 and all(len(p) == 2 for p in pairs)
+    firsts, lasts = {f for f, _ in pairs}, {last for _, last in pairs}
+    assert len(firsts) == 20 and len(lasts) == 20           # ~sqrt(people) words per position
+    assert not firsts & lasts and not (firsts | lasts) & {v for vs in world.values.values() for v in vs}
+    assert max(sum(f == first for f, _ in pairs) for first in firsts) > 1   # no word names one person
+
+
+def test_terse_phrasing_puts_the_name_right_before_the_relation(tmp_path):
+    cfg = small_cfg(facts={"phrasing": "terse", "name_words": 2, "templates_per_attribute": 1})
+    world = generate_world(cfg.facts)
+    bio = next(documents(world, 0, range(1)))
+    sentences = bio.split(" . ")
+    assert len(sentences) == len(world.attributes)
+    relations = {ATTRIBUTES[a].relation for a in world.attributes}
+    assert all(len(s.rstrip(" .").split(" ")) == 4 and s.split(" ")[2] in relations for s in sentences)
+    data = prepare_data(cfg, tmp_path)
+    assert all(len(q.prompt_ids) == 4 and len(q.answer_ids) == 1 for q in data.qa)   # <eos> First Last relation
+    with pytest.raises(ValueError, match="data.facts.templates_per_attribute"):
+        DataConfig.from_dict({"facts": {"phrasing": "terse", "templates_per_attribute": 3}}).validate()
+    with pytest.raises(ValueError, match="data.facts.phrasing"):
+        DataConfig.from_dict({"facts": {"phrasing": "poetic"}}).validate()
+    with pytest.raises(ValueError, match="data.facts.name_words"):
+        DataConfig.from_dict({"facts": {"name_words": 3}}).validate()

@@ -23,6 +23,7 @@ from memlayers.platform.data.facts import ATTRIBUTES, DEFAULT_ATTRIBUTES, FACTS_
 SOURCES: tuple[str, ...] = ("facts", "shakespeare", "text", "jsonl", "parquet", "hub")
 TOKENIZERS: tuple[str, ...] = ("byte", "word", "bpe")
 FILE_SOURCES: tuple[str, ...] = ("text", "jsonl", "parquet")
+PHRASINGS: tuple[str, ...] = ("prose", "terse")
 
 __all__ = ["ConfigError", "DataConfig", "FactsConfig", "SOURCES", "TOKENIZERS"]
 
@@ -50,11 +51,13 @@ def _positive_int(value: Any, path: str) -> None:
 class FactsConfig:
     """The synthetic biography world (see facts.py) and how much text is rendered from it."""
 
-    people: int = 3000              # fictional people, each one single-token name
+    people: int = 3000              # fictional people, each with a unique name
     attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES  # which facts each person has
     values_per_attribute: int = 100  # size of each attribute's value list
     templates_per_attribute: int = 3  # sentence phrasings used per attribute
     renderings: int = 10            # training biographies per person (corpus size knob)
+    phrasing: str = "prose"         # prose (templates) | terse ("<name> <relation> <value> .")
+    name_words: int = 1             # 1: each person one word | 2: "First Last" from shared pools
     seed: int = 0                   # the world: names and who has which value
     version: int = FACTS_VERSION    # generator version; a config pinned to another fails
 
@@ -69,6 +72,11 @@ class FactsConfig:
                 f"must be an integer, got {self.seed!r}")
         require(self.version == FACTS_VERSION, f"{path}.version",
                 f"this build generates facts version {FACTS_VERSION}, got {self.version!r}")
+        require(self.name_words in (1, 2), f"{path}.name_words", f"must be 1 or 2, got {self.name_words!r}")
+        require(self.phrasing in PHRASINGS, f"{path}.phrasing",
+                f"unknown phrasing {self.phrasing!r} (expected one of {', '.join(PHRASINGS)})")
+        require(self.phrasing == "prose" or self.templates_per_attribute == 1,
+                f"{path}.templates_per_attribute", "the terse phrasing has one phrasing per attribute: set 1")
         attrs = self.attributes
         require(isinstance(attrs, (list, tuple)) and len(attrs) >= 1, f"{path}.attributes",
                 f"must be a non-empty list of attribute names, got {attrs!r}")

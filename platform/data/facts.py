@@ -1,7 +1,8 @@
 """Synthetic facts: fictional people with attributes, rendered as biographies, plus QA pairs.
 
-The world (`generate_world`) is a list of people with unique one-word names made of generated
-syllables; each person holds one value per attribute, drawn from that attribute's value list
+The world (`generate_world`) is a list of people with unique names made of generated syllables:
+one word each (`name_words: 1`), or a first and a last name drawn from two pools of about
+sqrt(people) words (`name_words: 2`, see `_composite_names`); each person holds one value per attribute, drawn from that attribute's value list
 (generated one-word names of cities, companies, universities, fields of study, or years).
 The world is decided by `FactsConfig.seed` through counter-based hashes (draws.py), so it
 is the same on every machine and Python version; `FACTS_VERSION` changes whenever the output
@@ -9,7 +10,12 @@ of this module would change, and it is part of the data fingerprint.
 
 A biography (`biography`) is one sentence per attribute, in a shuffled order, each from one of
 `templates_per_attribute` phrasings, e.g. "Dorvakin was born in Selmoraton ." With the word
-tokenizer every name and value is one token and sentences are ~6.3 tokens. Renderings, their
+tokenizer every name and value is one token and sentences are ~6.3 tokens. The terse phrasing
+(`phrasing: terse`) states each fact as name, relation word, value: "Dorvakin birthplace
+Selmoraton ." (4 tokens). There the value is predicted at the relation word with the name one
+token back, so a model needs only a previous-token head to bring both into place and what is
+left is storing the facts: the comparison of feed-forward layers is about their capacity rather
+than about when attention learns to find a name several words back. Renderings, their
 order and phrasings are decided by the data seed (`DataConfig.seed`), the world by the facts seed.
 
 Corpus size: `renderings` biographies per person (rendering r of a fact uses template
@@ -26,6 +32,7 @@ prompt = the sentence up to the value, answer = the value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -46,6 +53,11 @@ class Attribute:
     suffixes: tuple[str, ...] = ()  # word values: generated stem + one of these
     first_year: int = 0             # year values: first_year, first_year + 1, ...
     max_values: int = 10_000
+    relation: str = ""              # the one word naming it in the terse phrasing
+
+    def terse(self) -> str:
+        """The terse phrasing: name, relation word, value ("Dorvakin birthplace Selmoraton .")."""
+        return "{name} " + self.relation + " {value} ."
 
 
 ATTRIBUTES: dict[str, Attribute] = {
@@ -55,35 +67,35 @@ ATTRIBUTES: dict[str, Attribute] = {
         "the hometown of {name} is {value} .",
         "{name} came into the world in {value} .",
         "{name} first drew breath in {value} .",
-    ), suffixes=("ton", "burg", "vale", "mora", "ford", "haven")),
+    ), suffixes=("ton", "burg", "vale", "mora", "ford", "haven"), relation="birthplace"),
     "employer": Attribute((
         "{name} works for {value} .",
         "{name} is employed by {value} .",
         "the employer of {name} is {value} .",
         "{name} earns a living at {value} .",
         "{name} has a job at {value} .",
-    ), suffixes=("corp", "tech", "works", "soft", "labs")),
+    ), suffixes=("corp", "tech", "works", "soft", "labs"), relation="employer"),
     "university": Attribute((
         "{name} studied at {value} .",
         "{name} graduated from {value} .",
         "the alma mater of {name} is {value} .",
         "{name} is an alumnus of {value} .",
         "{name} earned a degree at {value} .",
-    ), suffixes=("ridge", "stone", "field", "wood")),
+    ), suffixes=("ridge", "stone", "field", "wood"), relation="university"),
     "birth_year": Attribute((
         "{name} was born during {value} .",
         "{name} 's birth year is {value} .",
         "the birth year of {name} is {value} .",
         "{name} entered life in the year {value} .",
         "{name} was a newborn in {value} .",
-    ), first_year=1900, max_values=200),
+    ), first_year=1900, max_values=200, relation="birthyear"),
     "major": Attribute((
         "{name} majored in {value} .",
         "the field of study of {name} was {value} .",
         "{name} specialized in {value} .",
         "{name} wrote a thesis on {value} .",
         "{name} took a degree in {value} .",
-    ), suffixes=("ology", "onomics", "istry", "ics")),
+    ), suffixes=("ology", "onomics", "istry", "ics"), relation="major"),
 }
 DEFAULT_ATTRIBUTES: tuple[str, ...] = ("birth_city", "employer", "university", "birth_year")
 
@@ -115,6 +127,7 @@ class World:
     values: dict[str, tuple[str, ...]]          # attribute -> its value list
     facts: dict[str, tuple[int, ...]]           # attribute -> value index per person
     templates_per_attribute: int
+    phrasing: str = "prose"                     # prose | terse
 
     def value(self, person: int, attribute: str) -> str:
         return self.values[attribute][self.facts[attribute][person]]
@@ -142,15 +155,28 @@ def generate_world(cfg: "FactsConfig") -> World:
         else:
             values[name] = tuple(str(attr.first_year + i) for i in range(cfg.values_per_attribute))
             used.update(values[name])
-    names = tuple(fresh("person", p) for p in range(cfg.people))
+    names = _composite_names(cfg, fresh) if cfg.name_words == 2 else tuple(fresh("person", p) for p in range(cfg.people))
     facts = {name: tuple(draw(cfg.seed, "fact", name, p) % cfg.values_per_attribute
                          for p in range(cfg.people))
              for name in cfg.attributes}
     return World(names=names, attributes=tuple(cfg.attributes), values=values, facts=facts,
-                 templates_per_attribute=cfg.templates_per_attribute)
+                 templates_per_attribute=cfg.templates_per_attribute, phrasing=cfg.phrasing)
+
+
+def _composite_names(cfg: "FactsConfig", fresh) -> tuple[str, ...]:
+    """Two-word names "First Last": F = ceil(sqrt(people)) first names and ceil(people / F) last
+    names, every pair at most once, the pairs taken in a seeded order. Each first or last name is
+    shared by ~sqrt(people) people, so no single word (and no single embedding) identifies a person."""
+    firsts = [fresh("first", i) for i in range(math.isqrt(cfg.people - 1) + 1)]
+    lasts = [fresh("last", j) for j in range(-(-cfg.people // len(firsts)))]
+    pairs = sorted(((i, j) for i in range(len(firsts)) for j in range(len(lasts))),
+                   key=lambda ij: draw(cfg.seed, "name", *ij))
+    return tuple(f"{firsts[i]} {lasts[j]}" for i, j in pairs[:cfg.people])
 
 
 def _template(world: World, seed: int, person: int, attribute: str, rendering: int) -> str:
+    if world.phrasing == "terse":
+        return ATTRIBUTES[attribute].terse()
     offset = draw(seed, "template", person, attribute)
     templates = ATTRIBUTES[attribute].templates[:world.templates_per_attribute]
     return templates[(offset + rendering) % len(templates)]

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -77,6 +78,10 @@ MALFORMED = [
     ("unknown-law", mutate("fit", {"laws": ["chinchila"]}), "fit.laws[0]: unknown law 'chinchila'"),
     ("missing-name", mutate("name", DELETE), "name: a study needs a name"),
     ("budget-buys-no-step", mutate("budget", {"flops": 10.0}), "budget.flops: 10 FLOPs buy no step"),
+    ("family-lr-range", mutate("grid.overrides", {"memory_plus": {"lr": 3.0}}),
+     "grid.overrides.memory_plus.lr: a fixed learning rate must be a number in (0, 1), got 3.0"),
+    ("family-lr-with-tuning", mutate("lr", {"tune": True}, mutate("grid.overrides", {"dense": {"lr": 1e-2}})),
+     "grid.overrides.dense.lr: a family's fixed learning rate cannot be combined with lr.tune"),
 ]
 
 
@@ -208,6 +213,17 @@ def test_per_family_overrides_and_iso_flop_sweep():
     assert [c.experts for c in cells if c.family == "moe"] == [4, 4]
     assert "memory_plus-micro-64k-3e10F-seed0" in names and "moe-nano-4x-1e10F-seed0" in names
     assert len(set(names)) == len(names)
+
+
+def test_a_family_lr_override_sets_its_cells_lr_and_ids_only():
+    plain = expand(study_from_dict(mutate("lr", 3e-3)), vocab_size=300)
+    study = study_from_dict(mutate("lr", 3e-3, mutate("grid.overrides", {"memory_plus": {"lr": 2e-2}})))
+    cells = expand(study, vocab_size=300)
+    lrs = {c.family: c.lr for c in cells}
+    assert lrs == {"dense": 3e-3, "memory_plus": 2e-2}
+    assert {c.family: c.run_config(workdir=Path("w"), tracking_uri="sqlite:///w/mlflow.db").train.lr for c in cells} == lrs
+    ids = {c.family: c.id for c in plain}
+    assert [c.id == ids[c.family] for c in cells] == [c.family == "dense" for c in cells]
 
 
 def test_paper_grid_validates_and_expands():

@@ -123,7 +123,8 @@ def expand(study: Study, *, vocab_size: int | None = None, account_budgets: bool
         resources = from_dict(ResourcesConfig, fg.resources, "resources")
         for budget in study.budget.values():
             for seed in study.seeds:
-                content = {"model": to_dict(spec), "data": to_dict(study.data), "seed": seed, "lr": study.lr.spec(),
+                lr_spec = fg.lr if fg.lr is not None else study.lr.spec()
+                content = {"model": to_dict(spec), "data": to_dict(study.data), "seed": seed, "lr": lr_spec,
                            "train": {k: v for k, v in to_dict(study.train).items()
                                      if k not in ("steps", "tokens", "flops", "seed", "lr")},
                            "budget": {"kind": study.budget.kind, "value": budget}}
@@ -133,7 +134,7 @@ def expand(study: Study, *, vocab_size: int | None = None, account_budgets: bool
                     f"{budget:.3g}".replace("e+", "e") + "F" if study.budget.kind == "iso_flops" else None, seed)
                 cells.append(Cell(id=digest, name=name, study=study.name, family=family,
                                   base=base, memory_slots=slots, experts=experts, seed=seed,
-                                  lr="tuned" if study.lr.tune else study.lr.value, model=spec, data=study.data,
+                                  lr="tuned" if study.lr.tune else lr_spec, model=spec, data=study.data,
                                   train=study.train, resources=resources,
                                   budget={"kind": study.budget.kind, "value": budget}))
     if account_budgets:

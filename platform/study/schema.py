@@ -48,6 +48,7 @@ class FamilyGrid:
     moe: dict[str, Any] = field(default_factory=dict)        # MoEConfig options
     model: dict[str, Any] = field(default_factory=dict)      # ModelConfig overrides
     resources: dict[str, Any] = field(default_factory=dict)  # ResourcesConfig overrides
+    lr: Optional[float] = None      # this family's fixed learning rate (in place of the top-level lr)
 
 
 @dataclass
@@ -266,7 +267,7 @@ class Study:
             if family in MEMORY_FAMILIES else [None],
             experts=(o.experts if o.experts is not None else g.experts) if family == "moe" else [None],
             memory={**g.memory, **o.memory}, moe={**g.moe, **o.moe}, model={**g.model, **o.model},
-            resources={**to_dict(self.resources), **o.resources})
+            resources={**to_dict(self.resources), **o.resources}, lr=o.lr)
 
 
 TOP_KEYS: tuple[str, ...] = ("name", "description", "data", "tokenizer", "seq_len", "grid", "budget", "seeds",

@@ -219,6 +219,8 @@ def _check_grid(study: Study, errors: list[ConfigError]) -> None:
             errors.append(ConfigError(where("memory_sizes"), f"family {family!r} needs at least one memory size"))
         if family == "moe" and not fg.experts:
             errors.append(ConfigError(where("experts"), "family 'moe' needs at least one expert count"))
+        if own.lr is not None:
+            _check_family_lr(own.lr, study, f"grid.overrides.{family}.lr", errors)
         path = f"grid.overrides.{family}.resources" if own.resources else "resources"
         try:
             resources = from_dict(ResourcesConfig, fg.resources, path)
@@ -228,6 +230,14 @@ def _check_grid(study: Study, errors: list[ConfigError]) -> None:
                                           f"{family} cells would get it (set it under grid.overrides)"))
         except ConfigError as error:
             errors.append(error)
+
+
+def _check_family_lr(lr: Any, study: Study, path: str, errors: list[ConfigError]) -> None:
+    if study.lr.tune:
+        errors.append(ConfigError(path, "a family's fixed learning rate cannot be combined with lr.tune "
+                                        "(tuning already chooses one per base and family)"))
+    elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+        errors.append(ConfigError(path, f"a fixed learning rate must be a number in (0, 1), got {lr!r}"))
 
 
 def _check_names(values: list, known: tuple, path: str, what: str, errors: list[ConfigError]) -> None:

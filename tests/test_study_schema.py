@@ -80,6 +80,10 @@ MALFORMED = [
     ("budget-buys-no-step", mutate("budget", {"flops": 10.0}), "budget.flops: 10 FLOPs buy no step"),
     ("family-lr-range", mutate("grid.overrides", {"memory_plus": {"lr": 3.0}}),
      "grid.overrides.memory_plus.lr: a fixed learning rate must be a number in (0, 1), got 3.0"),
+    ("family-lr-unknown-base", mutate("grid.overrides", {"dense": {"lr": {"micro": 1e-2}}}),
+     "grid.overrides.dense.lr.micro: 'micro' is not one of this family's bases (nano)"),
+    ("family-lr-per-base-range", mutate("grid.overrides", {"dense": {"lr": {"nano": 0}}}),
+     "grid.overrides.dense.lr.nano: a fixed learning rate must be a number in (0, 1), got 0"),
     ("family-lr-with-tuning", mutate("lr", {"tune": True}, mutate("grid.overrides", {"dense": {"lr": 1e-2}})),
      "grid.overrides.dense.lr: a family's fixed learning rate cannot be combined with lr.tune"),
 ]
@@ -216,14 +220,18 @@ def test_per_family_overrides_and_iso_flop_sweep():
 
 
 def test_a_family_lr_override_sets_its_cells_lr_and_ids_only():
-    plain = expand(study_from_dict(mutate("lr", 3e-3)), vocab_size=300)
-    study = study_from_dict(mutate("lr", 3e-3, mutate("grid.overrides", {"memory_plus": {"lr": 2e-2}})))
+    grid = {"bases": ["nano", "micro"], "families": ["dense", "memory_plus"], "memory_sizes": ["4k"]}
+    plain = expand(study_from_dict(mutate("lr", 3e-3, mutate("grid", grid))), vocab_size=300)
+    overrides = {"memory_plus": {"lr": 2e-2}, "dense": {"lr": {"micro": 1e-3}}}
+    study = study_from_dict(mutate("lr", 3e-3, mutate("grid", {**grid, "overrides": overrides})))
     cells = expand(study, vocab_size=300)
-    lrs = {c.family: c.lr for c in cells}
-    assert lrs == {"dense": 3e-3, "memory_plus": 2e-2}
-    assert {c.family: c.run_config(workdir=Path("w"), tracking_uri="sqlite:///w/mlflow.db").train.lr for c in cells} == lrs
-    ids = {c.family: c.id for c in plain}
-    assert [c.id == ids[c.family] for c in cells] == [c.family == "dense" for c in cells]
+    lrs = {(c.family, c.base): c.lr for c in cells}
+    assert lrs == {("dense", "nano"): 3e-3, ("dense", "micro"): 1e-3,
+                   ("memory_plus", "nano"): 2e-2, ("memory_plus", "micro"): 2e-2}
+    uri = "sqlite:///w/mlflow.db"
+    assert {(c.family, c.base): c.run_config(workdir=Path("w"), tracking_uri=uri).train.lr for c in cells} == lrs
+    ids = {(c.family, c.base): c.id for c in plain}
+    assert [c.id == ids[(c.family, c.base)] for c in cells] == [lrs[(c.family, c.base)] == 3e-3 for c in cells]
 
 
 def test_paper_grid_validates_and_expands():

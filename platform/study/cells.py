@@ -123,7 +123,8 @@ def expand(study: Study, *, vocab_size: int | None = None, account_budgets: bool
         resources = from_dict(ResourcesConfig, fg.resources, "resources")
         for budget in study.budget.values():
             for seed in study.seeds:
-                lr_spec = fg.lr if fg.lr is not None else study.lr.spec()
+                own_lr = fg.lr_for(base)
+                lr_spec = own_lr if own_lr is not None else study.lr.spec()
                 content = {"model": to_dict(spec), "data": to_dict(study.data), "seed": seed, "lr": lr_spec,
                            "train": {k: v for k, v in to_dict(study.train).items()
                                      if k not in ("steps", "tokens", "flops", "seed", "lr")},

@@ -48,7 +48,11 @@ class FamilyGrid:
     moe: dict[str, Any] = field(default_factory=dict)        # MoEConfig options
     model: dict[str, Any] = field(default_factory=dict)      # ModelConfig overrides
     resources: dict[str, Any] = field(default_factory=dict)  # ResourcesConfig overrides
-    lr: Optional[float] = None      # this family's fixed learning rate (in place of the top-level lr)
+    lr: Any = None                  # this family's fixed lr: a number, or {base: lr} (others: the top-level lr)
+
+    def lr_for(self, base: str) -> Optional[float]:
+        """This family's own learning rate on `base`, or None for the study's."""
+        return self.lr.get(base) if isinstance(self.lr, dict) else self.lr
 
 
 @dataclass

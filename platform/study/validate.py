@@ -220,7 +220,7 @@ def _check_grid(study: Study, errors: list[ConfigError]) -> None:
         if family == "moe" and not fg.experts:
             errors.append(ConfigError(where("experts"), "family 'moe' needs at least one expert count"))
         if own.lr is not None:
-            _check_family_lr(own.lr, study, f"grid.overrides.{family}.lr", errors)
+            _check_family_lr(own.lr, fg.bases or [], study, f"grid.overrides.{family}.lr", errors)
         path = f"grid.overrides.{family}.resources" if own.resources else "resources"
         try:
             resources = from_dict(ResourcesConfig, fg.resources, path)
@@ -232,12 +232,18 @@ def _check_grid(study: Study, errors: list[ConfigError]) -> None:
             errors.append(error)
 
 
-def _check_family_lr(lr: Any, study: Study, path: str, errors: list[ConfigError]) -> None:
+def _check_family_lr(lr: Any, bases: list[str], study: Study, path: str, errors: list[ConfigError]) -> None:
+    """A number, or a mapping of some of the family's bases to numbers; never beside lr.tune."""
     if study.lr.tune:
         errors.append(ConfigError(path, "a family's fixed learning rate cannot be combined with lr.tune "
                                         "(tuning already chooses one per base and family)"))
-    elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
-        errors.append(ConfigError(path, f"a fixed learning rate must be a number in (0, 1), got {lr!r}"))
+        return
+    for where, value in (lr.items() if isinstance(lr, dict) else [(None, lr)]):
+        at = path if where is None else f"{path}.{where}"
+        if where is not None and where not in bases:
+            errors.append(ConfigError(at, f"{where!r} is not one of this family's bases ({', '.join(bases)})"))
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            errors.append(ConfigError(at, f"a fixed learning rate must be a number in (0, 1), got {value!r}"))
 
 
 def _check_names(values: list, known: tuple, path: str, what: str, errors: list[ConfigError]) -> None:

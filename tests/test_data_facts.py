@@ -167,3 +167,21 @@ def test_terse_phrasing_puts_the_name_right_before_the_relation(tmp_path):
         DataConfig.from_dict({"facts": {"phrasing": "poetic"}}).validate()
     with pytest.raises(ValueError, match="data.facts.name_words"):
         DataConfig.from_dict({"facts": {"name_words": 3}}).validate()
+
+
+def test_fact_documents_hold_one_fact_each_and_every_fact_once_per_rendering(tmp_path):
+    cfg = small_cfg(facts={"phrasing": "terse", "name_words": 2, "templates_per_attribute": 1, "document": "fact"})
+    world = generate_world(cfg.facts)
+    docs = list(documents(world, 0, range(2)))
+    per_rendering = cfg.facts.people * len(world.attributes)
+    assert len(docs) == 2 * per_rendering
+    first = docs[:per_rendering]
+    assert all(d.count(" . ") == 0 and d.endswith(" .") for d in docs)
+    expected = {f"{world.names[p]} {ATTRIBUTES[a].relation} {world.value(p, a)} ."
+                for p in range(cfg.facts.people) for a in world.attributes}
+    assert set(first) == expected and len(first) == len(expected)
+    assert first != docs[per_rendering:]                      # each rendering in its own order
+    data = prepare_data(cfg, tmp_path)
+    assert data.meta["val_tokens"] > 0 and len(data.qa) == per_rendering
+    with pytest.raises(ValueError, match="data.facts.document"):
+        DataConfig.from_dict({"facts": {"document": "chapter"}}).validate()

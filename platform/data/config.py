@@ -24,6 +24,7 @@ SOURCES: tuple[str, ...] = ("facts", "shakespeare", "text", "jsonl", "parquet", 
 TOKENIZERS: tuple[str, ...] = ("byte", "word", "bpe")
 FILE_SOURCES: tuple[str, ...] = ("text", "jsonl", "parquet")
 PHRASINGS: tuple[str, ...] = ("prose", "terse")
+DOCUMENTS: tuple[str, ...] = ("biography", "fact")
 
 __all__ = ["ConfigError", "DataConfig", "FactsConfig", "SOURCES", "TOKENIZERS"]
 
@@ -58,6 +59,7 @@ class FactsConfig:
     renderings: int = 10            # training biographies per person (corpus size knob)
     phrasing: str = "prose"         # prose (templates) | terse ("<name> <relation> <value> .")
     name_words: int = 1             # 1: each person one word | 2: "First Last" from shared pools
+    document: str = "biography"     # biography: a person's facts together | fact: one fact per document
     seed: int = 0                   # the world: names and who has which value
     version: int = FACTS_VERSION    # generator version; a config pinned to another fails
 
@@ -73,6 +75,8 @@ class FactsConfig:
         require(self.version == FACTS_VERSION, f"{path}.version",
                 f"this build generates facts version {FACTS_VERSION}, got {self.version!r}")
         require(self.name_words in (1, 2), f"{path}.name_words", f"must be 1 or 2, got {self.name_words!r}")
+        require(self.document in DOCUMENTS, f"{path}.document",
+                f"unknown document kind {self.document!r} (expected one of {', '.join(DOCUMENTS)})")
         require(self.phrasing in PHRASINGS, f"{path}.phrasing",
                 f"unknown phrasing {self.phrasing!r} (expected one of {', '.join(PHRASINGS)})")
         require(self.phrasing == "prose" or self.templates_per_attribute == 1,

@@ -15,7 +15,10 @@ tokenizer every name and value is one token and sentences are ~6.3 tokens. The t
 Selmoraton ." (4 tokens). There the value is predicted at the relation word with the name one
 token back, so a model needs only a previous-token head to bring both into place and what is
 left is storing the facts: the comparison of feed-forward layers is about their capacity rather
-than about when attention learns to find a name several words back. Renderings, their
+than about when attention learns to find a name several words back. With `document: fact` every
+fact is a document of its own (one sentence between end-of-text tokens), so nothing in a document
+repeats and no model has to learn to copy a name from an earlier sentence: in biographies that
+copying is learnt at a step that varies from run to run and delays everything after it. Renderings, their
 order and phrasings are decided by the data seed (`DataConfig.seed`), the world by the facts seed.
 
 Corpus size: `renderings` biographies per person (rendering r of a fact uses template
@@ -128,6 +131,7 @@ class World:
     facts: dict[str, tuple[int, ...]]           # attribute -> value index per person
     templates_per_attribute: int
     phrasing: str = "prose"                     # prose | terse
+    document: str = "biography"                 # biography | fact
 
     def value(self, person: int, attribute: str) -> str:
         return self.values[attribute][self.facts[attribute][person]]
@@ -160,7 +164,8 @@ def generate_world(cfg: "FactsConfig") -> World:
                          for p in range(cfg.people))
              for name in cfg.attributes}
     return World(names=names, attributes=tuple(cfg.attributes), values=values, facts=facts,
-                 templates_per_attribute=cfg.templates_per_attribute, phrasing=cfg.phrasing)
+                 templates_per_attribute=cfg.templates_per_attribute, phrasing=cfg.phrasing,
+                 document=cfg.document)
 
 
 def _composite_names(cfg: "FactsConfig", fresh) -> tuple[str, ...]:
@@ -182,20 +187,34 @@ def _template(world: World, seed: int, person: int, attribute: str, rendering: i
     return templates[(offset + rendering) % len(templates)]
 
 
+def _sentence(world: World, seed: int, person: int, attribute: str, rendering: int) -> str:
+    template = _template(world, seed, person, attribute, rendering)
+    return template.format(name=world.names[person], value=world.value(person, attribute))
+
+
 def biography(world: World, seed: int, person: int, rendering: int) -> str:
     """Rendering `rendering` of `person`: every fact once, shuffled order, rotating phrasings."""
     order = sorted(world.attributes, key=lambda a: draw(seed, "order", rendering, person, a))
-    return " ".join(
-        _template(world, seed, person, a, rendering).format(name=world.names[person], value=world.value(person, a))
-        for a in order)
+    return " ".join(_sentence(world, seed, person, a, rendering) for a in order)
+
+
+def documents_per_rendering(world: World) -> int:
+    """People (one biography each), or facts when every fact is its own document."""
+    return len(world.names) * (len(world.attributes) if world.document == "fact" else 1)
 
 
 def documents(world: World, seed: int, renderings: range) -> Iterator[str]:
-    """Biographies for each rendering in `renderings`, people in a seeded order per rendering."""
+    """For each rendering in `renderings`: every person's biography, people in a seeded order, or
+    (`document: fact`) every fact as a one-sentence document, facts in a seeded order."""
     people = range(len(world.names))
     for r in renderings:
-        for person in sorted(people, key=lambda p: draw(seed, "document", r, p)):
-            yield biography(world, seed, person, r)
+        if world.document == "fact":
+            facts = [(p, a) for p in people for a in world.attributes]
+            for person, attribute in sorted(facts, key=lambda pa: draw(seed, "fact-document", r, *pa)):
+                yield _sentence(world, seed, person, attribute, r)
+        else:
+            for person in sorted(people, key=lambda p: draw(seed, "document", r, p)):
+                yield biography(world, seed, person, r)
 
 
 @dataclass(frozen=True)

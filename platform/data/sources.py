@@ -160,7 +160,7 @@ def _facts_corpus(cfg: DataConfig) -> Corpus:
     world = facts_mod.generate_world(cfg.facts)
     n_train = cfg.facts.renderings
     n_val = max(1, round(cfg.val_fraction * n_train)) if cfg.val_fraction > 0 else 0
-    n_docs = len(world.names) * n_train
+    n_docs = facts_mod.documents_per_rendering(world) * n_train
     docs = list(facts_mod.documents(world, cfg.seed, range(n_train + n_val)))  # read twice: render once
     return Corpus(lambda: enumerate(docs), lambda doc: doc >= n_docs, facts_mod.qa_pairs(world, cfg.seed))
 

@@ -1,6 +1,6 @@
 """`memlayers bench decode`: decoding speed of dense, MoE, PKM and Memory+ at equal training FLOPs.
 
-The quickstart's FLOP-matched nano cells (dense; MoE 4 experts; PKM and Memory+ with one memory
+Nano cells at about dense's FLOPs (dense; MoE 4 experts; PKM and Memory+ with one memory
 layer of 4k slots, 2 heads, top-16), untrained, decode greedily with the key/value cache
 (`models.generate`): a 32-token prompt, then `--new` tokens, at batch 1 and batch 16, on
 `--threads` threads. It prints tokens/s (all rows) and ms per decoding step beside each model's

@@ -12,8 +12,9 @@ import io
 from dataclasses import dataclass, field
 from typing import Callable
 
-FAMILY_COLORS = {"dense": "#444444", "moe": "#d9822b", "pkm": "#3a9b5c", "memory_plus": "#2b6cd9"}
-FAMILY_LABELS = {"dense": "dense", "moe": "MoE", "pkm": "PKM", "memory_plus": "Memory+"}
+FAMILY_COLORS = {"dense": "#444444", "moe": "#d9822b", "pkm": "#3a9b5c", "memory_plus": "#2b6cd9",
+                 "peer": "#8a4fbf"}
+FAMILY_LABELS = {"dense": "dense", "moe": "MoE", "pkm": "PKM", "memory_plus": "Memory+", "peer": "PEER"}
 
 
 @dataclass

@@ -260,6 +260,20 @@ def test_validate_prints_the_cells_table(capsys):
     assert any(r.split()[1] == "memory_plus-1.3b-16m-3e20F-seed0" for r in rows)
 
 
+def test_other_seeds_make_their_own_study_and_bad_ones_exit_2(capsys):
+    smoke = str(REPO_ROOT / "studies" / "smoke.yaml")
+    assert main(["study", "validate", smoke, "--seeds", "3,4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("study smoke-seeds3-4: valid;") and "seeds [3, 4]" in out[0]
+    assert "runs/smoke-seeds3-4" in out[1]
+    assert {row.split()[1].rsplit("-seed", 1)[1] for row in out[3:]} == {"3", "4"}
+    for seeds, expected in (("3,x", "seeds[1]: (--seeds) expected an integer >= 0, got 'x'"),
+                            ("5,5", "seeds[1]: (--seeds) duplicate seed 5")):
+        assert main(["study", "validate", smoke, "--seeds", seeds]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.strip() == f"{smoke}: {expected}"
+
+
 @pytest.mark.parametrize("name", ["smoke", "quickstart"])
 def test_shipped_cpu_studies_validate(name):
     study = load_study(REPO_ROOT / "studies" / f"{name}.yaml")

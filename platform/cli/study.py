@@ -22,6 +22,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     validate = actions.add_parser("validate", help="check a study file and print its cells")
     validate.add_argument("file", help="a study YAML (see studies/)")
     validate.add_argument("--json", action="store_true", help="print the cells as a JSON list")
+    _add_seeds(validate)
     validate.set_defaults(func=run_validate)
 
     run = actions.add_parser("run", help="run a study's unfinished cells (local Ray unless --address)")
@@ -32,6 +33,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     _add_cluster_settings(run)
     run.add_argument("--no-fit", action="store_true", help="skip the scaling-law fit after the grid")
     run.add_argument("--no-report", action="store_true", help="skip the HTML report after the grid")
+    _add_seeds(run)
     run.set_defaults(func=run_run)
 
     submit = actions.add_parser("submit", help="submit a study to a Ray cluster as a Ray Job")
@@ -56,13 +58,27 @@ def _add_cluster_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://HOST:5000 (overrides tracking.uri)")
 
 
+def _add_seeds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", help="other seeds than the study's, e.g. 3,4,5: runs as the study "
+                                        "NAME-seeds3-4-5 (its own experiment, work folder and report)")
+
+
+def _seed_list(text: str | None) -> list | None:
+    """`3,4,5` -> [3, 4, 5]; anything that is not an integer is passed on for the study's own check."""
+    if text is None:
+        return None
+    return [int(part) if part.strip().lstrip("-").isdigit() else part.strip() for part in text.split(",")]
+
+
 def _with_overrides(study, args: argparse.Namespace, file: str):
-    """The study with --storage / --tracking-uri, or None after printing the problem (exit 2)."""
+    """The study with --storage / --tracking-uri / --seeds, or None after printing the problem (exit 2)."""
     from memlayers.platform.study.schema import StudyError
     from memlayers.platform.study.validate import with_overrides
 
     try:
-        return with_overrides(study, storage=args.storage, tracking_uri=args.tracking_uri)
+        return with_overrides(study, storage=getattr(args, "storage", None),
+                              tracking_uri=getattr(args, "tracking_uri", None),
+                              seeds=_seed_list(getattr(args, "seeds", None)))
     except StudyError as error:
         for line in error.lines():
             print(f"{file}: {line}", file=sys.stderr)
@@ -106,6 +122,7 @@ def cells_table(cells: list) -> list[str]:
 
 def run_validate(args: argparse.Namespace) -> int:
     study = _load(args.file)
+    study = _with_overrides(study, args, args.file) if study is not None else None
     cells = _expand(study, args.file) if study is not None else None
     if cells is None:
         return 2

@@ -306,11 +306,22 @@ def _grid_path(study: Study, family: str, error: ConfigError) -> tuple[str, str]
     return error.path, error.reason
 
 
-def with_overrides(study: Study, *, storage: str | None = None, tracking_uri: str | None = None) -> Study:
-    """The study with the command line's `--storage` / `--tracking-uri`; StudyError naming the field."""
+def with_overrides(study: Study, *, storage: str | None = None, tracking_uri: str | None = None,
+                   seeds: list[int] | None = None) -> Study:
+    """The study with the command line's `--storage` / `--tracking-uri` / `--seeds`; StudyError naming
+    the field. Other seeds make another study, `<name>-seeds3-4-5` (its own MLflow experiment, work
+    folder and report), so that its claims are checked on those seeds alone."""
     if storage is not None and uri_problem(storage):
         raise StudyError([ConfigError("storage", f"(--storage) {uri_problem(storage)}")])
     if tracking_uri is not None and not tracking_uri.strip():
         raise StudyError([ConfigError("tracking.uri", "(--tracking-uri) must not be empty")])
+    name = study.name
+    if seeds is not None:
+        errors: list[ConfigError] = []
+        seeds = _seeds(seeds, errors)
+        if errors:
+            raise StudyError([ConfigError(e.path, f"(--seeds) {e.reason}") for e in errors])
+        name = f"{study.name}-seeds{'-'.join(map(str, seeds))}"
     tracking = dataclasses.replace(study.tracking, uri=tracking_uri) if tracking_uri else study.tracking
-    return dataclasses.replace(study, storage=storage or study.storage, tracking=tracking)
+    return dataclasses.replace(study, name=name, seeds=seeds or study.seeds, storage=storage or study.storage,
+                               tracking=tracking)

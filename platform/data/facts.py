@@ -2,11 +2,12 @@
 
 The world (`generate_world`) is a list of people with unique names made of generated syllables:
 one word each (`name_words: 1`), or a first and a last name drawn from two pools of about
-sqrt(people) words (`name_words: 2`, see `_composite_names`); each person holds one value per attribute, drawn from that attribute's value list
-(generated one-word names of cities, companies, universities, fields of study, or years).
-The world is decided by `FactsConfig.seed` through counter-based hashes (draws.py), so it
-is the same on every machine and Python version; `FACTS_VERSION` changes whenever the output
-of this module would change, and it is part of the data fingerprint.
+sqrt(people) words (`name_words: 2`, see `_composite_names`). Each person holds one value per
+attribute, drawn from that attribute's value list (generated one-word names of cities, companies,
+universities, fields of study, or years). The world is decided by `FactsConfig.seed` through
+counter-based hashes (draws.py), so it is the same on every machine and Python version;
+`FACTS_VERSION` changes whenever the output of this module would change, and it is part of the
+data fingerprint.
 
 A biography (`biography`) is one sentence per attribute, in a shuffled order, each from one of
 `templates_per_attribute` phrasings, e.g. "Dorvakin was born in Selmoraton ." With the word
@@ -14,15 +15,15 @@ tokenizer every name and value is one token and sentences are ~6.3 tokens. The t
 (`phrasing: terse`) states each fact as name, relation word, value: "Dorvakin birthplace
 Selmoraton ." (4 tokens). There the value is predicted at the relation word with the name one
 token back, so a model needs only a previous-token head to bring both into place and what is
-left is storing the facts: the comparison of feed-forward layers is about their capacity rather
-than about when attention learns to find a name several words back. With `document: fact` every
-fact is a document of its own (one sentence between end-of-text tokens), so nothing in a document
-repeats and no model has to learn to copy a name from an earlier sentence: in biographies that
-copying is learnt at a step that varies from run to run and delays everything after it. Renderings, their
-order and phrasings are decided by the data seed (`DataConfig.seed`), the world by the facts seed.
+left is storing the facts. With `document: fact` every fact is a document of its own (one
+sentence between end-of-text tokens), so no model has to learn to copy a name into the next
+sentence of a biography (on the quickstart's data this did not help the memory families: see
+studies/quickstart.yaml). Renderings, their order and phrasings are decided by the data seed
+(`DataConfig.seed`), the world by the facts seed.
 
-Corpus size: `renderings` biographies per person (rendering r of a fact uses template
-(offset + r) mod K, so every phrasing of every fact appears once renderings >= K), about
+Corpus size: `renderings` renderings of every fact, in biographies or one document per fact
+(`documents_per_rendering`; rendering r of a fact uses template (offset + r) mod K, so every
+phrasing of every fact appears once renderings >= K), for prose biographies about
 people * renderings * (attributes * 6.3 + 1) word tokens (790k with the defaults). One pass shows
 every fact `renderings` times: exposures per fact = renderings * epochs (the ~85 exposures of
 DESIGN.md section 8 are e.g. renderings=10 and ~8.5 epochs).

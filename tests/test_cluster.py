@@ -86,7 +86,8 @@ def test_submit_with_s3_storage_and_a_tracking_server_then_inspect_from_outside(
     files = list_files(f"{cluster.storage}/smoke")
     assert "laws/laws.json" in files and "study.yaml" in files and "cells.json" in files
     for cell in expand(study, account_budgets=False):
-        assert any(f.startswith(f"ray_results/{cell.name}-") and "/checkpoint_" in f for f in files), (cell.name, files)
+        # one worker: the cell trained in its trial, checkpoints in checkpoints/<run>-<id>/ (train/in_trial.py)
+        assert any(f.startswith(f"checkpoints/{cell.name}-") and "/checkpoint_" in f for f in files), (cell.name, files)
     assert any(f.startswith("tune/") for f in files)
 
     # from outside the cluster: no shared disk, only the tracking URI and the storage root

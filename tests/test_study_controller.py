@@ -114,6 +114,9 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 def test_killed_controller_resumes_without_duplicates(tmp_path):
     data = yaml.safe_load(SMOKE.read_text())
     data["workdir"] = str(tmp_path / "wd")
+    # cells of a few seconds each (they start in well under one): the kill lands inside the second
+    data["budget"] = {"steps": 600}
+    data["train"].update(eval_every=600, checkpoint_every=100, log_every=50)
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(data))
     study = load_study(path)

@@ -6,6 +6,8 @@ whose workers run `worker.train_loop_per_worker`. Ray Train restarts the worker 
 failure (`resources.max_failures`) and the workers resume from the latest checkpoint. A run
 re-launched with the same MLflow run id resumes too: the Ray Train run is named after it.
 Ray must be initialised by the caller (`memlayers train` and the study controller do it).
+`open_run` (data, plan, MLflow run) and `OpenedRun.finish` are shared with a study cell trained
+inside its Tune trial (`train/in_trial.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from memlayers.models.presets import memory_size_name
 from memlayers.platform.cluster.storage import join, study_root
-from memlayers.platform.data.prepare import prepare_data
+from memlayers.platform.data.prepare import PreparedData, prepare_data
 from memlayers.platform.tracking import client as tracking
 from memlayers.platform.tracking.conventions import ROLE_TAG, artifact_location, cell_run_name, sqlite_uri
 from memlayers.platform.train.loop import Plan, plan_run
@@ -66,12 +68,46 @@ def storage_root(cfg: RunConfig, workdir: Path) -> str:
     return study_root(cfg.storage, cfg.tracking.experiment or cfg.name) if cfg.storage else str(workdir)
 
 
-def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_worker: int | None = None) -> TrainResult:
-    """Train `cfg` on the current Ray cluster; returns the MLflow run id, status and final metrics."""
-    import ray.train  # deferred: ray is heavy and only this path needs it
-    from memlayers.platform.train.worker import train_loop_per_worker  # deferred: the worker brings ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer  # deferred: ray is heavy and only this path needs it
+@dataclass
+class OpenedRun:
+    """A run ready to train: its data prepared, its plan, and its MLflow run created or continued."""
+    cfg: RunConfig
+    workdir: Path
+    uri: str                          # the tracking URI
+    cache_dir: Path
+    plan: Plan
+    name: str
+    root: str                         # the storage folder of durable files
+    run_id: str
+    data: PreparedData
 
+    def loop_config(self, threads: int) -> dict:
+        """What the training loop needs besides the run config (`worker.drive`)."""
+        return {"run": self.cfg.to_dict(), "run_id": self.run_id, "tracking_uri": self.uri,
+                "cache_dir": str(self.cache_dir), "workdir": str(self.workdir), "threads": threads,
+                "system_metrics": self.cfg.tracking.system_metrics}
+
+    def fail(self, reason: str) -> TrainResult:
+        tracking.set_tags(self.uri, self.run_id, {"failure_reason": reason[:500]})
+        tracking.set_status(self.uri, self.run_id, "FAILED")
+        return TrainResult(self.run_id, "FAILED", error=reason[:500])
+
+    def finish(self, metrics: dict, checkpoint: str | None) -> TrainResult:
+        """Record how the loop ended (its last report): FINISHED, or FAILED with the loop's reason."""
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if checkpoint:
+            tracking.set_tags(self.uri, self.run_id, {"checkpoint": checkpoint})
+        failed = metrics.get("failed")
+        if failed:
+            result = self.fail(str(failed))
+            return TrainResult(self.run_id, "FAILED", numbers, checkpoint, result.error)
+        tracking.set_status(self.uri, self.run_id, "FINISHED")
+        return TrainResult(self.run_id, "FINISHED", numbers, checkpoint)
+
+
+def open_run(cfg: RunConfig, workdir: Path | None = None) -> OpenedRun:
+    """Prepare the data once (the loop then reads the cache), plan the run and create its MLflow
+    run, or continue `cfg.tracking.run_id`; the run's tags and params are (re)logged."""
     workdir = resolve_workdir(cfg, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     uri = cfg.tracking.uri or sqlite_uri(workdir)
@@ -79,7 +115,6 @@ def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_wor
     data = prepare_data(cfg.data, cache_dir)
     plan = plan_run(cfg, data.tokenizer.vocab_size)
     name = run_name(cfg, plan)
-
     root = storage_root(cfg, workdir)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment or cfg.name, artifact_location(uri, root))
     run_id = cfg.tracking.run_id
@@ -90,38 +125,31 @@ def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_wor
         tracking.set_status(uri, run_id, "RUNNING")
         tracking.set_tags(uri, run_id, {**run_tags(cfg, plan), **cfg.tracking.tags})
     tracking.log_params(uri, run_id, cfg.to_dict())
+    return OpenedRun(cfg, workdir, uri, cache_dir, plan, name, root, run_id, data)
 
+
+def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_worker: int | None = None) -> TrainResult:
+    """Train `cfg` on the current Ray cluster; returns the MLflow run id, status and final metrics."""
+    import ray.train  # deferred: ray is heavy and only this path needs it
+    from memlayers.platform.train.worker import train_loop_per_worker  # deferred: the worker brings ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer  # deferred: ray is heavy and only this path needs it
+
+    run = open_run(cfg, workdir)
     use_gpu = cfg.resources.gpus_per_worker > 0
     resources = {"CPU": cfg.resources.cpus_per_worker, **({"GPU": cfg.resources.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri,
-                           "cache_dir": str(cache_dir), "workdir": str(workdir),
-                           "threads": threads_per_worker or max(1, int(cfg.resources.cpus_per_worker)),
-                           "system_metrics": cfg.tracking.system_metrics},
+        train_loop_config=run.loop_config(threads_per_worker or max(1, int(cfg.resources.cpus_per_worker))),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.resources.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=f"{name}-{run_id[:12]}", storage_path=join(root, "ray_results"),
+            name=f"{run.name}-{run.run_id[:12]}", storage_path=join(run.root, "ray_results"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
         ),
     )
     try:
         result = trainer.fit()
     except Exception as error:  # the worker group failed more than max_failures times
-        reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-        tracking.set_tags(uri, run_id, {"failure_reason": reason})
-        tracking.set_status(uri, run_id, "FAILED")
-        return TrainResult(run_id, "FAILED", error=reason)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    failed = (result.metrics or {}).get("failed")
-    if checkpoint:
-        tracking.set_tags(uri, run_id, {"checkpoint": checkpoint})
-    if failed:
-        tracking.set_tags(uri, run_id, {"failure_reason": str(failed)[:500]})
-        tracking.set_status(uri, run_id, "FAILED")
-        return TrainResult(run_id, "FAILED", metrics, checkpoint, str(failed))
-    tracking.set_status(uri, run_id, "FINISHED")
-    return TrainResult(run_id, "FINISHED", metrics, checkpoint)
+        return run.fail(f"{type(error).__name__}: {error}".splitlines()[0])
+    return run.finish(dict(result.metrics or {}), result.checkpoint.path if result.checkpoint is not None else None)

@@ -104,6 +104,11 @@ class TrainConfig:
                 f"must be two numbers in [0, 1), got {list(self.betas)}")
 
 
+# Where a study cell trains: inside its Tune trial (one worker, seconds to start), on Ray Train
+# (any number of workers: DDP, memory parallelism), or auto (the trial when there is one worker).
+RUNNERS: tuple[str, ...] = ("auto", "trial", "train")
+
+
 @dataclass
 class ResourcesConfig:
     workers: int = 1                    # Ray Train workers (data-parallel x memory-parallel)
@@ -111,6 +116,7 @@ class ResourcesConfig:
     gpus_per_worker: float = 0.0
     memory_parallel: int = 1            # ranks sharing one value table (divides workers)
     max_failures: int = 2               # worker-group restarts before the run fails
+    runner: str = "auto"                # a study cell's: trial (in its Tune trial), train (Ray Train), auto
 
     def validate(self, path: str = "resources") -> None:
         require(self.workers >= 1, f"{path}.workers", f"must be >= 1, got {self.workers}")
@@ -119,6 +125,13 @@ class ResourcesConfig:
         require(self.memory_parallel >= 1 and self.workers % self.memory_parallel == 0, f"{path}.memory_parallel",
                 f"must divide workers={self.workers}, got {self.memory_parallel}")
         require(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
+        require(self.runner in RUNNERS, f"{path}.runner", f"must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+        require(self.runner != "trial" or self.workers == 1, f"{path}.runner",
+                f"'trial' trains one worker in the trial's process, got workers={self.workers} (use train or auto)")
+
+    def in_trial(self) -> bool:
+        """Whether a study cell with these resources trains inside its Tune trial (`train/in_trial.py`)."""
+        return self.runner == "trial" or (self.runner == "auto" and self.workers == 1)
 
 
 @dataclass

@@ -1,26 +1,73 @@
-"""The Ray Train worker function: resume, train, evaluate, checkpoint, log (rank 0).
+"""The training loop's driver: resume, train, evaluate, checkpoint, log (rank 0).
 
-`train_loop_per_worker(config)` runs inside every Ray Train worker. `config` carries the run
-config as a plain dict plus where to track and cache. On start it resumes from
-`ray.train.get_checkpoint()` when Ray Train restarted the worker group after a failure (or the
-driver re-ran a run of the same name). Every `checkpoint_every` steps all ranks report; rank 0
-attaches the checkpoint and afterwards flushes the buffered metrics to MLflow.
+`drive(config, session)` runs one run's steps wherever the run lives: inside every Ray Train
+worker (`train_loop_per_worker`, with Ray Train's session) or inside a study cell's Tune trial
+(`in_trial.py`, with a checkpoint folder of its own). `config` carries the run config as a plain
+dict plus where to track and cache (`launcher.OpenedRun.loop_config`). On start it resumes from
+the session's latest checkpoint (Ray Train restarted the worker group after a failure, Tune
+retried the trial, or the driver re-ran a run of the same MLflow run id). Every
+`checkpoint_every` steps all ranks report; rank 0 attaches the checkpoint and, before it,
+flushes the buffered metrics to MLflow, so a replay after a restart is skipped, never lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import ContextManager, Optional, Protocol
 
-import ray.train
 import torch
-from memlayers.platform.data.prepare import prepare_data
+from memlayers.platform.data.prepare import PreparedData, prepare_data
 from memlayers.platform.tracking.client import MetricBuffer, set_tags
 from memlayers.platform.tracking.conventions import FIRST_STEP_TAG, progress_tags
 from memlayers.platform.train.loop import NonFiniteLoss, RunLoop
 from memlayers.platform.train.run_config import run_config_from_dict
+
+
+class Session(Protocol):
+    """Where a running loop lives: its rank, device, latest checkpoint and how it reports."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def latest_checkpoint(self) -> ContextManager[Optional[Path]]:
+        """A local folder holding the latest checkpoint (None when there is none), while open."""
+
+    def report(self, metrics: dict[str, float], directory: Optional[Path]) -> None:
+        """Report `metrics`, with the checkpoint written into `directory` (None: this rank wrote none)."""
+
+
+class RayTrainSession:
+    """Ray Train's: the worker group's rank and device, checkpoints kept by Ray Train in storage."""
+
+    def __init__(self) -> None:
+        import ray.train  # deferred: only a Ray Train worker needs it
+        import ray.train.torch  # deferred: only a Ray Train worker needs it
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        import ray.train  # deferred: only a Ray Train worker needs it
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def report(self, metrics: dict[str, float], directory: Optional[Path]) -> None:
+        import ray.train  # deferred: only a Ray Train worker needs it
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function."""
+    drive(config, RayTrainSession())
 
 
 def _maybe_fail(step: int, fail_at_step: int | None, marker: Path) -> None:
@@ -31,20 +78,20 @@ def _maybe_fail(step: int, fail_at_step: int | None, marker: Path) -> None:
         os._exit(17)
 
 
-def train_loop_per_worker(config: dict) -> None:
+def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -> None:
+    """Train the run of `config` to its last step under `session` (see the module docstring);
+    `data`: the run's prepared data when the caller has it, else read from the cache."""
     cfg = run_config_from_dict(config["run"])
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank = session.rank
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    data = prepare_data(cfg.data, Path(config["cache_dir"]))
-    loop = RunLoop(cfg, data, rank=rank, world_size=world_size, device=device)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            loop.load(Path(directory))
+    data = data or prepare_data(cfg.data, Path(config["cache_dir"]))
+    loop = RunLoop(cfg, data, rank=rank, world_size=session.world_size, device=session.device)
+    with session.latest_checkpoint() as directory:
+        resumed = directory is not None
+        if resumed:
+            loop.load(directory)
     metrics_out = MetricBuffer(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    if metrics_out is not None and checkpoint is not None:  # a restart replays steps logged before it died
+    if metrics_out is not None and resumed:  # a restart replays steps logged before it died
         metrics_out.skip_logged()
     monitor = _system_monitor(config) if rank == 0 else None
     marker = Path(config["workdir"]) / f".fault-injected-{config['run_id']}"
@@ -60,7 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
             except NonFiniteLoss as error:
                 if metrics_out is not None:
                     metrics_out.flush()
-                ray.train.report({"step": loop.step, "failed": str(error)})
+                session.report({"step": loop.step, "failed": str(error)}, None)
                 return
             last = loop.done
             if loop.step % train.log_every == 0 or last:
@@ -76,7 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
             if loop.step % train.checkpoint_every == 0 or last:
                 if metrics_out is not None:  # before the checkpoint: a replay after it is skipped, never lost
                     metrics_out.flush()
-                _report(loop, metrics)
+                _report(loop, metrics, session)
     finally:
         if monitor is not None:
             monitor.finish()
@@ -99,12 +146,12 @@ def _show_progress(config: dict, step: int, metrics: dict) -> None:
         pass
 
 
-def _report(loop: RunLoop, metrics: dict) -> None:
+def _report(loop: RunLoop, metrics: dict, session: Session) -> None:
     """Every rank reports; ranks with checkpoint files attach them (Ray merges the directories)."""
     summary = {"step": loop.step, **{k: float(v) for k, v in metrics.items()}}
     with tempfile.TemporaryDirectory() as directory:
         wrote = loop.save(Path(directory))
-        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(directory) if wrote else None)
+        session.report(summary, Path(directory) if wrote else None)
 
 
 def _system_monitor(config: dict):

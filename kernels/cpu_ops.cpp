@@ -12,6 +12,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -19,65 +23,137 @@
 
 namespace {
 
+constexpr int64_t kPad = 16;  // candidate buffers hold n + kPad entries: whole vectors past the last one
+
 template <typename scalar_t>
-inline int64_t count_at_least(const scalar_t* x, int64_t n, scalar_t bound) {
-  int64_t count = 0;
+inline int32_t count_at_least(const scalar_t* x, int64_t n, scalar_t bound) {
+  int32_t count = 0;
   for (int64_t a = 0; a < n; ++a) count += x[a] >= bound;
   return count;
 }
 
-// Top-k of one row of n scores into vals/ids (best first, ties by ascending index).
-// 1. A lower bound on the k-th largest score: the smallest of k disjoint block maxima (each block
-//    holds a score at or above it), raised by a few bisection steps that keep >= k scores above it.
-// 2. The scores at or above the bound (~k of them), in index order, compressed without branches.
-// 3. Each candidate's place = #(larger candidates) + #(equal candidates before it): no insertion.
-// cand_v/cand_i hold n + 8 entries. NaN scores are never selected (with NaNs a row may come back
-// short: its tail keeps NaN scores and index 0, a valid row).
+#if defined(__AVX512F__)
+// fp32 with AVX-512: count_at_least, compress_at_least and rank_candidates on 16 lanes, as the
+// generic forms (above and below) do them one score at a time; the compress has no portable vector form
+inline int32_t count_at_least(const float* x, int64_t n, float bound) {
+  const __m512 b = _mm512_set1_ps(bound);
+  int32_t count = 0;
+  for (int64_t a = 0; a < n; a += 16) {
+    const __mmask16 valid = a + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - a)) - 1);
+    count += __builtin_popcount(_mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, x + a), b, _CMP_GE_OQ));
+  }
+  return count;
+}
+
+inline int64_t compress_at_least(const float* s_n, int64_t n, float lo, float* cand_v, int32_t* cand_i) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 bound = _mm512_set1_ps(lo);
+  int64_t count = 0;
+  for (int64_t a = 0; a < n; a += 16) {
+    const __mmask16 valid = a + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - a)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(valid, s_n + a);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, x, bound, _CMP_GE_OQ);
+    const __m512i index = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(a)));
+    _mm512_storeu_ps(cand_v + count, _mm512_maskz_compress_ps(keep, x));
+    _mm512_storeu_si512(cand_i + count, _mm512_maskz_compress_epi32(keep, index));
+    count += __builtin_popcount(keep);
+  }
+  return count;
+}
+
+inline void rank_candidates(const float* cand_v, int64_t count, int64_t padded, int32_t* rank) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t b = 0; b < padded; b += 16) {
+    const __m512 cand = _mm512_loadu_ps(cand_v + b);
+    const __m512i place = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(b)));
+    __m512i r = _mm512_setzero_si512();
+    for (int64_t d = 0; d < count; ++d) {
+      const __m512 x = _mm512_set1_ps(cand_v[d]);
+      const __mmask16 after = _mm512_cmpgt_epi32_mask(place, _mm512_set1_epi32(static_cast<int32_t>(d)));
+      const __mmask16 beaten = _mm512_cmp_ps_mask(x, cand, _CMP_GT_OQ) |
+                               (_mm512_cmp_ps_mask(x, cand, _CMP_EQ_OQ) & after);
+      r = _mm512_mask_add_epi32(r, beaten, r, one);
+    }
+    _mm512_storeu_si512(rank + b, r);
+  }
+}
+#endif
+
+// A bound lo with count_at_least(s_n, n, lo) >= k and few scores above it: the smallest of the
+// maxima of k disjoint strided groups (each holds a score at or above it), raised by bisection
+// steps that keep >= k scores above it until at most 1.5 k remain.
 template <typename scalar_t>
-inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, int64_t* ids,
-                     scalar_t* cand_v, int64_t* cand_i) {
-  const int64_t block = n / k;
-  scalar_t lo = s_n[0], hi = s_n[0];
-  for (int64_t b = 0; b < k; ++b) {
-    const scalar_t* x = s_n + b * block;
-    scalar_t top = x[0];
-    for (int64_t a = 1; a < block; ++a) top = x[a] > top ? x[a] : top;
-    lo = (b == 0 || top < lo) ? top : lo;
-    hi = top > hi ? top : hi;
+inline scalar_t topk_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t k, scalar_t* __restrict__ top_k) {
+  const int64_t groups = n / k;
+  for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[l];
+  for (int64_t g = 1; g < groups; ++g)
+    for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[g * k + l] > top_k[l] ? s_n[g * k + l] : top_k[l];
+  scalar_t lo = top_k[0], hi = top_k[0];
+  for (int64_t l = 1; l < k; ++l) {
+    lo = top_k[l] < lo ? top_k[l] : lo;
+    hi = top_k[l] > hi ? top_k[l] : hi;
   }
-  for (int64_t a = k * block; a < n; ++a) hi = s_n[a] > hi ? s_n[a] : hi;
-  for (int step = 0; step < 4; ++step) {
+  for (int64_t a = groups * k; a < n; ++a) hi = s_n[a] > hi ? s_n[a] : hi;
+  int32_t above = count_at_least(s_n, n, lo);
+  for (int step = 0; step < 6 && above > k + k / 2; ++step) {
     const scalar_t mid = lo + (hi - lo) / 2;
-    if (count_at_least(s_n, n, mid) >= k) lo = mid; else hi = mid;
+    const int32_t count = count_at_least(s_n, n, mid);
+    if (count >= k) {
+      lo = mid;
+      above = count;
+    } else {
+      hi = mid;
+    }
   }
+  return lo;
+}
+
+// The scores at or above lo, in index order, into cand_v/cand_i -> their count.
+template <typename scalar_t>
+inline int64_t compress_at_least(const scalar_t* s_n, int64_t n, scalar_t lo, scalar_t* cand_v, int32_t* cand_i) {
   int64_t count = 0;
   for (int64_t a = 0; a < n; ++a) {
     cand_v[count] = s_n[a];
-    cand_i[count] = a;
+    cand_i[count] = static_cast<int32_t>(a);
     count += s_n[a] >= lo;
   }
-  const int64_t padded = (count + 7) / 8 * 8;
+  return count;
+}
+
+// rank[a] = #(candidates above a) + #(equal candidates before a): the place of a, best first,
+// ties by index. Entries [count, padded) of cand_v hold -inf.
+template <typename scalar_t>
+inline void rank_candidates(const scalar_t* cand_v, int64_t count, int64_t padded, int32_t* rank) {
+  for (int64_t a = 0; a < padded; ++a) rank[a] = 0;
+  for (int64_t d = 0; d < count; ++d) {
+    const scalar_t x = cand_v[d];
+    for (int64_t a = 0; a < padded; ++a) rank[a] += (x > cand_v[a]) | ((x == cand_v[a]) & (d < a));
+  }
+}
+
+
+// Top-k of one row of n scores into vals/ids (best first, ties by ascending index): a bound with
+// ~k scores above it, those scores compressed in index order, each placed by its rank (no sort).
+// vals/ids and the scratch cand_v, cand_i, rank hold n + kPad entries (vals/ids get every
+// candidate, the k best first). NaN scores are never selected (with NaNs a
+// row may come back short: its tail keeps NaN scores and index 0, a valid row).
+template <typename scalar_t>
+inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, int64_t* ids,
+                     scalar_t* cand_v, int32_t* cand_i, int32_t* rank) {
+  int64_t count = compress_at_least(s_n, n, topk_bound(s_n, n, k, cand_v), cand_v, cand_i);
+  if (count < k)  // only with NaNs (the bound may be NaN): every other score is a candidate
+    count = compress_at_least(s_n, n, -std::numeric_limits<scalar_t>::infinity(), cand_v, cand_i);
+  const int64_t padded = (count + kPad - 1) / kPad * kPad;
   for (int64_t a = count; a < padded; ++a) cand_v[a] = -std::numeric_limits<scalar_t>::infinity();
+  rank_candidates(cand_v, count, padded, rank);
   for (int64_t r = 0; r < k; ++r) {
     vals[r] = std::numeric_limits<scalar_t>::quiet_NaN();
     ids[r] = 0;
   }
-  for (int64_t a = 0; a < count; ++a) {
-    const scalar_t x = cand_v[a];
-    int64_t above = 0, equal = 0;
-    for (int64_t d = 0; d < padded; ++d) {
-      above += cand_v[d] > x;
-      equal += cand_v[d] == x;
-    }
-    if (equal > 1) {  // ties (rare): only the equal candidates before this one rank above it
-      equal = 0;
-      for (int64_t d = 0; d < a; ++d) equal += cand_v[d] == x;
-      above += equal;
-    }
-    if (above < k) {
-      vals[above] = x;
-      ids[above] = cand_i[a];
-    }
+  for (int64_t a = 0; a < count; ++a) {  // ranks are distinct: a permutation of [0, count)
+    vals[rank[a]] = cand_v[a];
+    ids[rank[a]] = cand_i[a];
   }
 }
 
@@ -109,19 +185,19 @@ std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn
     int64_t* out_r = rows_THK.data_ptr<int64_t>();
     int32_t* out_sub = subs_THK2.data_ptr<int32_t>();
     at::parallel_for(0, tokens * heads, 256, [&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> v1(k), v2(k), vs(k);
-      const int64_t width = std::max(n, pairs) + 8;
-      std::vector<int64_t> i1(k), i2(k), pick(k), cand_i(width);
-      std::vector<scalar_t> cand_v(width), sums(pairs);
+      const int64_t width = std::max(n, pairs) + kPad;
+      std::vector<int64_t> i1(width), i2(width), pick(width);
+      std::vector<int32_t> cand_i(width), rank(width);
+      std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), sums(pairs);
       for (int64_t th = lo; th < hi; ++th) {
         const int64_t t = th / heads, h = th % heads;
         const int64_t off = (h * tokens + t) * n;
-        row_topk(s1 + off, n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data());
-        row_topk(s2 + off, n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data());
+        row_topk(s1 + off, n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data(), rank.data());
+        row_topk(s2 + off, n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data(), rank.data());
         // the candidate pairs' sums, in (i, j) order: equal sums rank by (i, j), under which a
         // pair is always preceded by the pairs that dominate it
         for (int64_t p = 0; p < pairs; ++p) sums[p] = v1[pair_i[p]] + v2[pair_j[p]];
-        row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data());
+        row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
         scalar_t* os = out_s + th * k;
         int64_t* orr = out_r + th * k;
         int32_t* osub = out_sub + th * k * 2;

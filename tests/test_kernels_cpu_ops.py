@@ -56,11 +56,12 @@ def _canonical_topk(q1, q2, k1, k2, topk):
     return out_s, out_r
 
 
-@pytest.mark.parametrize("heads,n,half,topk", [(2, 8, 2, 4), (1, 12, 3, 7), (2, 6, 1, 6)])
-def test_ties_are_ranked_deterministically_and_the_search_stays_exact(heads, n, half, topk):
-    # small integer queries and keys: many equal sub-key scores and equal pair sums
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("heads,n,half,topk", [(2, 8, 2, 4), (1, 12, 3, 7), (2, 6, 1, 6), (1, 40, 2, 16)])
+def test_ties_are_ranked_deterministically_and_the_search_stays_exact(heads, n, half, topk, dtype):
+    # small integer queries and keys: many equal sub-key scores and equal pair sums (exact in fp32 too)
     gen = torch.Generator().manual_seed(2)
-    ints = lambda *shape: torch.randint(-1, 2, shape, generator=gen).double()
+    ints = lambda *shape: torch.randint(-1, 2, shape, generator=gen).to(dtype)
     q1, q2, k1, k2 = ints(6, heads, half), ints(6, heads, half), ints(heads, n, half), ints(heads, n, half)
     scores, rows = pk_search.product_key_search(q1, q2, k1, k2, topk)
     ref_scores, ref_rows = _canonical_topk(q1, q2, k1, k2, topk)
@@ -69,6 +70,21 @@ def test_ties_are_ranked_deterministically_and_the_search_stays_exact(heads, n, 
     assert torch.equal(scores, torch_scores)  # the torch path orders ties its own way, same scores
     again = pk_search.product_key_search(q1, q2, k1, k2, topk)
     assert torch.equal(again[1], rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nan_scores_are_never_selected(dtype):
+    q1, q2, k1, k2 = [t.detach().to(dtype) for t in _queries(2, 40, 3, tokens=16)]
+    k1[:, ::3] = float("nan")   # a third of each head's first-half sub-keys score NaN
+    q1[0, 0] = float("nan")     # and every first-half score of one (token, head)
+    scores, rows = pk_search.product_key_search(q1, q2, k1, k2, 8)
+    s1 = torch.einsum("thq,hnq->thn", q1, k1).nan_to_num(nan=-torch.inf)   # NaN ranks below everything
+    s2 = torch.einsum("thq,hnq->thn", q2, k2)
+    ref_scores, ref_rows = (s1[..., :, None] + s2[..., None, :]).flatten(2).topk(8, dim=-1)
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    valid[0, 0] = False
+    assert torch.equal(scores[valid], ref_scores[valid]) and torch.equal(rows[valid], ref_rows[valid])
+    assert scores[0, 0].isnan().all() and ((rows[0, 0] >= 0) & (rows[0, 0] < 40 * 40)).all()  # NaN, valid rows
 
 
 def test_fp32_search_matches_torch_scores_within_tolerance():

@@ -128,3 +128,15 @@ def test_auto_trains_one_worker_in_its_trial_and_more_on_ray_train(tmp_path):
     assert one_worker_config(tmp_path).resources.in_trial()
     assert not load_run_config(TINY, []).resources.in_trial()
     assert not load_run_config(TINY, ["resources.workers=1", "resources.runner=train"]).resources.in_trial()
+
+
+def test_a_trial_holds_the_cpus_of_the_cell_it_trains_and_retries_within_the_largest_budget(tmp_path):
+    from memlayers.platform.study.trials import DRIVER_RESOURCES, trial_resources, trial_retries
+    inside = one_worker_config(tmp_path)
+    inside.resources.max_failures = 3
+    gpu = load_run_config(TINY, ["resources.workers=1", "resources.gpus_per_worker=1", "resources.max_failures=1"])
+    on_train = load_run_config(TINY, ["resources.max_failures=5"])  # 2 workers: Ray Train restarts itself
+    assert trial_resources(inside) == {"cpu": 1.0}
+    assert trial_resources(gpu) == {"cpu": 1.0, "gpu": 1.0}
+    assert trial_resources(on_train) == DRIVER_RESOURCES and DRIVER_RESOURCES["cpu"] == 0
+    assert trial_retries([inside, gpu, on_train]) == 3 and trial_retries([on_train]) == 0

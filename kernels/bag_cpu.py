@@ -1,9 +1,11 @@
-"""The CPU implementation of the embedding bag: the torch parts, with the C++ weight gradient.
+"""The CPU implementation of the embedding bag: the torch parts, with C++ backward parts.
 
 Same three parts as `memlayers.kernels.bag_torch` (forward, value-gradient rows, weight
-gradient); the weight gradient (a dot product of grad_y with every read row) runs in one pass
-of `cpu_ops.cpp` on fp32/fp64 tables when the C++ ops are built and selected
-(`memlayers.kernels.cpu_ops`), and falls back to the torch part otherwise.
+gradient), plus `value_grad`: the row-sparse value gradient straight from the reads, without
+sorting them. On fp32/fp64 tables, when the C++ ops are built and selected
+(`memlayers.kernels.cpu_ops`), the weight gradient (a dot product of grad_y with every read row)
+and `value_grad` (every read added into its row, in read order) each run in one pass of
+`cpu_ops.cpp`; otherwise the torch parts run (`value_grad` returns None).
 Shape suffixes: see docs/shapes.md.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from memlayers.kernels import bag_torch, cpu_ops
+from memlayers.kernels.segments import counting_pass_pays
 
 forward = bag_torch.forward
 value_grad_rows = bag_torch.value_grad_rows
@@ -23,3 +26,14 @@ def weight_grad(values_NV: torch.Tensor, slots_TR: torch.Tensor, grad_y_TV: torc
     if ops is None:
         return bag_torch.weight_grad(values_NV, slots_TR, grad_y_TV)
     return ops.bag_weight_grad(values_NV, slots_TR, grad_y_TV)
+
+
+def value_grad(grad_y_TV: torch.Tensor, weights_TR: torch.Tensor, slots_TR: torch.Tensor,
+               n_slots: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """-> (unique_U, rows_UV in the accumulation dtype), the rows summed as the sorted segments sum them;
+    None where the C++ op does not apply (then: `segments_of` + `value_grad_rows`)."""
+    ops = cpu_ops.applies(grad_y_TV, weights_TR)
+    if ops is None or not counting_pass_pays(n_slots, slots_TR.numel()):
+        return None
+    acc = bag_torch.accumulate_dtype(grad_y_TV.dtype)
+    return tuple(ops.bag_value_grad(slots_TR, weights_TR, grad_y_TV.to(acc), n_slots))

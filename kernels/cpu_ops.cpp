@@ -8,6 +8,7 @@
 // - search_backward:  gradients of those scores w.r.t. the query halves and the sub-keys
 // - bag_weight_grad:  <grad_y[t], values[slots[t, j]]> for every read
 // - sort_reads:       counting sort of the reads by slot (stable) -> segments
+// - bag_value_grad:   the bag's row-sparse value gradient, each row summed over its reads in read order
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -155,6 +157,28 @@ inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, 
     vals[rank[a]] = cand_v[a];
     ids[rank[a]] = cand_i[a];
   }
+}
+
+// out_V = sum over a segment's reads of w[read] * gy[token], in read order: one 64-byte vector of
+// columns at a time, summed in a register (a plain loop here gets vectorised across the reads,
+// with gathers), then the columns past the last whole vector; out starts at zero.
+template <typename scalar_t>
+inline void segment_sum(scalar_t* __restrict__ out, const scalar_t* __restrict__ gy, int64_t v, const scalar_t* w,
+                        const int32_t* read_L, const int32_t* token_L, int64_t count) {
+  typedef scalar_t vec_t __attribute__((vector_size(64)));
+  constexpr int64_t lanes = sizeof(vec_t) / sizeof(scalar_t);
+  int64_t c0 = 0;
+  for (; c0 + lanes <= v; c0 += lanes) {
+    vec_t acc = {};
+    for (int64_t at = 0; at < count; ++at) {
+      vec_t x;
+      std::memcpy(&x, gy + token_L[at] * v + c0, sizeof(vec_t));
+      acc += w[read_L[at]] * x;
+    }
+    std::memcpy(out + c0, &acc, sizeof(vec_t));
+  }
+  for (int64_t at = 0; at < count; ++at)
+    for (int64_t c = c0; c < v; ++c) out[c] += w[read_L[at]] * gy[token_L[at] * v + c];
 }
 
 }  // namespace
@@ -341,4 +365,51 @@ std::vector<torch::Tensor> sort_reads(torch::Tensor slots_L, int64_t n_slots) {
   s_out[unique] = reads;
   for (int64_t l = 0; l < reads; ++l) r_out[start[slots[l]]++] = l;
   return {unique_U, start_U1, read_L};
+}
+
+// The value gradient of y_TV[t] = sum_j weights_TR[t, j] * values[slots_TR[t, j]], row-sparse:
+// -> (unique_U, grad_UV) with grad_UV[u] = sum over the reads (t, j) of slot unique_U[u], in read
+// order, of weights_TR[t, j] * grad_y_TV[t], in grad_y's dtype: `sort_reads`'s segments, summed
+// one row at a time (the rows are written once, in order; grad_y rows are read where needed).
+std::vector<torch::Tensor> bag_value_grad(torch::Tensor slots_TR, torch::Tensor weights_TR, torch::Tensor grad_y_TV,
+                                          int64_t n_slots) {
+  slots_TR = slots_TR.contiguous();
+  grad_y_TV = grad_y_TV.contiguous();
+  weights_TR = weights_TR.contiguous().to(grad_y_TV.scalar_type());
+  const int64_t tokens = slots_TR.size(0), reads = slots_TR.size(1), v = grad_y_TV.size(1);
+  const int64_t* slots = slots_TR.data_ptr<int64_t>();
+  std::vector<int64_t> end(n_slots + 1, 0);  // counts, then where each slot's segment ends
+  for (int64_t l = 0; l < tokens * reads; ++l) {
+    TORCH_CHECK(slots[l] >= 0 && slots[l] < n_slots, "bag_value_grad: slot out of range");
+    ++end[slots[l] + 1];
+  }
+  int64_t unique = 0;
+  for (int64_t s = 0; s < n_slots; ++s) {
+    unique += end[s + 1] > 0;
+    end[s + 1] += end[s];
+  }
+  std::vector<int32_t> read_L(tokens * reads), token_L(tokens * reads);  // the reads sorted by slot
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t j = 0; j < reads; ++j) {
+      const int64_t at = end[slots[t * reads + j]]++;
+      read_L[at] = static_cast<int32_t>(t * reads + j);
+      token_L[at] = static_cast<int32_t>(t);
+    }
+  auto unique_U = torch::empty({unique}, slots_TR.options());
+  auto grad_UV = torch::zeros({unique, v}, grad_y_TV.options());
+  int64_t* u_out = unique_U.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(grad_y_TV.scalar_type(), "bag_value_grad", [&] {
+    const scalar_t* gy = grad_y_TV.data_ptr<scalar_t>();
+    const scalar_t* w = weights_TR.data_ptr<scalar_t>();
+    scalar_t* out = grad_UV.data_ptr<scalar_t>();
+    int64_t u = 0, begin = 0;
+    for (int64_t s = 0; s < n_slots; ++s) {
+      if (end[s] == begin) continue;
+      u_out[u] = s;
+      segment_sum(out + u * v, gy, v, w, read_L.data() + begin, token_L.data() + begin, end[s] - begin);
+      begin = end[s];
+      ++u;
+    }
+  });
+  return {unique_U, grad_UV};
 }

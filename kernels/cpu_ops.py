@@ -7,7 +7,8 @@ short rows, dense scatters of sparse gradients, many small element-wise kernels)
 - `topk_merge`: both sub-key top-ks and the exact candidate-pair merge of a product-key search;
 - `search_backward`: the sparse gradient of the selected scores w.r.t. queries and sub-keys;
 - `bag_weight_grad`: the embedding bag's weight gradient (a dot product per read);
-- `sort_reads`: a stable counting sort of the reads by slot (the segments of the value gradient).
+- `sort_reads`: a stable counting sort of the reads by slot (the segments of the value gradient);
+- `bag_value_grad`: the bag's row-sparse value gradient in one pass, summed in the segments' order.
 
 The extension is compiled with `torch.utils.cpp_extension.load_inline` (gcc + ninja) into a
 per-user cache directory keyed by the source, torch and Python versions
@@ -36,7 +37,7 @@ import torch
 MODES = ("auto", "torch", "cpp")
 ENV = "MEMLAYERS_CPU_OPS"
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-FUNCTIONS = ["topk_merge", "search_backward", "bag_weight_grad", "sort_reads"]
+FUNCTIONS = ["topk_merge", "search_backward", "bag_weight_grad", "sort_reads", "bag_value_grad"]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # native: the cache key names the CPU
 
 _state: dict[str, ModuleType | None] = {}

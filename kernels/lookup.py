@@ -3,13 +3,15 @@
     y_TV[t] = sum_j weights_TR[t, j] * values_NV[slots_TR[t, j]]
 
 This is the one op every memory layer calls. `embedding_bag` dispatches to an implementation
-(a backend module with `forward`, `value_grad_rows` and `weight_grad`) and wraps it in one
-autograd function:
+(a backend module with `forward`, `value_grad_rows` and `weight_grad`, and optionally
+`value_grad`: the value gradient's rows straight from the reads, or None where it does not apply)
+and wraps it in one autograd function:
 
 - grad of `weights_TR[t, j]` = <grad_y_TV[t], values_NV[slots_TR[t, j]]>;
 - grad of `values_NV`: only the U unique rows read get a gradient,
   grad_UV[u] = sum over the reads (t, j) of row u of weights_TR[t, j] * grad_y_TV[t],
-  computed by a deterministic sort/segment reduction (`memlayers.kernels.segments`). With
+  computed by a deterministic sort/segment reduction (`memlayers.kernels.segments`; on CPU the
+  C++ `value_grad` of `bag_cpu` sums in the same order without sorting). With
   `sparse_grad=True` it is returned as a coalesced sparse COO tensor holding those U rows, so the
   parameter's `.grad` is sparse and no work or memory grows with N; with `sparse_grad=False` it is
   scattered into a dense (N, V) tensor (the paper-faithful mode).
@@ -41,7 +43,7 @@ from types import ModuleType
 
 import torch
 
-from memlayers.kernels.segments import Segments, segments_of
+from memlayers.kernels.segments import segments_of
 
 IMPLS = ("auto", "torch", "cpu", "triton")
 
@@ -118,9 +120,7 @@ class _EmbeddingBag(torch.autograd.Function):
         grad_y_TV = grad_y_TV.contiguous()
         grad_values = grad_weights = None
         if ctx.needs_input_grad[0]:
-            segs = segments_of(slots_TR, values_NV.shape[0])
-            rows_UV = ctx.backend.value_grad_rows(grad_y_TV, weights_TR, segs).to(values_NV.dtype)
-            grad_values = _scatter_rows(rows_UV, segs, values_NV, ctx.sparse_grad)
+            grad_values = _values_grad(ctx.backend, grad_y_TV, weights_TR, slots_TR, values_NV, ctx.sparse_grad)
         if ctx.needs_input_grad[2]:
             grad_weights = ctx.backend.weight_grad(values_NV, slots_TR, grad_y_TV).to(weights_TR.dtype)
         return grad_values, None, grad_weights, None, None
@@ -140,17 +140,27 @@ class _RowDot(torch.autograd.Function):
         grad_h_TR = grad_h_TR.contiguous()
         grad_values = grad_x = None
         if ctx.needs_input_grad[0]:
-            segs = segments_of(slots_TR, values_NV.shape[0])
-            rows_UV = ctx.backend.value_grad_rows(x_TV, grad_h_TR, segs).to(values_NV.dtype)
-            grad_values = _scatter_rows(rows_UV, segs, values_NV, ctx.sparse_grad)
+            grad_values = _values_grad(ctx.backend, x_TV, grad_h_TR, slots_TR, values_NV, ctx.sparse_grad)
         if ctx.needs_input_grad[2]:
             grad_x = ctx.backend.forward(values_NV, slots_TR, grad_h_TR).to(x_TV.dtype)
         return grad_values, None, grad_x, None, None
 
 
-def _scatter_rows(rows_UV: torch.Tensor, segs: Segments, values_NV: torch.Tensor, sparse: bool) -> torch.Tensor:
+def _values_grad(backend: ModuleType, grad_y_TV: torch.Tensor, weights_TR: torch.Tensor, slots_TR: torch.Tensor,
+                 values_NV: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """The values' gradient: the backend's `value_grad` where it has one that applies, else by sorted segments."""
+    fused = getattr(backend, "value_grad", None)
+    found = fused(grad_y_TV, weights_TR, slots_TR, values_NV.shape[0]) if fused is not None else None
+    if found is None:
+        segs = segments_of(slots_TR, values_NV.shape[0])
+        found = segs.unique_U, backend.value_grad_rows(grad_y_TV, weights_TR, segs)
+    unique_U, rows_UV = found
+    return _scatter_rows(rows_UV.to(values_NV.dtype), unique_U, values_NV, sparse)
+
+
+def _scatter_rows(rows_UV: torch.Tensor, unique_U: torch.Tensor, values_NV: torch.Tensor, sparse: bool) -> torch.Tensor:
     """The unique rows' gradient as a coalesced sparse (N, V) tensor, or dense when not `sparse`."""
     if sparse:
-        return torch.sparse_coo_tensor(segs.unique_U[None], rows_UV, values_NV.shape,
+        return torch.sparse_coo_tensor(unique_U[None], rows_UV, values_NV.shape,
                                        is_coalesced=True, check_invariants=False)
-    return values_NV.new_zeros(values_NV.shape).index_copy_(0, segs.unique_U, rows_UV)
+    return values_NV.new_zeros(values_NV.shape).index_copy_(0, unique_U, rows_UV)

@@ -19,6 +19,11 @@ from memlayers.kernels import cpu_ops
 COUNTING_SORT_SLOTS_PER_READ = 4  # the counting sort's O(N) pass stays within a few times O(L)
 
 
+def counting_pass_pays(n_slots: int | None, reads: int) -> bool:
+    """True when an O(N) pass over the slots costs no more than a few times the O(L) work on the reads."""
+    return n_slots is not None and n_slots <= COUNTING_SORT_SLOTS_PER_READ * reads + 4096
+
+
 @dataclass(frozen=True)
 class Segments:
     unique_U: torch.Tensor   # int64, the unique slots read, ascending
@@ -37,7 +42,7 @@ def segments_of(slots_TR: torch.Tensor, n_slots: int | None = None) -> Segments:
     r = slots_TR.shape[1]
     keys_L = slots_TR.reshape(-1)
     ops = cpu_ops.applies(keys_L)
-    if ops is not None and n_slots is not None and n_slots <= COUNTING_SORT_SLOTS_PER_READ * keys_L.numel() + 4096:
+    if ops is not None and counting_pass_pays(n_slots, keys_L.numel()):
         unique_U, start_U1, read_L = ops.sort_reads(keys_L.long(), n_slots)
         return Segments(unique_U, start_U1, read_L, torch.div(read_L, r, rounding_mode="floor"))
     if n_slots is not None and n_slots < 2 ** 31:

@@ -5,7 +5,7 @@ warned fallback to the torch path when the extension cannot be built."""
 import pytest
 import torch
 
-from memlayers.kernels import bag_torch, cpu_ops, pk_search
+from memlayers.kernels import bag_cpu, bag_torch, cpu_ops, pk_search
 from memlayers.kernels.lookup import embedding_bag
 from memlayers.kernels.segments import segments_of
 from memlayers.models.config import MemoryConfig, PeerConfig
@@ -142,6 +142,18 @@ def test_bag_weight_gradient_and_counting_sort_match_torch(dtype):
     assert torch.equal(fast.read_L, read) and torch.equal(fast.unique_U, unique)
     assert torch.equal(fast.start_U1, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
     assert torch.equal(fast.token_L, read // 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value_dim", [5, 19, 40])
+def test_the_value_gradient_without_a_sort_equals_the_sorted_segments(dtype, value_dim):
+    gen = torch.Generator().manual_seed(9)
+    slots, weights = torch.randint(0, 50, (30, 7), generator=gen), torch.rand(30, 7, generator=gen, dtype=dtype)
+    grad_y = torch.randn(30, value_dim, generator=gen, dtype=dtype)
+    unique, rows = bag_cpu.value_grad(grad_y, weights, slots, 50)
+    segs = segments_of(slots, 50)
+    assert torch.equal(unique, segs.unique_U)
+    torch.testing.assert_close(rows, bag_torch.value_grad_rows(grad_y, weights, segs))
 
 
 def test_the_bag_auto_impl_on_cpu_equals_the_torch_impl():

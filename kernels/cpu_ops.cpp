@@ -9,6 +9,7 @@
 // - bag_weight_grad:  <grad_y[t], values[slots[t, j]]> for every read
 // - sort_reads:       counting sort of the reads by slot (stable) -> segments
 // - bag_value_grad:   the bag's row-sparse value gradient, each row summed over its reads in read order
+// - lazy_adam_rows_:  LazyAdam's update of the rows with a gradient, in place, in torch's arithmetic
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -21,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -159,26 +161,33 @@ inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, 
   }
 }
 
-// out_V = sum over a segment's reads of w[read] * gy[token], in read order: one 64-byte vector of
-// columns at a time, summed in a register (a plain loop here gets vectorised across the reads,
-// with gathers), then the columns past the last whole vector; out starts at zero.
-template <typename scalar_t>
-inline void segment_sum(scalar_t* __restrict__ out, const scalar_t* __restrict__ gy, int64_t v, const scalar_t* w,
-                        const int32_t* read_L, const int32_t* token_L, int64_t count) {
+// out_V = sum over `count` terms of w * row[0:v], (w, row) = term(at), each column summed in term
+// order in a register: 64-byte vectors of columns, then one column at a time past the last whole
+// vector (plain loops here get vectorised across the terms, with gathers, or chain every term
+// through a store to out).
+template <typename scalar_t, typename Term>
+inline void weighted_row_sum(scalar_t* __restrict__ out, int64_t v, int64_t count, Term term) {
   typedef scalar_t vec_t __attribute__((vector_size(64)));
   constexpr int64_t lanes = sizeof(vec_t) / sizeof(scalar_t);
   int64_t c0 = 0;
   for (; c0 + lanes <= v; c0 += lanes) {
     vec_t acc = {};
     for (int64_t at = 0; at < count; ++at) {
+      const auto [w, row] = term(at);
       vec_t x;
-      std::memcpy(&x, gy + token_L[at] * v + c0, sizeof(vec_t));
-      acc += w[read_L[at]] * x;
+      std::memcpy(&x, row + c0, sizeof(vec_t));
+      acc += w * x;
     }
     std::memcpy(out + c0, &acc, sizeof(vec_t));
   }
-  for (int64_t at = 0; at < count; ++at)
-    for (int64_t c = c0; c < v; ++c) out[c] += w[read_L[at]] * gy[token_L[at] * v + c];
+  for (int64_t c = c0; c < v; ++c) {
+    scalar_t acc = 0;
+    for (int64_t at = 0; at < count; ++at) {
+      const auto [w, row] = term(at);
+      acc += w * row[c];
+    }
+    out[c] = acc;
+  }
 }
 
 }  // namespace
@@ -264,14 +273,9 @@ std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor
       for (int64_t th = lo; th < hi; ++th) {
         const int64_t h = th % heads;
         for (int half = 0; half < 2; ++half) {
-          scalar_t* out = gqs[half] + th * q;
-          for (int64_t c = 0; c < q; ++c) out[c] = 0;
-          for (int64_t r = 0; r < k; ++r) {
-            const int64_t sub = subs[(th * k + r) * 2 + half];
-            const scalar_t w = g[th * k + r];
-            const scalar_t* key = ks[half] + (h * n + sub) * q;
-            for (int64_t c = 0; c < q; ++c) out[c] += w * key[c];
-          }
+          weighted_row_sum(gqs[half] + th * q, q, k, [&](int64_t r) {
+            return std::make_pair(g[th * k + r], ks[half] + (h * n + subs[(th * k + r) * 2 + half]) * q);
+          });
         }
       }
     });
@@ -406,10 +410,103 @@ std::vector<torch::Tensor> bag_value_grad(torch::Tensor slots_TR, torch::Tensor 
     for (int64_t s = 0; s < n_slots; ++s) {
       if (end[s] == begin) continue;
       u_out[u] = s;
-      segment_sum(out + u * v, gy, v, w, read_L.data() + begin, token_L.data() + begin, end[s] - begin);
+      weighted_row_sum(out + u * v, v, end[s] - begin, [&](int64_t at) {
+        return std::make_pair(w[read_L[begin + at]], gy + token_L[begin + at] * v);
+      });
       begin = end[s];
       ++u;
     }
   });
   return {unique_U, grad_UV};
+}
+
+// Adam's per-step factors (-lr / (1 - beta1^s), sqrt(1 - beta2^s)) in fp64, as torch's Adam computes
+// them in Python; tabulated once per step count in the range of this call's counts when that range
+// is shorter than the rows (a pow per row costs about as much as the row's update).
+class BiasCorrections {
+ public:
+  BiasCorrections(const int32_t* steps, const int64_t* rows, int64_t n_rows, double lr, double beta1, double beta2)
+      : lr_(lr), beta1_(beta1), beta2_(beta2) {
+    int32_t lo = std::numeric_limits<int32_t>::max(), hi = 0;
+    for (int64_t u = 0; u < n_rows; ++u) {
+      lo = std::min(lo, steps[rows[u]] + 1);
+      hi = std::max(hi, steps[rows[u]] + 1);
+    }
+    if (n_rows > 0 && hi - lo < n_rows) {
+      first_ = lo;
+      for (int32_t s = lo; s <= hi; ++s) table_.push_back(compute(s));
+    }
+  }
+
+  std::pair<double, double> operator()(int32_t s) const {
+    return table_.empty() ? compute(s) : table_[s - first_];
+  }
+
+ private:
+  std::pair<double, double> compute(int32_t s) const {
+    return {-lr_ / (1 - std::pow(beta1_, static_cast<double>(s))), std::sqrt(1 - std::pow(beta2_, static_cast<double>(s)))};
+  }
+
+  double lr_, beta1_, beta2_;
+  int32_t first_ = 0;
+  std::vector<std::pair<double, double>> table_;
+};
+
+// value_optim.LazyAdam's step on the rows rows_U (distinct) of param_NV, in place, with their
+// gradient grad_UV: the torch path's arithmetic op for op (fp32 ops on fp32 tables, bias
+// corrections in fp64), including the one rounding of the fused multiply-adds in which torch's
+// vectorised CPU lerp and addcmul compute (the caller checks that torch's build does so). The
+// square roots are torch's own (at::sqrt_ on the rows' second moments: torch's CPU sqrt is not
+// always the correctly rounded one), so a step is three passes over the U rows: moments, sqrt,
+// parameters.
+void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Tensor exp_avg_sq_NV,
+                     torch::Tensor step_N, torch::Tensor rows_U, torch::Tensor grad_UV, double lr, double beta1,
+                     double beta2, double eps, double weight_decay) {
+  for (const auto& t : {param_NV, exp_avg_NV, exp_avg_sq_NV, step_N})
+    TORCH_CHECK(t.is_contiguous(), "lazy_adam_rows_: the parameter and its state must be contiguous");
+  TORCH_CHECK(step_N.scalar_type() == torch::kInt32, "lazy_adam_rows_: the step counts must be int32");
+  rows_U = rows_U.contiguous();
+  grad_UV = grad_UV.contiguous().to(param_NV.scalar_type());
+  const int64_t v = param_NV.size(1), n_rows = rows_U.numel();
+  const int64_t* rows = rows_U.data_ptr<int64_t>();
+  int32_t* steps = step_N.data_ptr<int32_t>();
+  auto root_UV = torch::empty({n_rows, v}, param_NV.options());
+  AT_DISPATCH_FLOATING_TYPES(param_NV.scalar_type(), "lazy_adam_rows_", [&] {
+    scalar_t* m = exp_avg_NV.data_ptr<scalar_t>();
+    scalar_t* sq = exp_avg_sq_NV.data_ptr<scalar_t>();
+    const scalar_t* g = grad_UV.data_ptr<scalar_t>();
+    scalar_t* root = root_UV.data_ptr<scalar_t>();
+    const scalar_t w1 = static_cast<scalar_t>(1 - beta1), b2 = static_cast<scalar_t>(beta2);
+    const scalar_t c2 = static_cast<scalar_t>(1 - beta2);
+    at::parallel_for(0, n_rows, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        scalar_t* mr = m + rows[u] * v;
+        scalar_t* sr = sq + rows[u] * v;
+        const scalar_t* gr = g + u * v;
+        for (int64_t c = 0; c < v; ++c) {
+          const scalar_t diff = gr[c] - mr[c];  // torch's lerp: small weights from the start, others from the end
+          mr[c] = w1 < scalar_t(0.5) ? std::fma(w1, diff, mr[c]) : std::fma(w1 - 1, diff, gr[c]);
+          sr[c] = std::fma(c2 * gr[c], gr[c], sr[c] * b2);
+          root[u * v + c] = sr[c];
+        }
+      }
+    });
+    root_UV.sqrt_();
+    const BiasCorrections bias(steps, rows, n_rows, lr, beta1, beta2);
+    scalar_t* p = param_NV.data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps), decay = static_cast<scalar_t>(1 - lr * weight_decay);
+    at::parallel_for(0, n_rows, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const auto [neg_step_d, bc2_sqrt_d] = bias(++steps[rows[u]]);
+        const scalar_t neg_step = static_cast<scalar_t>(neg_step_d), bc2_sqrt = static_cast<scalar_t>(bc2_sqrt_d);
+        scalar_t* pr = p + rows[u] * v;
+        const scalar_t* mr = m + rows[u] * v;
+        for (int64_t c = 0; c < v; ++c) {
+          const scalar_t update = mr[c] * neg_step / (root[u * v + c] / bc2_sqrt + e);
+          pr[c] = weight_decay != 0 ? pr[c] * decay + update : pr[c] + update;
+        }
+      }
+    });
+  });
+  for (const auto& t : {param_NV, exp_avg_NV, exp_avg_sq_NV, step_N}) t.unsafeGetTensorImpl()->bump_version();
 }

@@ -13,7 +13,9 @@ O(U * V) whatever N is (the state tensors are allocated once, at the first step)
   (with a global step count its first update would be ~(1 - beta1) / sqrt(1 - beta2) times too
   small). Dense Adam instead keeps moving unread rows along their decaying momentum. State:
   two (N, V) moment tensors and an (N,) int32 step count. Dense gradients are accepted and
-  treated as "every row read", which makes it equal to `torch.optim.AdamW`.
+  treated as "every row read", which makes it equal to `torch.optim.AdamW`. On CPU fp32/fp64
+  tables with the C++ ops (`memlayers.kernels.cpu_ops`), the rows of a sparse gradient are updated
+  in place in one pass (`lazy_adam_rows_`), with the same arithmetic as the torch path.
 - `RowAdagrad`: one accumulator per row (the mean over the row of the squared gradient), the
   row-wise Adagrad used for large embedding tables: state is (N,) floats (fp32; fp64 for a fp64 table), so a 4M x 512 table
   needs 16 MB of optimizer state instead of 16 GB for Adam's moments.
@@ -29,10 +31,12 @@ Shape suffixes: see docs/shapes.md (a chunk of the U rows with a gradient keeps 
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Iterator
 
 import torch
 
+from memlayers.kernels import cpu_ops
 from memlayers.kernels.bag_torch import accumulate_dtype  # fp32, or fp64 for a fp64 table
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict]
@@ -137,6 +141,11 @@ class LazyAdam(_RowOptimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         rows_U, grad_UV = rows_of_grad(p.grad)
+        ops = _fused_rows_op(p, state, rows_U)
+        if ops is not None:
+            ops.lazy_adam_rows_(p.detach(), state["exp_avg"], state["exp_avg_sq"], state["step"], rows_U, grad_UV,
+                                lr, beta1, beta2, eps, wd)
+            return
         for rows, g_UV in _row_chunks(rows_U, grad_UV):
             steps_U = _take(state["step"], rows).add_(1)
             _put(state["step"], rows, steps_U)
@@ -156,6 +165,26 @@ class LazyAdam(_RowOptimizer):
                 _add(p, rows, update_UV)
             _put(state["exp_avg"], rows, m_UV)
             _put(state["exp_avg_sq"], rows, v_UV)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_fuses_multiply_adds() -> bool:
+    """True when torch's CPU lerp and addcmul round as one fused multiply-add (its AVX2/AVX-512 kernels)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _fused_rows_op(p: torch.Tensor, state: dict, rows_U: torch.Tensor | None):
+    """The C++ ops when `LazyAdam`'s row update can run as `lazy_adam_rows_` with the torch path's results, else None.
+
+    It applies to sparse gradients of contiguous CPU fp32/fp64 tables whose state has the layout
+    `LazyAdam` creates, when torch's own kernels use fused multiply-adds (as the C++ update does).
+    """
+    if rows_U is None or not _torch_fuses_multiply_adds() or state["step"].dtype != torch.int32:
+        return None
+    tensors = (p, state["exp_avg"], state["exp_avg_sq"], state["step"])
+    if not all(t.is_contiguous() and t.device == p.device for t in tensors) or state["exp_avg"].dtype != p.dtype:
+        return None
+    return cpu_ops.applies(p, state["exp_avg"], state["exp_avg_sq"])
 
 
 class RowAdagrad(_RowOptimizer):

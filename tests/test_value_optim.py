@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from memlayers.kernels import value_optim
+from memlayers.kernels import cpu_ops, value_optim
 from memlayers.kernels.value_optim import (LazyAdam, RowAdagrad, clip_value_grad_norm_,
                                            make_value_optimizer)
 from memlayers.models.config import MemoryConfig
@@ -57,7 +57,13 @@ def chunked(request, monkeypatch):
         monkeypatch.setattr(value_optim, "ROW_CHUNK_ELEMENTS", 3 * 16)
 
 
-def test_lazy_adam_equals_dense_adam_on_rows_read_every_step(chunked):
+@pytest.fixture(params=["auto", "torch"])
+def cpu_ops_mode(request, monkeypatch):
+    """Run LazyAdam with its C++ row update (where it applies) and on the torch path: the same bits."""
+    monkeypatch.setenv(cpu_ops.ENV, request.param)
+
+
+def test_lazy_adam_equals_dense_adam_on_rows_read_every_step(chunked, cpu_ops_mode):
     initial, lazy, dense, read_steps, _, _ = _train_values(steps=4)
     every, never = read_steps == 4, read_steps == 0
     assert every.sum() > 0 and never.sum() > 0
@@ -66,7 +72,7 @@ def test_lazy_adam_equals_dense_adam_on_rows_read_every_step(chunked):
     assert torch.equal(lazy[never], initial[never]) and torch.equal(dense[never], initial[never])
 
 
-def test_lazy_adam_rows_read_sometimes_follow_adam_over_their_own_steps(chunked):
+def test_lazy_adam_rows_read_sometimes_follow_adam_over_their_own_steps(chunked, cpu_ops_mode):
     steps = 4
     initial, lazy, dense, read_steps, grads, opt = _train_values(steps)
     sometimes = ((read_steps > 0) & (read_steps < steps)).nonzero().flatten()
@@ -98,6 +104,23 @@ def test_lazy_adam_on_dense_grads_equals_adamw(monkeypatch):
         lazy.step()
         adamw.step()
     assert torch.equal(a, b)
+
+
+def test_the_cpp_row_update_gives_the_torch_paths_bits_with_weight_decay(monkeypatch):
+    results = []
+    for mode in ("cpp", "torch"):
+        monkeypatch.setenv(cpu_ops.ENV, mode)
+        gen = torch.Generator().manual_seed(5)
+        p = torch.randn(30, 7, generator=gen).requires_grad_()
+        opt = LazyAdam([p], lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
+        for rows in ([[1, 4, 9, 20]], [[0, 4, 29]], [[4, 9, 11, 12, 13]]):
+            rows = torch.tensor(rows)
+            p.grad = _sparse(rows, torch.randn(rows.shape[1], 7, generator=gen), (30, 7))
+            opt.step()
+        results.append((p.detach(), opt.state[p]))
+    (p_cpp, state_cpp), (p_torch, state_torch) = results
+    assert torch.equal(p_cpp, p_torch)
+    assert all(torch.equal(state_cpp[key], state_torch[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
 
 
 def test_lazy_adam_weight_decay_touches_only_read_rows():

@@ -3,8 +3,8 @@
 // Shape suffixes: see docs/shapes.md. Every op is deterministic: work is split over threads
 // only where each output element is written by one thread, in a fixed order.
 //
-// - topk_merge:       per (token, head), the top-k of each half's sub-key scores and the exact
-//                     top-k of their candidate pair sums -> (scores_THK, rows_THK, order_THK)
+// - search_forward:   per (token, head), each half's sub-key scores, their top-k and the exact
+//                     top-k of their candidate pair sums -> (scores_THK, rows_THK, subs_THK2)
 // - search_backward:  gradients of those scores w.r.t. the query halves and the sub-keys
 // - bag_weight_grad:  <grad_y[t], values[slots[t, j]]> for every read
 // - sort_reads:       counting sort of the reads by slot (stable) -> segments
@@ -192,17 +192,33 @@ inline void weighted_row_sum(scalar_t* __restrict__ out, int64_t v, int64_t coun
 
 }  // namespace
 
-// s1_HTn, s2_HTn: sub-key scores of the two query halves, (H, T, n) contiguous.
+// scores_n[a] = <q_Q, key a>, keysT_Qn: the sub-keys as columns (sums over the Q dims in order)
+template <typename scalar_t>
+inline void score_sub_keys(const scalar_t* __restrict__ q_Q, const scalar_t* __restrict__ keysT_Qn, int64_t q,
+                           int64_t n, scalar_t* __restrict__ scores_n) {
+  for (int64_t a = 0; a < n; ++a) scores_n[a] = q_Q[0] * keysT_Qn[a];
+  for (int64_t c = 1; c < q; ++c)
+    for (int64_t a = 0; a < n; ++a) scores_n[a] += q_Q[c] * keysT_Qn[c * n + a];
+}
+
+// The product-key search, per (token, head): both halves' sub-key scores (never stored: each row
+// is scored into a cache-resident buffer), their top-k, the top-k of the candidate pairs' sums.
+// q1_THQ, q2_THQ: query halves; keys1_HnQ, keys2_HnQ: sub-keys.
 // -> scores_THK, rows_THK (row = i1 * n + i2), both best first, and subs_THK2 (i1, i2 as int32).
-std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn, int64_t topk) {
-  TORCH_CHECK(s1_HTn.dim() == 3 && s1_HTn.sizes() == s2_HTn.sizes(), "topk_merge: s1, s2 must be (H, T, n)");
-  s1_HTn = s1_HTn.contiguous();
-  s2_HTn = s2_HTn.contiguous();
-  const int64_t heads = s1_HTn.size(0), tokens = s1_HTn.size(1), n = s1_HTn.size(2), k = topk;
-  TORCH_CHECK(k >= 1 && k <= n, "topk_merge: topk must be in [1, n]");
-  auto scores_THK = torch::empty({tokens, heads, k}, s1_HTn.options());
-  auto rows_THK = torch::empty({tokens, heads, k}, s1_HTn.options().dtype(torch::kInt64));
-  auto subs_THK2 = torch::empty({tokens, heads, k, 2}, s1_HTn.options().dtype(torch::kInt32));
+std::vector<torch::Tensor> search_forward(torch::Tensor q1_THQ, torch::Tensor q2_THQ, torch::Tensor keys1_HnQ,
+                                          torch::Tensor keys2_HnQ, int64_t topk) {
+  TORCH_CHECK(q1_THQ.dim() == 3 && q1_THQ.sizes() == q2_THQ.sizes(), "search_forward: q1, q2 must be (T, H, Q)");
+  TORCH_CHECK(keys1_HnQ.dim() == 3 && keys1_HnQ.sizes() == keys2_HnQ.sizes() && keys1_HnQ.size(0) == q1_THQ.size(1) &&
+              keys1_HnQ.size(2) == q1_THQ.size(2), "search_forward: keys1, keys2 must be (H, n, Q)");
+  q1_THQ = q1_THQ.contiguous();
+  q2_THQ = q2_THQ.contiguous();
+  auto keys1T_HQn = keys1_HnQ.transpose(1, 2).contiguous(), keys2T_HQn = keys2_HnQ.transpose(1, 2).contiguous();
+  const int64_t tokens = q1_THQ.size(0), heads = q1_THQ.size(1), q = q1_THQ.size(2), n = keys1_HnQ.size(1);
+  const int64_t k = topk;
+  TORCH_CHECK(k >= 1 && k <= n, "search_forward: topk must be in [1, n]");
+  auto scores_THK = torch::empty({tokens, heads, k}, q1_THQ.options());
+  auto rows_THK = torch::empty({tokens, heads, k}, q1_THQ.options().dtype(torch::kInt64));
+  auto subs_THK2 = torch::empty({tokens, heads, k, 2}, q1_THQ.options().dtype(torch::kInt32));
   // pairs (i, j) of positions in the two sorted top-k lists with (i + 1)(j + 1) <= k
   std::vector<int64_t> pair_i, pair_j;
   for (int64_t i = 0; i < k; ++i)
@@ -211,9 +227,9 @@ std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn
       pair_j.push_back(j);
     }
   const int64_t pairs = static_cast<int64_t>(pair_i.size());
-  AT_DISPATCH_FLOATING_TYPES(s1_HTn.scalar_type(), "topk_merge", [&] {
-    const scalar_t* s1 = s1_HTn.data_ptr<scalar_t>();
-    const scalar_t* s2 = s2_HTn.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(q1_THQ.scalar_type(), "search_forward", [&] {
+    const scalar_t* qs[2] = {q1_THQ.data_ptr<scalar_t>(), q2_THQ.data_ptr<scalar_t>()};
+    const scalar_t* ks[2] = {keys1T_HQn.data_ptr<scalar_t>(), keys2T_HQn.data_ptr<scalar_t>()};
     scalar_t* out_s = scores_THK.data_ptr<scalar_t>();
     int64_t* out_r = rows_THK.data_ptr<int64_t>();
     int32_t* out_sub = subs_THK2.data_ptr<int32_t>();
@@ -221,12 +237,13 @@ std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn
       const int64_t width = std::max(n, pairs) + kPad;
       std::vector<int64_t> i1(width), i2(width), pick(width);
       std::vector<int32_t> cand_i(width), rank(width);
-      std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), sums(pairs);
+      std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), sums(pairs), s_n(n);
       for (int64_t th = lo; th < hi; ++th) {
-        const int64_t t = th / heads, h = th % heads;
-        const int64_t off = (h * tokens + t) * n;
-        row_topk(s1 + off, n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data(), rank.data());
-        row_topk(s2 + off, n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data(), rank.data());
+        const int64_t h = th % heads;
+        score_sub_keys(qs[0] + th * q, ks[0] + h * q * n, q, n, s_n.data());
+        row_topk(s_n.data(), n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data(), rank.data());
+        score_sub_keys(qs[1] + th * q, ks[1] + h * q * n, q, n, s_n.data());
+        row_topk(s_n.data(), n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data(), rank.data());
         // the candidate pairs' sums, in (i, j) order: equal sums rank by (i, j), under which a
         // pair is always preceded by the pairs that dominate it
         for (int64_t p = 0; p < pairs; ++p) sums[p] = v1[pair_i[p]] + v2[pair_j[p]];
@@ -248,7 +265,7 @@ std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn
 }
 
 // d scores_THK / d (q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ) for scores = q1 . keys1[i1] + q2 . keys2[i2],
-// (i1, i2) = subs_THK2 from topk_merge.
+// (i1, i2) = subs_THK2 from search_forward.
 std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor subs_THK2, torch::Tensor q1_THQ,
                                            torch::Tensor q2_THQ, torch::Tensor keys1_HnQ, torch::Tensor keys2_HnQ) {
   grad_THK = grad_THK.contiguous();

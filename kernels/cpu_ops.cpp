@@ -3,8 +3,9 @@
 // Shape suffixes: see docs/shapes.md. Every op is deterministic: work is split over threads
 // only where each output element is written by one thread, in a fixed order.
 //
-// - search_forward:   per (token, head), each half's sub-key scores, their top-k and the exact
+// - topk_merge:       per (token, head), the top-k of each half's sub-key scores and the exact
 //                     top-k of their candidate pair sums -> (scores_THK, rows_THK, subs_THK2)
+// - search_forward:   the same from the queries and sub-keys, each row of scores computed in place
 // - search_backward:  gradients of those scores w.r.t. the query halves and the sub-keys
 // - bag_weight_grad:  <grad_y[t], values[slots[t, j]]> for every read
 // - sort_reads:       counting sort of the reads by slot (stable) -> segments
@@ -201,10 +202,76 @@ inline void score_sub_keys(const scalar_t* __restrict__ q_Q, const scalar_t* __r
     for (int64_t a = 0; a < n; ++a) scores_n[a] += q_Q[c] * keysT_Qn[c * n + a];
 }
 
-// The product-key search, per (token, head): both halves' sub-key scores (never stored: each row
-// is scored into a cache-resident buffer), their top-k, the top-k of the candidate pairs' sums.
-// q1_THQ, q2_THQ: query halves; keys1_HnQ, keys2_HnQ: sub-keys.
+// The search of every (token, head) from its two rows of sub-key scores, row_scores(th, half,
+// buffer) -> a pointer to them (scored into `buffer`, n entries, or found in a tensor): each
+// half's top-k, then the top-k of the candidate pairs' sums.
 // -> scores_THK, rows_THK (row = i1 * n + i2), both best first, and subs_THK2 (i1, i2 as int32).
+template <typename scalar_t, typename RowScores>
+std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n, int64_t k,
+                                        const torch::TensorOptions& options, RowScores row_scores) {
+  TORCH_CHECK(k >= 1 && k <= n, "product-key search: topk must be in [1, n]");
+  auto scores_THK = torch::empty({tokens, heads, k}, options);
+  auto rows_THK = torch::empty({tokens, heads, k}, options.dtype(torch::kInt64));
+  auto subs_THK2 = torch::empty({tokens, heads, k, 2}, options.dtype(torch::kInt32));
+  // pairs (i, j) of positions in the two sorted top-k lists with (i + 1)(j + 1) <= k
+  std::vector<int64_t> pair_i, pair_j;
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; (i + 1) * (j + 1) <= k; ++j) {
+      pair_i.push_back(i);
+      pair_j.push_back(j);
+    }
+  const int64_t pairs = static_cast<int64_t>(pair_i.size());
+  scalar_t* out_s = scores_THK.data_ptr<scalar_t>();
+  int64_t* out_r = rows_THK.data_ptr<int64_t>();
+  int32_t* out_sub = subs_THK2.data_ptr<int32_t>();
+  at::parallel_for(0, tokens * heads, 256, [&](int64_t lo, int64_t hi) {
+    const int64_t width = std::max(n, pairs) + kPad;
+    std::vector<int64_t> i1(width), i2(width), pick(width);
+    std::vector<int32_t> cand_i(width), rank(width);
+    std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), sums(pairs), buffer(n);
+    for (int64_t th = lo; th < hi; ++th) {
+      const scalar_t* s1_n = row_scores(th, 0, buffer.data());
+      row_topk(s1_n, n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data(), rank.data());
+      const scalar_t* s2_n = row_scores(th, 1, buffer.data());
+      row_topk(s2_n, n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data(), rank.data());
+      // the candidate pairs' sums, in (i, j) order: equal sums rank by (i, j), under which a
+      // pair is always preceded by the pairs that dominate it
+      for (int64_t p = 0; p < pairs; ++p) sums[p] = v1[pair_i[p]] + v2[pair_j[p]];
+      row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
+      scalar_t* os = out_s + th * k;
+      int64_t* orr = out_r + th * k;
+      int32_t* osub = out_sub + th * k * 2;
+      for (int64_t r = 0; r < k; ++r) {
+        const int64_t a = i1[pair_i[pick[r]]], b = i2[pair_j[pick[r]]];
+        os[r] = vs[r];
+        orr[r] = a * n + b;
+        osub[2 * r] = static_cast<int32_t>(a);
+        osub[2 * r + 1] = static_cast<int32_t>(b);
+      }
+    }
+  });
+  return {scores_THK, rows_THK, subs_THK2};
+}
+
+// The product-key search from the sub-key scores s1_HTn, s2_HTn of the two query halves (H, T, n).
+std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn, int64_t topk) {
+  TORCH_CHECK(s1_HTn.dim() == 3 && s1_HTn.sizes() == s2_HTn.sizes(), "topk_merge: s1, s2 must be (H, T, n)");
+  s1_HTn = s1_HTn.contiguous();
+  s2_HTn = s2_HTn.contiguous();
+  const int64_t heads = s1_HTn.size(0), tokens = s1_HTn.size(1), n = s1_HTn.size(2);
+  std::vector<torch::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(s1_HTn.scalar_type(), "topk_merge", [&] {
+    const scalar_t* s[2] = {s1_HTn.data_ptr<scalar_t>(), s2_HTn.data_ptr<scalar_t>()};
+    out = merge_search<scalar_t>(tokens, heads, n, topk, s1_HTn.options(), [&](int64_t th, int half, scalar_t*) {
+      return s[half] + ((th % heads) * tokens + th / heads) * n;
+    });
+  });
+  return out;
+}
+
+// The product-key search from the query halves q1_THQ, q2_THQ and the sub-keys keys1_HnQ,
+// keys2_HnQ: each row of sub-key scores computed where it is used (for small n * Q: the (H, T, n)
+// scores are never stored).
 std::vector<torch::Tensor> search_forward(torch::Tensor q1_THQ, torch::Tensor q2_THQ, torch::Tensor keys1_HnQ,
                                           torch::Tensor keys2_HnQ, int64_t topk) {
   TORCH_CHECK(q1_THQ.dim() == 3 && q1_THQ.sizes() == q2_THQ.sizes(), "search_forward: q1, q2 must be (T, H, Q)");
@@ -214,54 +281,16 @@ std::vector<torch::Tensor> search_forward(torch::Tensor q1_THQ, torch::Tensor q2
   q2_THQ = q2_THQ.contiguous();
   auto keys1T_HQn = keys1_HnQ.transpose(1, 2).contiguous(), keys2T_HQn = keys2_HnQ.transpose(1, 2).contiguous();
   const int64_t tokens = q1_THQ.size(0), heads = q1_THQ.size(1), q = q1_THQ.size(2), n = keys1_HnQ.size(1);
-  const int64_t k = topk;
-  TORCH_CHECK(k >= 1 && k <= n, "search_forward: topk must be in [1, n]");
-  auto scores_THK = torch::empty({tokens, heads, k}, q1_THQ.options());
-  auto rows_THK = torch::empty({tokens, heads, k}, q1_THQ.options().dtype(torch::kInt64));
-  auto subs_THK2 = torch::empty({tokens, heads, k, 2}, q1_THQ.options().dtype(torch::kInt32));
-  // pairs (i, j) of positions in the two sorted top-k lists with (i + 1)(j + 1) <= k
-  std::vector<int64_t> pair_i, pair_j;
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; (i + 1) * (j + 1) <= k; ++j) {
-      pair_i.push_back(i);
-      pair_j.push_back(j);
-    }
-  const int64_t pairs = static_cast<int64_t>(pair_i.size());
+  std::vector<torch::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(q1_THQ.scalar_type(), "search_forward", [&] {
     const scalar_t* qs[2] = {q1_THQ.data_ptr<scalar_t>(), q2_THQ.data_ptr<scalar_t>()};
     const scalar_t* ks[2] = {keys1T_HQn.data_ptr<scalar_t>(), keys2T_HQn.data_ptr<scalar_t>()};
-    scalar_t* out_s = scores_THK.data_ptr<scalar_t>();
-    int64_t* out_r = rows_THK.data_ptr<int64_t>();
-    int32_t* out_sub = subs_THK2.data_ptr<int32_t>();
-    at::parallel_for(0, tokens * heads, 256, [&](int64_t lo, int64_t hi) {
-      const int64_t width = std::max(n, pairs) + kPad;
-      std::vector<int64_t> i1(width), i2(width), pick(width);
-      std::vector<int32_t> cand_i(width), rank(width);
-      std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), sums(pairs), s_n(n);
-      for (int64_t th = lo; th < hi; ++th) {
-        const int64_t h = th % heads;
-        score_sub_keys(qs[0] + th * q, ks[0] + h * q * n, q, n, s_n.data());
-        row_topk(s_n.data(), n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data(), rank.data());
-        score_sub_keys(qs[1] + th * q, ks[1] + h * q * n, q, n, s_n.data());
-        row_topk(s_n.data(), n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data(), rank.data());
-        // the candidate pairs' sums, in (i, j) order: equal sums rank by (i, j), under which a
-        // pair is always preceded by the pairs that dominate it
-        for (int64_t p = 0; p < pairs; ++p) sums[p] = v1[pair_i[p]] + v2[pair_j[p]];
-        row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
-        scalar_t* os = out_s + th * k;
-        int64_t* orr = out_r + th * k;
-        int32_t* osub = out_sub + th * k * 2;
-        for (int64_t r = 0; r < k; ++r) {
-          const int64_t a = i1[pair_i[pick[r]]], b = i2[pair_j[pick[r]]];
-          os[r] = vs[r];
-          orr[r] = a * n + b;
-          osub[2 * r] = static_cast<int32_t>(a);
-          osub[2 * r + 1] = static_cast<int32_t>(b);
-        }
-      }
+    out = merge_search<scalar_t>(tokens, heads, n, topk, q1_THQ.options(), [&](int64_t th, int half, scalar_t* buffer) {
+      score_sub_keys(qs[half] + th * q, ks[half] + (th % heads) * q * n, q, n, buffer);
+      return static_cast<const scalar_t*>(buffer);
     });
   });
-  return {scores_THK, rows_THK, subs_THK2};
+  return out;
 }
 
 // d scores_THK / d (q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ) for scores = q1 . keys1[i1] + q2 . keys2[i2],

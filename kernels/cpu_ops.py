@@ -4,7 +4,8 @@ On CPU a memory layer's step is dominated by per-row overheads of generic torch 
 short rows, dense scatters of sparse gradients, many small element-wise kernels). The ops in
 `cpu_ops.cpp` do that work in one pass each:
 
-- `search_forward`: a product-key search: sub-key scores, both top-ks, the exact candidate-pair merge;
+- `topk_merge`: both sub-key top-ks and the exact candidate-pair merge of a product-key search;
+- `search_forward`: the same with the sub-key scores computed row by row inside the op;
 - `search_backward`: the sparse gradient of the selected scores w.r.t. queries and sub-keys;
 - `bag_weight_grad`: the embedding bag's weight gradient (a dot product per read);
 - `sort_reads`: a stable counting sort of the reads by slot (the segments of the value gradient);
@@ -38,7 +39,7 @@ import torch
 MODES = ("auto", "torch", "cpp")
 ENV = "MEMLAYERS_CPU_OPS"
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-FUNCTIONS = ["search_forward", "search_backward", "bag_weight_grad", "sort_reads", "bag_value_grad",
+FUNCTIONS = ["topk_merge", "search_forward", "search_backward", "bag_weight_grad", "sort_reads", "bag_value_grad",
              "lazy_adam_rows_"]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # native: the cache key names the CPU
 

@@ -3,11 +3,12 @@
     scores_THK, rows_THK = product_key_search(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
 
 gives the top-`topk` full-key scores of every (token, head) over the n*n rows whose full key is
-the concatenation of sub-keys i1 (first half) and i2 (second half), row = i1 * n + i2. All of it
-runs in `cpu_ops.cpp`, per (token, head): each half's n sub-key scores (into a buffer that stays
-in cache: the (H, T, n) scores are never stored), their top-k, then the top-k of the pair sums
-over the candidate pairs (i + 1)(j + 1) <= k of the two sorted lists (the only pairs that can be
-among the k best; `memlayers.models.product_keys`).
+the concatenation of sub-keys i1 (first half) and i2 (second half), row = i1 * n + i2. Small
+sub-key tables (n * Q up to `SCORED_IN_OP_ELEMENTS`) are scored inside the C++ op, one row at a
+time into a buffer that stays in cache (the (H, T, n) scores are never stored); larger ones by
+one batched matmul per half. The rest runs in `cpu_ops.cpp`: per (token, head) the top-k of each
+half's n scores, then the top-k of the pair sums over the candidate pairs (i + 1)(j + 1) <= k of
+the two sorted lists (the only pairs that can be among the k best; `memlayers.models.product_keys`).
 
 Ties are ranked deterministically: a sub-key list by (score desc, sub-key index asc), the pairs by
 (sum desc, i asc, j asc). That order on full keys is a total order under which the candidate
@@ -46,10 +47,22 @@ def product_key_search(q1_THQ: torch.Tensor, q2_THQ: torch.Tensor, keys1_HnQ: to
                                    topk, ops)
 
 
+SCORED_IN_OP_ELEMENTS = 1024  # n * Q up to which scoring in the op beats the batched matmuls on CPU
+
+
+def _forward(ops, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk: int):
+    """(scores_THK, rows_THK, subs_THK2): scored in the op for small sub-key tables, else by batched matmuls."""
+    if keys1_HnQ.shape[1] * keys1_HnQ.shape[2] <= SCORED_IN_OP_ELEMENTS:
+        return ops.search_forward(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
+    s1_HTn = torch.bmm(q1_THQ.transpose(0, 1), keys1_HnQ.transpose(1, 2))
+    s2_HTn = torch.bmm(q2_THQ.transpose(0, 1), keys2_HnQ.transpose(1, 2))
+    return ops.topk_merge(s1_HTn, s2_HTn, topk)
+
+
 class _ProductKeySearch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk, ops):
-        scores_THK, rows_THK, subs_THK2 = ops.search_forward(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
+        scores_THK, rows_THK, subs_THK2 = _forward(ops, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
         ctx.save_for_backward(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, subs_THK2)
         ctx.ops = ops
         ctx.mark_non_differentiable(rows_THK)

@@ -22,8 +22,15 @@ def _queries(heads, n, half, tokens=20, dtype=torch.float64, seed=0):
     return make(tokens, heads, half), make(tokens, heads, half), make(heads, n, half), make(heads, n, half)
 
 
+@pytest.fixture(params=["scored-in-op", "scored-by-bmm"])
+def scoring(request, monkeypatch):
+    """Run the fused search with the sub-key scores computed inside the op and by batched matmuls."""
+    if request.param == "scored-by-bmm":
+        monkeypatch.setattr(pk_search, "SCORED_IN_OP_ELEMENTS", 0)
+
+
 @pytest.mark.parametrize("heads,n,half,topk", SHAPES)
-def test_fused_search_equals_the_torch_path_in_scores_rows_and_gradients(heads, n, half, topk):
+def test_fused_search_equals_the_torch_path_in_scores_rows_and_gradients(heads, n, half, topk, scoring):
     inputs = _queries(heads, n, half)
     assert pk_search.applies(*inputs)
     results = {}
@@ -58,7 +65,7 @@ def _canonical_topk(q1, q2, k1, k2, topk):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("heads,n,half,topk", [(2, 8, 2, 4), (1, 12, 3, 7), (2, 6, 1, 6), (1, 40, 2, 16)])
-def test_ties_are_ranked_deterministically_and_the_search_stays_exact(heads, n, half, topk, dtype):
+def test_ties_are_ranked_deterministically_and_the_search_stays_exact(heads, n, half, topk, dtype, scoring):
     # small integer queries and keys: many equal sub-key scores and equal pair sums (exact in fp32 too)
     gen = torch.Generator().manual_seed(2)
     ints = lambda *shape: torch.randint(-1, 2, shape, generator=gen).to(dtype)

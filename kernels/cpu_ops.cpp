@@ -162,6 +162,28 @@ inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, 
   }
 }
 
+// <x, y> over v entries: vectors of `bytes` bytes summed in a register, then across their lanes
+template <typename scalar_t, int bytes>
+inline scalar_t dot(const scalar_t* x, const scalar_t* y, int64_t v) {
+  typedef scalar_t vec_t __attribute__((vector_size(bytes)));
+  constexpr int64_t lanes = sizeof(vec_t) / sizeof(scalar_t);
+  vec_t acc = {};
+  int64_t c = 0;
+  for (; c + lanes <= v; c += lanes) {
+    vec_t a, b;
+    std::memcpy(&a, x + c, sizeof(vec_t));
+    std::memcpy(&b, y + c, sizeof(vec_t));
+    acc += a * b;
+  }
+  scalar_t part[lanes];
+  std::memcpy(part, &acc, sizeof(vec_t));
+  for (int64_t width = lanes / 2; width > 0; width /= 2)  // pairwise: log2(lanes) dependent adds
+    for (int64_t l = 0; l < width; ++l) part[l] += part[l + width];
+  scalar_t total = part[0];
+  for (; c < v; ++c) total += x[c] * y[c];
+  return total;
+}
+
 // out_V = sum over `count` terms of w * row[0:v], (w, row) = term(at), each column summed in term
 // order in a register: 64-byte vectors of columns, then one column at a time past the last whole
 // vector (plain loops here get vectorised across the terms, with gathers, or chain every term
@@ -363,22 +385,13 @@ torch::Tensor bag_weight_grad(torch::Tensor values_NV, torch::Tensor slots_TR, t
     const scalar_t* gy = grad_y_TV.data_ptr<scalar_t>();
     const int64_t* slots = slots_TR.data_ptr<int64_t>();
     scalar_t* out = grad_TR.data_ptr<scalar_t>();
-    constexpr int64_t lanes = 8;
     at::parallel_for(0, tokens, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const scalar_t* gt = gy + t * v;
+      for (int64_t t = lo; t < hi; ++t)
         for (int64_t j = 0; j < reads; ++j) {
           const scalar_t* row = vals + slots[t * reads + j] * v;
-          scalar_t acc[lanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-          int64_t c = 0;
-          for (; c + lanes <= v; c += lanes)
-            for (int64_t l = 0; l < lanes; ++l) acc[l] += gt[c + l] * row[c + l];
-          for (; c < v; ++c) acc[0] += gt[c] * row[c];
-          scalar_t total = 0;
-          for (int64_t l = 0; l < lanes; ++l) total += acc[l];
-          out[t * reads + j] = total;
+          // wide rows: 64-byte vectors; short rows: 32 bytes (a shorter sum across the lanes)
+          out[t * reads + j] = v >= 128 ? dot<scalar_t, 64>(gy + t * v, row, v) : dot<scalar_t, 32>(gy + t * v, row, v);
         }
-      }
     });
   });
   return grad_TR;

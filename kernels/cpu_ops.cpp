@@ -11,6 +11,7 @@
 // - sort_reads:       counting sort of the reads by slot (stable) -> segments
 // - bag_value_grad:   the bag's row-sparse value gradient, each row summed over its reads in read order
 // - lazy_adam_rows_:  LazyAdam's update of the rows with a gradient, in place, in torch's arithmetic
+// - row_adagrad_rows_: RowAdagrad's update of the rows with a gradient, in place
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -568,4 +570,44 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
     });
   });
   for (const auto& t : {param_NV, exp_avg_NV, exp_avg_sq_NV, step_N}) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// value_optim.RowAdagrad's step on the rows rows_U (distinct) of param_NV, in place:
+// sum_N[row] += mean over the row of grad^2 (in sum_N's dtype), then
+// param[row] += grad * (1 / (sqrt(sum_N[row]) + eps)) * -lr, with torch's own sqrt (as the torch
+// path: at::sqrt_ on the rows' sums) and the torch path's order of operations.
+void row_adagrad_rows_(torch::Tensor param_NV, torch::Tensor sum_N, torch::Tensor rows_U, torch::Tensor grad_UV,
+                       double lr, double eps) {
+  TORCH_CHECK(param_NV.is_contiguous() && sum_N.is_contiguous(), "row_adagrad_rows_: the parameter and its state must be contiguous");
+  rows_U = rows_U.contiguous();
+  grad_UV = grad_UV.contiguous().to(param_NV.scalar_type());
+  const int64_t v = param_NV.size(1), n_rows = rows_U.numel();
+  const int64_t* rows = rows_U.data_ptr<int64_t>();
+  auto root_U = torch::empty({n_rows}, sum_N.options());
+  AT_DISPATCH_FLOATING_TYPES(param_NV.scalar_type(), "row_adagrad_rows_", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_CHECK(sum_N.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "row_adagrad_rows_: sums must be fp32 (fp64 for fp64)");
+    acc_t* sums = sum_N.data_ptr<acc_t>();
+    acc_t* root = root_U.data_ptr<acc_t>();
+    const scalar_t* g = grad_UV.data_ptr<scalar_t>();
+    at::parallel_for(0, n_rows, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        acc_t square = 0;
+        for (int64_t c = 0; c < v; ++c) square += static_cast<acc_t>(g[u * v + c]) * static_cast<acc_t>(g[u * v + c]);
+        root[u] = sums[rows[u]] += square / static_cast<acc_t>(v);
+      }
+    });
+    root_U.sqrt_();
+    scalar_t* p = param_NV.data_ptr<scalar_t>();
+    const acc_t neg_lr = static_cast<acc_t>(-lr), e = static_cast<acc_t>(eps);
+    at::parallel_for(0, n_rows, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const scalar_t scale = static_cast<scalar_t>(acc_t(1) / (root[u] + e) * neg_lr);
+        scalar_t* pr = p + rows[u] * v;
+        for (int64_t c = 0; c < v; ++c) pr[c] += g[u * v + c] * scale;
+      }
+    });
+  });
+  param_NV.unsafeGetTensorImpl()->bump_version();
+  sum_N.unsafeGetTensorImpl()->bump_version();
 }

@@ -18,7 +18,8 @@ O(U * V) whatever N is (the state tensors are allocated once, at the first step)
   in place in one pass (`lazy_adam_rows_`), with the same arithmetic as the torch path.
 - `RowAdagrad`: one accumulator per row (the mean over the row of the squared gradient), the
   row-wise Adagrad used for large embedding tables: state is (N,) floats (fp32; fp64 for a fp64 table), so a 4M x 512 table
-  needs 16 MB of optimizer state instead of 16 GB for Adam's moments.
+  needs 16 MB of optimizer state instead of 16 GB for Adam's moments. On CPU (as `LazyAdam`) the
+  rows of a sparse gradient are updated in place by one C++ op (`row_adagrad_rows_`).
 - `make_value_optimizer`: "lazy_adam", "row_adagrad" or "adamw" (the paper-faithful dense AdamW,
   which needs dense value gradients: `sparse_grad=False`).
 - `clip_value_grad_norm_`: clip the value gradients separately (sparse or dense), as the paper does.
@@ -141,7 +142,7 @@ class LazyAdam(_RowOptimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         rows_U, grad_UV = rows_of_grad(p.grad)
-        ops = _fused_rows_op(p, state, rows_U)
+        ops = _fused_rows_op(p, [state["exp_avg"], state["exp_avg_sq"]], rows_U, state["step"])
         if ops is not None:
             ops.lazy_adam_rows_(p.detach(), state["exp_avg"], state["exp_avg_sq"], state["step"], rows_U, grad_UV,
                                 lr, beta1, beta2, eps, wd)
@@ -173,18 +174,21 @@ def _torch_fuses_multiply_adds() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def _fused_rows_op(p: torch.Tensor, state: dict, rows_U: torch.Tensor | None):
-    """The C++ ops when `LazyAdam`'s row update can run as `lazy_adam_rows_` with the torch path's results, else None.
+def _fused_rows_op(p: torch.Tensor, states: list[torch.Tensor], rows_U: torch.Tensor | None,
+                   step_N: torch.Tensor | None = None):
+    """The C++ ops when an optimizer's row update can run as one C++ op (`lazy_adam_rows_`,
+    `row_adagrad_rows_`) with the torch path's arithmetic, else None.
 
     It applies to sparse gradients of contiguous CPU fp32/fp64 tables whose state has the layout
-    `LazyAdam` creates, when torch's own kernels use fused multiply-adds (as the C++ update does).
+    the optimizer creates (`states`, and `step_N` int32 counts), when torch's own kernels use fused
+    multiply-adds (as the C++ updates do where torch does).
     """
-    if rows_U is None or not _torch_fuses_multiply_adds() or state["step"].dtype != torch.int32:
+    if rows_U is None or not _torch_fuses_multiply_adds() or (step_N is not None and step_N.dtype != torch.int32):
         return None
-    tensors = (p, state["exp_avg"], state["exp_avg_sq"], state["step"])
-    if not all(t.is_contiguous() and t.device == p.device for t in tensors) or state["exp_avg"].dtype != p.dtype:
+    tensors = [p, *states, *([] if step_N is None else [step_N])]
+    if not all(t.is_contiguous() and t.device == p.device for t in tensors):
         return None
-    return cpu_ops.applies(p, state["exp_avg"], state["exp_avg_sq"])
+    return cpu_ops.applies(p, *states)
 
 
 class RowAdagrad(_RowOptimizer):
@@ -202,6 +206,10 @@ class RowAdagrad(_RowOptimizer):
         elif state["sum"].dtype != acc:  # load_state_dict casts float state to the table's dtype
             state["sum"] = state["sum"].to(acc)
         rows_U, grad_UV = rows_of_grad(p.grad)
+        ops = _fused_rows_op(p, [state["sum"]], rows_U)
+        if ops is not None:
+            ops.row_adagrad_rows_(p.detach(), state["sum"], rows_U, grad_UV, group["lr"], group["eps"])
+            return
         for rows, g_UV in _row_chunks(rows_U, grad_UV):
             mean_sq_U = torch.linalg.vector_norm(g_UV, dim=1, dtype=acc).square_().div_(p.shape[1])
             sum_U = _take(state["sum"], rows).add_(mean_sq_U)

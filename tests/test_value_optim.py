@@ -123,6 +123,24 @@ def test_the_cpp_row_update_gives_the_torch_paths_bits_with_weight_decay(monkeyp
     assert all(torch.equal(state_cpp[key], state_torch[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_cpp_row_adagrad_update_matches_the_torch_path(monkeypatch, dtype):
+    results = []
+    for mode in ("cpp", "torch"):
+        monkeypatch.setenv(cpu_ops.ENV, mode)
+        gen = torch.Generator().manual_seed(6)
+        p = torch.randn(40, 33, generator=gen, dtype=dtype).requires_grad_()
+        opt = RowAdagrad([p], lr=LR)
+        for rows in ([[1, 4, 9, 20, 39]], [[0, 4, 29]]):
+            rows = torch.tensor(rows)
+            p.grad = _sparse(rows, torch.randn(rows.shape[1], 33, generator=gen, dtype=dtype), (40, 33))
+            opt.step()
+        results.append((p.detach(), opt.state[p]["sum"]))
+    (p_cpp, sum_cpp), (p_torch, sum_torch) = results
+    torch.testing.assert_close(sum_cpp, sum_torch)
+    torch.testing.assert_close(p_cpp, p_torch)
+
+
 def test_lazy_adam_weight_decay_touches_only_read_rows():
     p = torch.ones(4, 2, requires_grad=True)
     opt = LazyAdam([p], lr=0.1, weight_decay=0.5)
@@ -144,7 +162,7 @@ def test_uncoalesced_sparse_grad_sums_duplicates():
     assert torch.allclose(p1, p2) and torch.equal(p1[[0, 2, 4]], torch.zeros(3, 3))
 
 
-def test_row_adagrad_hand_computed(chunked):
+def test_row_adagrad_hand_computed(chunked, cpu_ops_mode):
     p = torch.zeros(3, 2, requires_grad=True)
     opt = RowAdagrad([p], lr=0.5, eps=0.0)
     p.grad = _sparse(torch.tensor([[1]]), torch.tensor([[3.0, 4.0]]), (3, 2))

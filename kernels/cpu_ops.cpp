@@ -71,6 +71,19 @@ inline int64_t compress_at_least(const float* s_n, int64_t n, float lo, float* c
 inline void rank_candidates(const float* cand_v, int64_t count, int64_t padded, int32_t* rank) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i one = _mm512_set1_epi32(1);
+  // first without ties: the ranks sum to count (count - 1) / 2 exactly when no two candidates tie
+  // (a tie lowers the later one's count of better candidates)
+  int64_t sum = 0;
+  for (int64_t b = 0; b < padded; b += 16) {
+    const __m512 cand = _mm512_loadu_ps(cand_v + b);
+    __m512i r = _mm512_setzero_si512();
+    for (int64_t d = 0; d < count; ++d)
+      r = _mm512_mask_add_epi32(r, _mm512_cmp_ps_mask(_mm512_set1_ps(cand_v[d]), cand, _CMP_GT_OQ), r, one);
+    _mm512_storeu_si512(rank + b, r);
+    const __mmask16 real = count - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - b)) - 1);
+    sum += _mm512_mask_reduce_add_epi32(real, r);
+  }
+  if (sum == count * (count - 1) / 2) return;
   for (int64_t b = 0; b < padded; b += 16) {
     const __m512 cand = _mm512_loadu_ps(cand_v + b);
     const __m512i place = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(b)));

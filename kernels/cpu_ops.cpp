@@ -199,15 +199,12 @@ inline scalar_t dot(const scalar_t* x, const scalar_t* y, int64_t v) {
   return total;
 }
 
-// out_V = sum over `count` terms of w * row[0:v], (w, row) = term(at), each column summed in term
-// order in a register: 64-byte vectors of columns, then one column at a time past the last whole
-// vector (plain loops here get vectorised across the terms, with gathers, or chain every term
-// through a store to out).
-template <typename scalar_t, typename Term>
-inline void weighted_row_sum(scalar_t* __restrict__ out, int64_t v, int64_t count, Term term) {
-  typedef scalar_t vec_t __attribute__((vector_size(64)));
+// Columns [c0, ...) of out_V = sum over `count` terms of w * row, (w, row) = term(at), in whole
+// vectors of `bytes` bytes, each summed in term order in a register -> the first column left over.
+template <int bytes, typename scalar_t, typename Term>
+inline int64_t sum_vector_columns(scalar_t* __restrict__ out, int64_t c0, int64_t v, int64_t count, Term term) {
+  typedef scalar_t vec_t __attribute__((vector_size(bytes)));
   constexpr int64_t lanes = sizeof(vec_t) / sizeof(scalar_t);
-  int64_t c0 = 0;
   for (; c0 + lanes <= v; c0 += lanes) {
     vec_t acc = {};
     for (int64_t at = 0; at < count; ++at) {
@@ -218,6 +215,15 @@ inline void weighted_row_sum(scalar_t* __restrict__ out, int64_t v, int64_t coun
     }
     std::memcpy(out + c0, &acc, sizeof(vec_t));
   }
+  return c0;
+}
+
+// out_V = sum over `count` terms of w * row[0:v], (w, row) = term(at), each column summed in term
+// order in a register: 64-byte vectors of columns, then 16-byte ones, then single columns (plain
+// loops here get vectorised across the terms, with gathers, or chain every term through a store).
+template <typename scalar_t, typename Term>
+inline void weighted_row_sum(scalar_t* __restrict__ out, int64_t v, int64_t count, Term term) {
+  const int64_t c0 = sum_vector_columns<16>(out, sum_vector_columns<64>(out, 0, v, count, term), v, count, term);
   for (int64_t c = c0; c < v; ++c) {
     scalar_t acc = 0;
     for (int64_t at = 0; at < count; ++at) {

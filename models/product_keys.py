@@ -15,14 +15,14 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from memlayers.kernels import pk_search
 from memlayers.models.init import trunc_normal_
 
 
-def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+RMS_EPS = 1e-6  # qk-norm: x * rsqrt(mean(x^2) + eps) over each half's Q dims
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,11 +88,11 @@ class ProductKeySearch(nn.Module):
     def search(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (scores_THK fp32, rows_THK) for the tokens x_TD."""
         q_TH2Q = self.query(x_TD).view(x_TD.shape[0], self.heads, 2, self.half_dim).float()
-        q1_THQ, q2_THQ = q_TH2Q[:, :, 0], q_TH2Q[:, :, 1]
-        keys1_HnQ, keys2_HnQ = self.keys_2HnQ[0].float(), self.keys_2HnQ[1].float()
+        keys_2HnQ = self.keys_2HnQ.float()
         if self.qk_norm:
             # unit-RMS vectors of dim Q have dot products Q * cos: scale to temperature * cos
+            # (both halves in one fused op each way: the norm is over the last dim)
             gain_Q = self.query_gain_Q.float() * (self.temperature / self.half_dim)
-            q1_THQ, q2_THQ = rms_normalise(q1_THQ) * gain_Q, rms_normalise(q2_THQ) * gain_Q
-            keys1_HnQ, keys2_HnQ = rms_normalise(keys1_HnQ), rms_normalise(keys2_HnQ)
-        return product_key_topk(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, self.topk)
+            q_TH2Q = F.rms_norm(q_TH2Q, (self.half_dim,), weight=gain_Q, eps=RMS_EPS)
+            keys_2HnQ = F.rms_norm(keys_2HnQ, (self.half_dim,), eps=RMS_EPS)
+        return product_key_topk(q_TH2Q[:, :, 0], q_TH2Q[:, :, 1], keys_2HnQ[0], keys_2HnQ[1], self.topk)

@@ -349,7 +349,7 @@ std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor
   const int64_t tokens = q1_THQ.size(0), heads = q1_THQ.size(1), q = q1_THQ.size(2);
   const int64_t n = keys1_HnQ.size(1), k = subs_THK2.size(2);
   auto gq1 = torch::empty_like(q1_THQ), gq2 = torch::empty_like(q2_THQ);
-  auto gk1 = torch::zeros_like(keys1_HnQ), gk2 = torch::zeros_like(keys2_HnQ);
+  auto gk1 = torch::empty_like(keys1_HnQ), gk2 = torch::empty_like(keys2_HnQ);
   AT_DISPATCH_FLOATING_TYPES(q1_THQ.scalar_type(), "search_backward", [&] {
     const scalar_t* g = grad_THK.data_ptr<scalar_t>();
     const int32_t* subs = subs_THK2.data_ptr<int32_t>();
@@ -480,7 +480,7 @@ std::vector<torch::Tensor> bag_value_grad(torch::Tensor slots_TR, torch::Tensor 
       token_L[at] = static_cast<int32_t>(t);
     }
   auto unique_U = torch::empty({unique}, slots_TR.options());
-  auto grad_UV = torch::zeros({unique, v}, grad_y_TV.options());
+  auto grad_UV = torch::empty({unique, v}, grad_y_TV.options());
   int64_t* u_out = unique_U.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(grad_y_TV.scalar_type(), "bag_value_grad", [&] {
     const scalar_t* gy = grad_y_TV.data_ptr<scalar_t>();

@@ -418,14 +418,13 @@ torch::Tensor bag_weight_grad(torch::Tensor values_NV, torch::Tensor slots_TR, t
   return grad_TR;
 }
 
-// Stable counting sort of the reads slots_L by slot -> (unique_U, start_U1, read_L).
-std::vector<torch::Tensor> sort_reads(torch::Tensor slots_L, int64_t n_slots) {
-  slots_L = slots_L.contiguous();
-  const int64_t reads = slots_L.numel();
-  const int64_t* slots = slots_L.data_ptr<int64_t>();
-  std::vector<int64_t> start(n_slots + 1, 0);
+// The first pass of a counting sort of `reads` slots: start[s] = how many reads precede slot s's
+// segment (n_slots + 1 entries); returns how many distinct slots were read.
+int64_t segment_starts(const int64_t* slots, int64_t reads, int64_t n_slots, std::vector<int64_t>& start,
+                       const char* op) {
+  start.assign(n_slots + 1, 0);
   for (int64_t l = 0; l < reads; ++l) {
-    TORCH_CHECK(slots[l] >= 0 && slots[l] < n_slots, "sort_reads: slot out of range");
+    TORCH_CHECK(slots[l] >= 0 && slots[l] < n_slots, op, ": slot out of range");
     ++start[slots[l] + 1];
   }
   int64_t unique = 0;
@@ -433,6 +432,16 @@ std::vector<torch::Tensor> sort_reads(torch::Tensor slots_L, int64_t n_slots) {
     unique += start[s + 1] > 0;
     start[s + 1] += start[s];
   }
+  return unique;
+}
+
+// Stable counting sort of the reads slots_L by slot -> (unique_U, start_U1, read_L).
+std::vector<torch::Tensor> sort_reads(torch::Tensor slots_L, int64_t n_slots) {
+  slots_L = slots_L.contiguous();
+  const int64_t reads = slots_L.numel();
+  const int64_t* slots = slots_L.data_ptr<int64_t>();
+  std::vector<int64_t> start;
+  const int64_t unique = segment_starts(slots, reads, n_slots, start, "sort_reads");
   auto opts = slots_L.options();
   auto unique_U = torch::empty({unique}, opts), start_U1 = torch::empty({unique + 1}, opts);
   auto read_L = torch::empty({reads}, opts);
@@ -462,16 +471,8 @@ std::vector<torch::Tensor> bag_value_grad(torch::Tensor slots_TR, torch::Tensor 
   weights_TR = weights_TR.contiguous().to(grad_y_TV.scalar_type());
   const int64_t tokens = slots_TR.size(0), reads = slots_TR.size(1), v = grad_y_TV.size(1);
   const int64_t* slots = slots_TR.data_ptr<int64_t>();
-  std::vector<int64_t> end(n_slots + 1, 0);  // counts, then where each slot's segment ends
-  for (int64_t l = 0; l < tokens * reads; ++l) {
-    TORCH_CHECK(slots[l] >= 0 && slots[l] < n_slots, "bag_value_grad: slot out of range");
-    ++end[slots[l] + 1];
-  }
-  int64_t unique = 0;
-  for (int64_t s = 0; s < n_slots; ++s) {
-    unique += end[s + 1] > 0;
-    end[s + 1] += end[s];
-  }
+  std::vector<int64_t> end;  // segment starts, then (as reads are placed) where each segment ends
+  const int64_t unique = segment_starts(slots, tokens * reads, n_slots, end, "bag_value_grad");
   std::vector<int32_t> read_L(tokens * reads), token_L(tokens * reads);  // the reads sorted by slot
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t j = 0; j < reads; ++j) {

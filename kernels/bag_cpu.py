@@ -1,11 +1,12 @@
 """The CPU implementation of the embedding bag: the torch parts, with C++ backward parts.
 
 Same three parts as `memlayers.kernels.bag_torch` (forward, value-gradient rows, weight
-gradient), plus `value_grad`: the row-sparse value gradient straight from the reads, without
-sorting them. On fp32/fp64 tables, when the C++ ops are built and selected
+gradient), plus `value_grad`: the row-sparse value gradient in one C++ pass (a counting sort of
+the reads by slot, then each row summed in a register in the sorted segments' order), with no
+`Segments` tensors in between. On fp32/fp64 tables, when the C++ ops are built and selected
 (`memlayers.kernels.cpu_ops`), the weight gradient (a dot product of grad_y with every read row)
-and `value_grad` (every read added into its row, in read order) each run in one pass of
-`cpu_ops.cpp`; otherwise the torch parts run (`value_grad` returns None).
+and `value_grad` each run in one pass of `cpu_ops.cpp`; otherwise the torch parts run
+(`value_grad` returns None).
 Shape suffixes: see docs/shapes.md.
 """
 

@@ -11,7 +11,7 @@ and wraps it in one autograd function:
 - grad of `values_NV`: only the U unique rows read get a gradient,
   grad_UV[u] = sum over the reads (t, j) of row u of weights_TR[t, j] * grad_y_TV[t],
   computed by a deterministic sort/segment reduction (`memlayers.kernels.segments`; on CPU the
-  C++ `value_grad` of `bag_cpu` sums in the same order without sorting). With
+  C++ `value_grad` of `bag_cpu` sorts and sums in one pass, in the same order). With
   `sparse_grad=True` it is returned as a coalesced sparse COO tensor holding those U rows, so the
   parameter's `.grad` is sparse and no work or memory grows with N; with `sparse_grad=False` it is
   scattered into a dense (N, V) tensor (the paper-faithful mode).

@@ -4,12 +4,13 @@ checkpoints in a folder of its own, restarts within the cell's own max_failures,
 import json
 
 import pytest
+import torch
 from conftest import REPO_ROOT
 from memlayers.platform.tracking.client import client_for, create_run, ensure_experiment, set_tags
 from memlayers.platform.tracking.conventions import ATTEMPT_TAG, ATTEMPTS_TAG
 from memlayers.platform.train import loop as loop_module
 from memlayers.platform.train.checkpoint_folder import CheckpointFolder
-from memlayers.platform.train.in_trial import run_in_trial
+from memlayers.platform.train.in_trial import FolderSession, run_in_trial
 from memlayers.platform.train.launcher import run_training
 from memlayers.platform.train.run_config import ConfigError, load_run_config
 
@@ -34,16 +35,18 @@ def write_checkpoint(directory, step: int) -> None:
 
 def test_checkpoint_folder_keeps_the_newest_complete_checkpoints(tmp_path):
     folder = CheckpointFolder(str(tmp_path / "ckpt"), keep=2)
-    with folder.latest() as directory:
-        assert directory is None
+    session = FolderSession(folder, torch.device("cpu"))
+    with session.latest_checkpoint() as directory:
+        assert directory is None and session.checkpoint is None
     for step in (3, 6, 9):
         write_checkpoint(tmp_path / f"src{step}", step)
         assert folder.add(step, tmp_path / f"src{step}") == str(tmp_path / "ckpt" / f"checkpoint_{step:08d}")
     assert folder.steps() == [6, 9]
     (tmp_path / "ckpt" / "checkpoint_00000012").mkdir()  # a checkpoint without meta.json is not complete
     (tmp_path / "ckpt" / "checkpoint_00000012" / "state-rank0.pt").write_bytes(b"partial")
-    with folder.latest() as directory:
+    with session.latest_checkpoint() as directory:
         assert json.loads((directory / "meta.json").read_text())["step"] == 9
+    assert session.checkpoint == str(tmp_path / "ckpt" / "checkpoint_00000009")
     write_checkpoint(tmp_path / "again", 10)  # a replayed step replaces the earlier copy
     folder.add(9, tmp_path / "again")
     assert json.loads((tmp_path / "ckpt" / "checkpoint_00000009" / "meta.json").read_text())["step"] == 10

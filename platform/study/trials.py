@@ -93,11 +93,10 @@ def run_jobs(jobs: dict, *, workdir: Path, label: str, storage_root: str | None 
         return {}
     configs = list(jobs.values())
     concurrency = max_concurrent(configs, ray.cluster_resources())
-    space = [{"key": key, "id": uuid.uuid4().hex, "run": cfg.to_dict(), "workdir": str(workdir)}
-             for key, cfg in jobs.items()]
+    space = [{"key": key, "id": uuid.uuid4().hex, "run": cfg.to_dict(), "workdir": str(workdir),
+              "resources": trial_resources(cfg)} for key, cfg in jobs.items()]
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(_cell_trainable,
-                                lambda config: trial_resources(run_config_from_dict(config["job"]["run"]))),
+        ray.tune.with_resources(_cell_trainable, lambda config: config["job"]["resources"]),
         param_space={"job": ray.tune.grid_search(space)},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True,
                                         trial_name_creator=lambda t: f"{label}-{t.trial_id}",

@@ -3,8 +3,8 @@
 `CheckpointFolder(uri)` keeps `checkpoint_<step:08d>/` folders under `uri` (a local path, or any
 storage URI: s3://, gs://, ... through `cluster/storage.py`). A checkpoint is complete once its
 `meta.json` exists: locally the folder is written beside its final name and renamed into place;
-remotely every other file is uploaded first and `meta.json` last. `latest()` opens the newest
-complete one as a local folder (downloaded for a remote root); `add()` keeps the newest `keep`.
+remotely every other file is uploaded first and `meta.json` last. `open(step)` opens one as a
+local folder (downloaded for a remote root); `add()` keeps the newest `keep`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 from memlayers.platform.cluster import storage
 
@@ -50,8 +50,8 @@ class CheckpointFolder:
         if self.local is not None:
             self._add_local(step, Path(directory))
         else:
-            files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
-            for path in sorted(files, key=lambda p: p.name == META):  # meta.json last: it marks completion
+            files = [p for p in Path(directory).rglob("*") if p.is_file()]
+            for path in sorted(files, key=lambda p: (p.name == META, p)):  # meta.json last: it marks completion
                 storage.upload(path, storage.join(self.location(step), *path.relative_to(directory).parts))
         for old in self.steps()[:-self.keep]:
             self._remove(old)
@@ -74,16 +74,12 @@ class CheckpointFolder:
         fs.delete_dir(path)
 
     @contextlib.contextmanager
-    def latest(self) -> Iterator[Optional[Path]]:
-        """The newest complete checkpoint as a local folder (None when there is none), while open."""
-        steps = self.steps()
-        if not steps:
-            yield None
-            return
+    def open(self, step: int) -> Iterator[Path]:
+        """The checkpoint of `step` as a local folder, while open."""
         if self.local is not None:
-            yield self.local / checkpoint_name(steps[-1])
+            yield self.local / checkpoint_name(step)
             return
-        source = self.location(steps[-1])
+        source = self.location(step)
         with tempfile.TemporaryDirectory(prefix="memlayers-checkpoint-") as tmp:
             for relative in storage.list_files(source):
                 storage.download(storage.join(source, relative), Path(tmp).joinpath(*relative.split("/")))

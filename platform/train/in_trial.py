@@ -42,10 +42,12 @@ class FolderSession:
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
-        with self.folder.latest() as directory:
-            steps = self.folder.steps()
-            if directory is not None and steps:
-                self.checkpoint = self.folder.location(steps[-1])
+        steps = self.folder.steps()
+        if not steps:
+            yield None
+            return
+        self.checkpoint = self.folder.location(steps[-1])
+        with self.folder.open(steps[-1]) as directory:
             yield directory
 
     def report(self, metrics: dict[str, float], directory: Optional[Path]) -> None:

@@ -20,7 +20,8 @@ from memlayers.models.presets import memory_size_name
 from memlayers.platform.cluster.storage import join, study_root
 from memlayers.platform.data.prepare import PreparedData, prepare_data
 from memlayers.platform.tracking import client as tracking
-from memlayers.platform.tracking.conventions import ROLE_TAG, artifact_location, cell_run_name, sqlite_uri
+from memlayers.platform.tracking.conventions import (CHECKPOINT_TAG, FAILURE_TAG, ROLE_TAG, artifact_location,
+                                                     cell_run_name, sqlite_uri)
 from memlayers.platform.train.loop import Plan, plan_run
 from memlayers.platform.train.run_config import RunConfig, default_workdir
 
@@ -88,7 +89,7 @@ class OpenedRun:
                 "system_metrics": self.cfg.tracking.system_metrics}
 
     def fail(self, reason: str) -> TrainResult:
-        tracking.set_tags(self.uri, self.run_id, {"failure_reason": reason[:500]})
+        tracking.set_tags(self.uri, self.run_id, {FAILURE_TAG: reason[:500]})
         tracking.set_status(self.uri, self.run_id, "FAILED")
         return TrainResult(self.run_id, "FAILED", error=reason[:500])
 
@@ -96,7 +97,7 @@ class OpenedRun:
         """Record how the loop ended (its last report): FINISHED, or FAILED with the loop's reason."""
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if checkpoint:
-            tracking.set_tags(self.uri, self.run_id, {"checkpoint": checkpoint})
+            tracking.set_tags(self.uri, self.run_id, {CHECKPOINT_TAG: checkpoint})
         failed = metrics.get("failed")
         if failed:
             result = self.fail(str(failed))

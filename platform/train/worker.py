@@ -46,14 +46,14 @@ class RayTrainSession:
     def __init__(self) -> None:
         import ray.train  # deferred: only a Ray Train worker needs it
         import ray.train.torch  # deferred: only a Ray Train worker needs it
+        self.train = ray.train
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
-        import ray.train  # deferred: only a Ray Train worker needs it
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self.train.get_checkpoint()
         if checkpoint is None:
             yield None
             return
@@ -61,8 +61,7 @@ class RayTrainSession:
             yield Path(directory)
 
     def report(self, metrics: dict[str, float], directory: Optional[Path]) -> None:
-        import ray.train  # deferred: only a Ray Train worker needs it
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+        self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(directory) if directory else None)
 
 
 def train_loop_per_worker(config: dict) -> None:

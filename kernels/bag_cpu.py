@@ -5,8 +5,8 @@ gradient), plus `value_grad`: the row-sparse value gradient in one C++ pass (a c
 the reads by slot, then each row summed in a register in the sorted segments' order), with no
 `Segments` tensors in between. On fp32/fp64 tables, when the C++ ops are built and selected
 (`memlayers.kernels.cpu_ops`), the weight gradient (a dot product of grad_y with every read row)
-and `value_grad` each run in one pass of `cpu_ops.cpp`; otherwise the torch parts run
-(`value_grad` returns None).
+and `value_grad` each run in one pass of `cpu_ops.cpp`, and `value_and_weight_grad` does both in
+one pass; otherwise the torch parts run (`value_grad` and `value_and_weight_grad` return None).
 Shape suffixes: see docs/shapes.md.
 """
 
@@ -37,4 +37,18 @@ def value_grad(grad_y_TV: torch.Tensor, weights_TR: torch.Tensor, slots_TR: torc
     if ops is None or not counting_pass_pays(n_slots, slots_TR.numel()):
         return None
     acc = bag_torch.accumulate_dtype(grad_y_TV.dtype)
-    return tuple(ops.bag_value_grad(slots_TR, weights_TR, grad_y_TV.to(acc), n_slots))
+    unique_U, rows_UV, _ = ops.bag_value_grad(slots_TR, weights_TR, grad_y_TV.to(acc), n_slots, None)
+    return unique_U, rows_UV
+
+
+def value_and_weight_grad(grad_y_TV: torch.Tensor, weights_TR: torch.Tensor, slots_TR: torch.Tensor,
+                          values_NV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`value_grad` and `weight_grad` in one C++ pass -> (unique_U, rows_UV, grad_TR): each read's
+    weight gradient is taken while its slot's value row is summed (the row is in cache then); the
+    same numbers as the two apart. None where the op does not apply (values not in the
+    accumulation dtype, or the sort does not pay)."""
+    ops = cpu_ops.applies(grad_y_TV, weights_TR, values_NV)
+    acc = bag_torch.accumulate_dtype(grad_y_TV.dtype)
+    if ops is None or values_NV.dtype != acc or not counting_pass_pays(values_NV.shape[0], slots_TR.numel()):
+        return None
+    return tuple(ops.bag_value_grad(slots_TR, weights_TR, grad_y_TV.to(acc), values_NV.shape[0], values_NV))

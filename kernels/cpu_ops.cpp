@@ -9,9 +9,11 @@
 // - search_backward:  gradients of those scores w.r.t. the query halves and the sub-keys
 // - bag_weight_grad:  <grad_y[t], values[slots[t, j]]> for every read
 // - sort_reads:       counting sort of the reads by slot (stable) -> segments
-// - bag_value_grad:   the bag's row-sparse value gradient, each row summed over its reads in read order
+// - bag_value_grad:   the bag's row-sparse value gradient, each row summed over its reads in read order,
+//                     and optionally its weight gradient in the same pass
 // - lazy_adam_rows_:  LazyAdam's update of the rows with a gradient, in place, in torch's arithmetic
 // - row_adagrad_rows_: RowAdagrad's update of the rows with a gradient, in place
+// - slot_usage_update_: the slot-usage window's counts, a step's reads added and the oldest step's removed
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -464,12 +466,21 @@ std::vector<torch::Tensor> sort_reads(torch::Tensor slots_L, int64_t n_slots) {
 // -> (unique_U, grad_UV) with grad_UV[u] = sum over the reads (t, j) of slot unique_U[u], in read
 // order, of weights_TR[t, j] * grad_y_TV[t], in grad_y's dtype: `sort_reads`'s segments, summed
 // one row at a time (the rows are written once, in order; grad_y rows are read where needed).
+// With values_NV given (same dtype as grad_y), also the weight gradient grad_TR[t, j] =
+// <grad_y_TV[t], values_NV[slots_TR[t, j]]> in the same pass, while the slot's value row is in
+// cache (each entry is the dot product `bag_weight_grad` computes, so the results are the same)
+// -> (unique_U, grad_UV, grad_TR); without it grad_TR is empty.
 std::vector<torch::Tensor> bag_value_grad(torch::Tensor slots_TR, torch::Tensor weights_TR, torch::Tensor grad_y_TV,
-                                          int64_t n_slots) {
+                                          int64_t n_slots, c10::optional<torch::Tensor> values_NV) {
   slots_TR = slots_TR.contiguous();
   grad_y_TV = grad_y_TV.contiguous();
   weights_TR = weights_TR.contiguous().to(grad_y_TV.scalar_type());
   const int64_t tokens = slots_TR.size(0), reads = slots_TR.size(1), v = grad_y_TV.size(1);
+  const bool with_weights = values_NV.has_value();
+  torch::Tensor values = with_weights ? values_NV->contiguous() : torch::Tensor();
+  TORCH_CHECK(!with_weights || (values.scalar_type() == grad_y_TV.scalar_type() && values.dim() == 2 &&
+                                values.size(0) == n_slots && values.size(1) == v),
+              "bag_value_grad: values_NV must be (n_slots, V) in grad_y's dtype");
   const int64_t* slots = slots_TR.data_ptr<int64_t>();
   std::vector<int64_t> end;  // segment starts, then (as reads are placed) where each segment ends
   const int64_t unique = segment_starts(slots, tokens * reads, n_slots, end, "bag_value_grad");
@@ -482,11 +493,14 @@ std::vector<torch::Tensor> bag_value_grad(torch::Tensor slots_TR, torch::Tensor 
     }
   auto unique_U = torch::empty({unique}, slots_TR.options());
   auto grad_UV = torch::empty({unique, v}, grad_y_TV.options());
+  auto grad_TR = with_weights ? torch::empty({tokens, reads}, grad_y_TV.options()) : torch::empty({0}, grad_y_TV.options());
   int64_t* u_out = unique_U.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(grad_y_TV.scalar_type(), "bag_value_grad", [&] {
     const scalar_t* gy = grad_y_TV.data_ptr<scalar_t>();
     const scalar_t* w = weights_TR.data_ptr<scalar_t>();
+    const scalar_t* vals = with_weights ? values.data_ptr<scalar_t>() : nullptr;
     scalar_t* out = grad_UV.data_ptr<scalar_t>();
+    scalar_t* out_w = with_weights ? grad_TR.data_ptr<scalar_t>() : nullptr;
     int64_t u = 0, begin = 0;
     for (int64_t s = 0; s < n_slots; ++s) {
       if (end[s] == begin) continue;
@@ -494,11 +508,17 @@ std::vector<torch::Tensor> bag_value_grad(torch::Tensor slots_TR, torch::Tensor 
       weighted_row_sum(out + u * v, v, end[s] - begin, [&](int64_t at) {
         return std::make_pair(w[read_L[begin + at]], gy + token_L[begin + at] * v);
       });
+      if (with_weights) {
+        const scalar_t* row = vals + s * v;
+        for (int64_t at = begin; at < end[s]; ++at)  // as bag_weight_grad: 64-byte vectors for wide rows
+          out_w[read_L[at]] = v >= 128 ? dot<scalar_t, 64>(gy + token_L[at] * v, row, v)
+                                       : dot<scalar_t, 32>(gy + token_L[at] * v, row, v);
+      }
       begin = end[s];
       ++u;
     }
   });
-  return {unique_U, grad_UV};
+  return {unique_U, grad_UV, grad_TR};
 }
 
 // Adam's per-step factors (-lr / (1 - beta1^s), sqrt(1 - beta2^s)) in fp64, as torch's Adam computes
@@ -630,4 +650,35 @@ void row_adagrad_rows_(torch::Tensor param_NV, torch::Tensor sum_N, torch::Tenso
   });
   param_NV.unsafeGetTensorImpl()->bump_version();
   sum_N.unsafeGetTensorImpl()->bump_version();
+}
+
+// Slot-usage counts (memlayers/kernels/usage.py): counts_N[s] += 1 for every slot s of new_L (int32
+// or int64, range-checked before anything is counted) and -= 1 for every slot of old_L (int32, from
+// an earlier call; may be empty) -> new_L as int32 (what the window keeps). One pass over each.
+torch::Tensor slot_usage_update_(torch::Tensor counts_N, torch::Tensor new_L, torch::Tensor old_L) {
+  TORCH_CHECK(counts_N.scalar_type() == torch::kInt32 && counts_N.is_contiguous(), "slot_usage_update_: counts must be contiguous int32");
+  TORCH_CHECK(old_L.scalar_type() == torch::kInt32, "slot_usage_update_: old slots must be int32");
+  TORCH_CHECK(new_L.scalar_type() == torch::kInt32 || new_L.scalar_type() == torch::kInt64,
+              "slot_usage_update_: slots must be int32 or int64");
+  new_L = new_L.reshape(-1).contiguous();
+  old_L = old_L.reshape(-1).contiguous();
+  auto kept_L = torch::empty({new_L.numel()}, new_L.options().dtype(torch::kInt32));
+  int32_t* counts = counts_N.data_ptr<int32_t>();
+  int32_t* kept = kept_L.data_ptr<int32_t>();
+  const int64_t n = counts_N.numel(), reads = new_L.numel(), leaving = old_L.numel();
+  AT_DISPATCH_INDEX_TYPES(new_L.scalar_type(), "slot_usage_update_", [&] {
+    const index_t* fresh = new_L.data_ptr<index_t>();
+    int64_t lo = reads ? fresh[0] : 0, hi = lo;
+    for (int64_t l = 0; l < reads; ++l) {
+      lo = std::min<int64_t>(lo, fresh[l]);
+      hi = std::max<int64_t>(hi, fresh[l]);
+      kept[l] = static_cast<int32_t>(fresh[l]);
+    }
+    TORCH_CHECK(lo >= 0 && hi < std::max<int64_t>(n, 1), "slots: must be in [0, ", n, "), got [", lo, ", ", hi, "]");
+  });
+  for (int64_t l = 0; l < reads; ++l) ++counts[kept[l]];
+  const int32_t* old = old_L.data_ptr<int32_t>();
+  for (int64_t l = 0; l < leaving; ++l) --counts[old[l]];
+  counts_N.unsafeGetTensorImpl()->bump_version();
+  return kept_L;
 }

@@ -4,7 +4,8 @@
 
 This is the one op every memory layer calls. `embedding_bag` dispatches to an implementation
 (a backend module with `forward`, `value_grad_rows` and `weight_grad`, and optionally
-`value_grad`: the value gradient's rows straight from the reads, or None where it does not apply)
+`value_grad`: the value gradient's rows straight from the reads, and `value_and_weight_grad`:
+both gradients in one pass; each returns None where it does not apply)
 and wraps it in one autograd function:
 
 - grad of `weights_TR[t, j]` = <grad_y_TV[t], values_NV[slots_TR[t, j]]>;
@@ -119,6 +120,13 @@ class _EmbeddingBag(torch.autograd.Function):
         values_NV, slots_TR, weights_TR = ctx.saved_tensors
         grad_y_TV = grad_y_TV.contiguous()
         grad_values = grad_weights = None
+        fused = getattr(ctx.backend, "value_and_weight_grad", None)
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[2] and fused is not None:
+            found = fused(grad_y_TV, weights_TR, slots_TR, values_NV)
+            if found is not None:
+                unique_U, rows_UV, grad_TR = found
+                return (_scatter_rows(rows_UV.to(values_NV.dtype), unique_U, values_NV, ctx.sparse_grad), None,
+                        grad_TR.to(weights_TR.dtype), None, None)
         if ctx.needs_input_grad[0]:
             grad_values = _values_grad(ctx.backend, grad_y_TV, weights_TR, slots_TR, values_NV, ctx.sparse_grad)
         if ctx.needs_input_grad[2]:

@@ -9,8 +9,9 @@ updates (one update = the slots a step read, any shape) and reports:
 - `slot_gini`: Gini coefficient of the read counts over all N slots
   (0 = perfectly even, (N - 1) / N = one slot takes everything).
 
-Cost: an update adds the step's reads to an (N,) int32 count with `index_add_` and subtracts the
-reads that leave the window — O(reads), never O(N); the window keeps its steps' slots (int32,
+Cost: an update adds the step's reads to an (N,) int32 count and subtracts the reads that leave
+the window — O(reads), never O(N), in one C++ pass (`cpu_ops.slot_usage_update_`; `index_add_`
+where the C++ ops do not apply); the window keeps its steps' slots (int32,
 4 bytes per read). `metrics()` is O(N) for the fraction and KL and O(U log U) for the Gini over
 the U slots read (the unread ones are all zeros); call it at logging time, not every step.
 
@@ -22,6 +23,10 @@ from __future__ import annotations
 from collections import deque
 
 import torch
+
+from memlayers.kernels import cpu_ops
+
+NO_SLOTS = torch.empty(0, dtype=torch.int32)
 
 
 class SlotUsage:
@@ -36,14 +41,24 @@ class SlotUsage:
 
     def update(self, slots: torch.Tensor) -> None:
         """Add the slots read by one step (any shape); the oldest step leaves a full window."""
-        slots_L = slots.detach().reshape(-1).to(device="cpu", dtype=torch.int32)
-        if slots_L.numel() and (int(slots_L.min()) < 0 or int(slots_L.max()) >= self.n_slots):
-            raise ValueError(f"slots: must be in [0, {self.n_slots}), got [{int(slots_L.min())}, {int(slots_L.max())}]")
-        self.counts_N.index_add_(0, slots_L, torch.ones_like(slots_L))
-        self._steps.append(slots_L)
-        if len(self._steps) > self.window:
-            old_L = self._steps.popleft()
-            self.counts_N.index_add_(0, old_L, torch.full_like(old_L, -1))
+        slots = slots.detach().to("cpu")
+        leaving = len(self._steps) >= self.window
+        ops = cpu_ops.applies(slots) if slots.dtype in (torch.int32, torch.int64) else None
+        if ops is not None:  # one C++ pass: checked, counted, kept as int32, the oldest step removed
+            try:
+                kept_L = ops.slot_usage_update_(self.counts_N, slots, self._steps[0] if leaving else NO_SLOTS)
+            except RuntimeError as error:
+                raise ValueError(str(error).splitlines()[0]) from None
+        else:
+            kept_L = slots.reshape(-1).to(torch.int32)
+            if kept_L.numel() and (int(slots.min()) < 0 or int(slots.max()) >= self.n_slots):
+                raise ValueError(f"slots: must be in [0, {self.n_slots}), got [{int(slots.min())}, {int(slots.max())}]")
+            self.counts_N.index_add_(0, kept_L, torch.ones_like(kept_L))
+            if leaving:
+                self.counts_N.index_add_(0, self._steps[0], torch.full_like(self._steps[0], -1))
+        self._steps.append(kept_L)
+        if leaving:
+            self._steps.popleft()
 
     def reset(self) -> None:
         self.counts_N.zero_()

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from memlayers.kernels import cpu_ops
 from memlayers.kernels.usage import SlotUsage
 
 
@@ -47,9 +48,32 @@ def test_window_forgets_old_steps_and_reset_clears():
     assert usage.metrics() == {"slot_fraction_read": 0.0, "slot_kl_uniform": 0.0, "slot_gini": 0.0}
 
 
+@pytest.mark.parametrize("mode", ["cpp", "torch"])
+def test_out_of_range_slots_are_refused_and_nothing_is_counted(mode, monkeypatch):
+    monkeypatch.setenv(cpu_ops.ENV, mode)
+    usage = SlotUsage(3)
+    usage.update(torch.tensor([0, 2]))
+    for bad in ([1, 3], [-1, 0]):
+        with pytest.raises(ValueError, match=r"slots: must be in \[0, 3\)"):
+            usage.update(torch.tensor(bad))
+    assert torch.equal(usage.counts_N, torch.tensor([1, 0, 1], dtype=torch.int32)) and len(usage._steps) == 1
+
+
+def test_the_cpp_counts_equal_the_torch_counts_step_by_step(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    steps = [torch.randint(0, 40, (6, 5), generator=gen) for _ in range(9)]
+    counts = {}
+    for mode in ("cpp", "torch"):
+        monkeypatch.setenv(cpu_ops.ENV, mode)
+        usage, counts[mode] = SlotUsage(40, window=4), []
+        for slots in steps:
+            usage.update(slots if mode == "cpp" else slots.to(torch.int32))
+            counts[mode].append(usage.counts_N.clone())
+    assert all(torch.equal(a, b) for a, b in zip(counts["cpp"], counts["torch"]))
+    assert int(counts["cpp"][-1].sum()) == 4 * 30
+
+
 def test_out_of_range_slots_are_refused():
     usage = SlotUsage(3)
-    with pytest.raises(ValueError, match="slots"):
-        usage.update(torch.tensor([3]))
     with pytest.raises(ValueError, match="window"):
         SlotUsage(3, window=0)

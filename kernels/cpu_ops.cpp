@@ -6,6 +6,7 @@
 // - topk_merge:       per (token, head), the top-k of each half's sub-key scores and the exact
 //                     top-k of their candidate pair sums -> (scores_THK, rows_THK, subs_THK2)
 // - search_forward:   the same from the queries and sub-keys, each row of scores computed in place
+//                     (queries (T, H, 2, Q): both halves side by side; sub-keys (2, H, n, Q))
 // - search_backward:  gradients of those scores w.r.t. the query halves and the sub-keys
 // - bag_weight_grad:  <grad_y[t], values[slots[t, j]]> for every read
 // - sort_reads:       counting sort of the reads by slot (stable) -> segments
@@ -102,21 +103,10 @@ inline void rank_candidates(const float* cand_v, int64_t count, int64_t padded, 
 }
 #endif
 
-// A bound lo with count_at_least(s_n, n, lo) >= k and few scores above it: the smallest of the
-// maxima of k disjoint strided groups (each holds a score at or above it), raised by bisection
-// steps that keep >= k scores above it until at most 1.5 k remain.
+// Raises a bound lo (count_at_least(s_n, n, lo) = above >= k, every score <= hi) by bisection
+// steps that keep >= k scores above it until at most 1.5 k remain (at most 6 steps).
 template <typename scalar_t>
-inline scalar_t topk_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t k, scalar_t* __restrict__ top_k) {
-  const int64_t groups = n / k;
-  for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[l];
-  for (int64_t g = 1; g < groups; ++g)
-    for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[g * k + l] > top_k[l] ? s_n[g * k + l] : top_k[l];
-  scalar_t lo = top_k[0], hi = top_k[0];
-  for (int64_t l = 1; l < k; ++l) {
-    lo = top_k[l] < lo ? top_k[l] : lo;
-    hi = top_k[l] > hi ? top_k[l] : hi;
-  }
-  for (int64_t a = groups * k; a < n; ++a) hi = s_n[a] > hi ? s_n[a] : hi;
+inline scalar_t raise_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t k, scalar_t lo, scalar_t hi) {
   int32_t above = count_at_least(s_n, n, lo);
   for (int step = 0; step < 6 && above > k + k / 2; ++step) {
     const scalar_t mid = lo + (hi - lo) / 2;
@@ -130,6 +120,60 @@ inline scalar_t topk_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t 
   }
   return lo;
 }
+
+// A bound lo with count_at_least(s_n, n, lo) >= k and few scores above it: the smallest of the
+// maxima of k disjoint strided groups (each holds a score at or above it), then `raise_bound`.
+template <typename scalar_t>
+inline scalar_t topk_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t k, scalar_t* __restrict__ top_k) {
+  const int64_t groups = n / k;
+  for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[l];
+  for (int64_t g = 1; g < groups; ++g)
+    for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[g * k + l] > top_k[l] ? s_n[g * k + l] : top_k[l];
+  scalar_t lo = top_k[0], hi = top_k[0];
+  for (int64_t l = 1; l < k; ++l) {
+    lo = top_k[l] < lo ? top_k[l] : lo;
+    hi = top_k[l] > hi ? top_k[l] : hi;
+  }
+  for (int64_t a = groups * k; a < n; ++a) hi = s_n[a] > hi ? s_n[a] : hi;
+  return raise_bound(s_n, n, k, lo, hi);
+}
+
+#if defined(__AVX512F__)
+// The 16 lanes sorted descending (a bitonic network: 10 compare-exchange stages across lanes).
+inline __m512 sort16_descending(__m512 x) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // (partner distance j, lanes that keep the larger value: the lower lane of a pair in a descending block)
+  constexpr int kStages = 10;
+  constexpr int kDistance[kStages] = {1, 2, 1, 4, 2, 1, 8, 4, 2, 1};
+  constexpr __mmask16 kKeepMax[kStages] = {0x9999, 0xc3c3, 0xa5a5, 0xf00f, 0xcc33, 0xaa55, 0xff, 0xf0f, 0x3333, 0x5555};
+  for (int stage = 0; stage < kStages; ++stage) {
+    const __m512 y = _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(kDistance[stage])), x);
+    x = _mm512_mask_blend_ps(kKeepMax[stage], _mm512_min_ps(x, y), _mm512_max_ps(x, y));
+  }
+  return x;
+}
+
+// fp32, k = 16, n a multiple of 16: each of the 16 lanes (scores l, l + 16, ...) keeps its two
+// largest scores m1 >= m2 (NaN scores are passed over; -inf while a lane has fewer); the 16th
+// largest of those 32 is a bound with >= 16 scores at or above it when no lane came up short (m1
+// and m2 of a lane are two scores), and on random scores ~17 of 128 are (the smallest lane
+// maximum leaves ~43). Then `raise_bound`, which rarely has a step left to do. Whatever the bound,
+// row_topk stays exact: it checks that >= k scores are at or above it. Other shapes: the generic bound.
+inline float topk_bound(const float* __restrict__ s_n, int64_t n, int64_t k, float* __restrict__ top_k) {
+  if (k != 16 || n % 16 != 0 || n < 32) return topk_bound<float>(s_n, n, k, top_k);
+  __m512 m1 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m2 = m1;
+  for (int64_t a = 0; a < n; a += 16) {
+    const __m512 x = _mm512_loadu_ps(s_n + a);
+    // max_ps / min_ps return their second operand when either is NaN: a NaN x changes nothing
+    m2 = _mm512_max_ps(_mm512_min_ps(m1, x), m2);
+    m1 = _mm512_max_ps(x, m1);
+  }
+  // descending m1 against ascending m2: the lane-wise maxima are the 16 largest of the 32
+  const __m512i reverse = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 top16 = _mm512_max_ps(sort16_descending(m1), _mm512_permutexvar_ps(reverse, sort16_descending(m2)));
+  return raise_bound<float>(s_n, n, k, _mm512_reduce_min_ps(top16), _mm512_reduce_max_ps(m1));
+}
+#endif
 
 // The scores at or above lo, in index order, into cand_v/cand_i -> their count.
 template <typename scalar_t>
@@ -266,14 +310,18 @@ std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n
       pair_j.push_back(j);
     }
   const int64_t pairs = static_cast<int64_t>(pair_i.size());
+  // the pair sums padded with NaN (never selected) to whole 16-score vectors: the fp32 lane bound
+  // of `topk_bound` then applies to them too
+  const int64_t padded_pairs = (pairs + kPad - 1) / kPad * kPad;
   scalar_t* out_s = scores_THK.data_ptr<scalar_t>();
   int64_t* out_r = rows_THK.data_ptr<int64_t>();
   int32_t* out_sub = subs_THK2.data_ptr<int32_t>();
   at::parallel_for(0, tokens * heads, 256, [&](int64_t lo, int64_t hi) {
-    const int64_t width = std::max(n, pairs) + kPad;
+    const int64_t width = std::max(n, padded_pairs) + kPad;
     std::vector<int64_t> i1(width), i2(width), pick(width);
     std::vector<int32_t> cand_i(width), rank(width);
-    std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), sums(pairs), buffer(n);
+    std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), buffer(n);
+    std::vector<scalar_t> sums(padded_pairs, std::numeric_limits<scalar_t>::quiet_NaN());
     for (int64_t th = lo; th < hi; ++th) {
       const scalar_t* s1_n = row_scores(th, 0, buffer.data());
       row_topk(s1_n, n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data(), rank.data());
@@ -282,7 +330,7 @@ std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n
       // the candidate pairs' sums, in (i, j) order: equal sums rank by (i, j), under which a
       // pair is always preceded by the pairs that dominate it
       for (int64_t p = 0; p < pairs; ++p) sums[p] = v1[pair_i[p]] + v2[pair_j[p]];
-      row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
+      row_topk(sums.data(), padded_pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
       scalar_t* os = out_s + th * k;
       int64_t* orr = out_r + th * k;
       int32_t* osub = out_sub + th * k * 2;
@@ -314,57 +362,53 @@ std::vector<torch::Tensor> topk_merge(torch::Tensor s1_HTn, torch::Tensor s2_HTn
   return out;
 }
 
-// The product-key search from the query halves q1_THQ, q2_THQ and the sub-keys keys1_HnQ,
-// keys2_HnQ: each row of sub-key scores computed where it is used (for small n * Q: the (H, T, n)
-// scores are never stored).
-std::vector<torch::Tensor> search_forward(torch::Tensor q1_THQ, torch::Tensor q2_THQ, torch::Tensor keys1_HnQ,
-                                          torch::Tensor keys2_HnQ, int64_t topk) {
-  TORCH_CHECK(q1_THQ.dim() == 3 && q1_THQ.sizes() == q2_THQ.sizes(), "search_forward: q1, q2 must be (T, H, Q)");
-  TORCH_CHECK(keys1_HnQ.dim() == 3 && keys1_HnQ.sizes() == keys2_HnQ.sizes() && keys1_HnQ.size(0) == q1_THQ.size(1) &&
-              keys1_HnQ.size(2) == q1_THQ.size(2), "search_forward: keys1, keys2 must be (H, n, Q)");
-  q1_THQ = q1_THQ.contiguous();
-  q2_THQ = q2_THQ.contiguous();
-  auto keys1T_HQn = keys1_HnQ.transpose(1, 2).contiguous(), keys2T_HQn = keys2_HnQ.transpose(1, 2).contiguous();
-  const int64_t tokens = q1_THQ.size(0), heads = q1_THQ.size(1), q = q1_THQ.size(2), n = keys1_HnQ.size(1);
+// The product-key search from the queries q_TH2Q (both halves of each (token, head) side by side)
+// and the sub-keys keys_2HnQ: each row of sub-key scores computed where it is used (for small
+// n * Q: the (H, T, n) scores are never stored).
+std::vector<torch::Tensor> search_forward(torch::Tensor q_TH2Q, torch::Tensor keys_2HnQ, int64_t topk) {
+  TORCH_CHECK(q_TH2Q.dim() == 4 && q_TH2Q.size(2) == 2, "search_forward: q must be (T, H, 2, Q)");
+  TORCH_CHECK(keys_2HnQ.dim() == 4 && keys_2HnQ.size(0) == 2 && keys_2HnQ.size(1) == q_TH2Q.size(1) &&
+              keys_2HnQ.size(3) == q_TH2Q.size(3), "search_forward: keys must be (2, H, n, Q)");
+  q_TH2Q = q_TH2Q.contiguous();
+  auto keysT_2HQn = keys_2HnQ.transpose(2, 3).contiguous();
+  const int64_t tokens = q_TH2Q.size(0), heads = q_TH2Q.size(1), q = q_TH2Q.size(3), n = keys_2HnQ.size(2);
   std::vector<torch::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(q1_THQ.scalar_type(), "search_forward", [&] {
-    const scalar_t* qs[2] = {q1_THQ.data_ptr<scalar_t>(), q2_THQ.data_ptr<scalar_t>()};
-    const scalar_t* ks[2] = {keys1T_HQn.data_ptr<scalar_t>(), keys2T_HQn.data_ptr<scalar_t>()};
-    out = merge_search<scalar_t>(tokens, heads, n, topk, q1_THQ.options(), [&](int64_t th, int half, scalar_t* buffer) {
-      score_sub_keys(qs[half] + th * q, ks[half] + (th % heads) * q * n, q, n, buffer);
+  AT_DISPATCH_FLOATING_TYPES(q_TH2Q.scalar_type(), "search_forward", [&] {
+    const scalar_t* qs = q_TH2Q.data_ptr<scalar_t>();
+    const scalar_t* ks = keysT_2HQn.data_ptr<scalar_t>();
+    out = merge_search<scalar_t>(tokens, heads, n, topk, q_TH2Q.options(), [&](int64_t th, int half, scalar_t* buffer) {
+      score_sub_keys(qs + (th * 2 + half) * q, ks + (half * heads + th % heads) * q * n, q, n, buffer);
       return static_cast<const scalar_t*>(buffer);
     });
   });
   return out;
 }
 
-// d scores_THK / d (q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ) for scores = q1 . keys1[i1] + q2 . keys2[i2],
-// (i1, i2) = subs_THK2 from search_forward.
-std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor subs_THK2, torch::Tensor q1_THQ,
-                                           torch::Tensor q2_THQ, torch::Tensor keys1_HnQ, torch::Tensor keys2_HnQ) {
+// d scores_THK / d (q_TH2Q, keys_2HnQ) for scores = q[., ., 0] . keys[0, ., i1] + q[., ., 1] . keys[1, ., i2],
+// (i1, i2) = subs_THK2 from the search -> (grad_q_TH2Q, grad_keys_2HnQ).
+std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor subs_THK2, torch::Tensor q_TH2Q,
+                                           torch::Tensor keys_2HnQ) {
   grad_THK = grad_THK.contiguous();
   subs_THK2 = subs_THK2.contiguous();
-  q1_THQ = q1_THQ.contiguous();
-  q2_THQ = q2_THQ.contiguous();
-  keys1_HnQ = keys1_HnQ.contiguous();
-  keys2_HnQ = keys2_HnQ.contiguous();
-  const int64_t tokens = q1_THQ.size(0), heads = q1_THQ.size(1), q = q1_THQ.size(2);
-  const int64_t n = keys1_HnQ.size(1), k = subs_THK2.size(2);
-  auto gq1 = torch::empty_like(q1_THQ), gq2 = torch::empty_like(q2_THQ);
-  auto gk1 = torch::empty_like(keys1_HnQ), gk2 = torch::empty_like(keys2_HnQ);
-  AT_DISPATCH_FLOATING_TYPES(q1_THQ.scalar_type(), "search_backward", [&] {
+  q_TH2Q = q_TH2Q.contiguous();
+  keys_2HnQ = keys_2HnQ.contiguous();
+  const int64_t tokens = q_TH2Q.size(0), heads = q_TH2Q.size(1), q = q_TH2Q.size(3);
+  const int64_t n = keys_2HnQ.size(2), k = subs_THK2.size(2);
+  auto grad_q = torch::empty_like(q_TH2Q), grad_keys = torch::empty_like(keys_2HnQ);
+  AT_DISPATCH_FLOATING_TYPES(q_TH2Q.scalar_type(), "search_backward", [&] {
     const scalar_t* g = grad_THK.data_ptr<scalar_t>();
     const int32_t* subs = subs_THK2.data_ptr<int32_t>();
-    const scalar_t* qs[2] = {q1_THQ.data_ptr<scalar_t>(), q2_THQ.data_ptr<scalar_t>()};
-    const scalar_t* ks[2] = {keys1_HnQ.data_ptr<scalar_t>(), keys2_HnQ.data_ptr<scalar_t>()};
-    scalar_t* gqs[2] = {gq1.data_ptr<scalar_t>(), gq2.data_ptr<scalar_t>()};
-    scalar_t* gks[2] = {gk1.data_ptr<scalar_t>(), gk2.data_ptr<scalar_t>()};
+    // half `half` of (token, head) th: its query at (th * 2 + half) * q; its sub-keys at (half * heads + h) * n * q
+    const scalar_t* qs = q_TH2Q.data_ptr<scalar_t>();
+    const scalar_t* ks[2] = {keys_2HnQ.data_ptr<scalar_t>(), keys_2HnQ.data_ptr<scalar_t>() + heads * n * q};
+    scalar_t* gq = grad_q.data_ptr<scalar_t>();
+    scalar_t* gks[2] = {grad_keys.data_ptr<scalar_t>(), grad_keys.data_ptr<scalar_t>() + heads * n * q};
     // query halves: one (token, head) per iteration
     at::parallel_for(0, tokens * heads, 256, [&](int64_t lo, int64_t hi) {
       for (int64_t th = lo; th < hi; ++th) {
         const int64_t h = th % heads;
         for (int half = 0; half < 2; ++half) {
-          weighted_row_sum(gqs[half] + th * q, q, k, [&](int64_t r) {
+          weighted_row_sum(gq + (th * 2 + half) * q, q, k, [&](int64_t r) {
             return std::make_pair(g[th * k + r], ks[half] + (h * n + subs[(th * k + r) * 2 + half]) * q);
           });
         }
@@ -373,19 +417,33 @@ std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor
     // sub-keys: one (half, head) per iteration, tokens in order (fp64 accumulation for fp32)
     using acc_t = double;
     at::parallel_for(0, 2 * heads, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> acc(n * q);
+      std::vector<acc_t> acc(n * q), weight(k);
+      std::vector<int32_t> seen(k);
       for (int64_t hh = lo; hh < hi; ++hh) {
         const int half = static_cast<int>(hh / heads);
         const int64_t h = hh % heads;
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t t = 0; t < tokens; ++t) {
           const int64_t th = t * heads + h;
-          const scalar_t* qv = qs[half] + th * q;
+          const scalar_t* qv = qs + (th * 2 + half) * q;
+          // a (token, head)'s k selections reuse few sub-keys of a half (the candidate pairs repeat
+          // the best ones): their gradients are summed per sub-key first, in selection order
+          int64_t distinct = 0;
           for (int64_t r = 0; r < k; ++r) {
-            const int64_t sub = subs[(th * k + r) * 2 + half];
+            const int32_t sub = subs[(th * k + r) * 2 + half];
             const acc_t w = g[th * k + r];
-            acc_t* a = acc.data() + sub * q;
-            for (int64_t c = 0; c < q; ++c) a[c] += w * qv[c];
+            int64_t d = 0;
+            while (d < distinct && seen[d] != sub) ++d;
+            if (d == distinct) {
+              seen[distinct] = sub;
+              weight[distinct++] = w;
+            } else {
+              weight[d] += w;
+            }
+          }
+          for (int64_t d = 0; d < distinct; ++d) {
+            acc_t* a = acc.data() + static_cast<int64_t>(seen[d]) * q;
+            for (int64_t c = 0; c < q; ++c) a[c] += weight[d] * qv[c];
           }
         }
         scalar_t* out = gks[half] + h * n * q;
@@ -393,7 +451,7 @@ std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor
       }
     });
   });
-  return {gq1, gq2, gk1, gk2};
+  return {grad_q, grad_keys};
 }
 
 // grad_TR[t, j] = <grad_y_TV[t], values_NV[slots_TR[t, j]]>

@@ -1,6 +1,7 @@
 """The product-key search on CPU in one fused op: scoring, both top-ks, the exact pair merge.
 
     scores_THK, rows_THK = product_key_search(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
+    scores_THK, rows_THK = product_key_search_packed(q_TH2Q, keys_2HnQ, topk)   # halves side by side
 
 gives the top-`topk` full-key scores of every (token, head) over the n*n rows whose full key is
 the concatenation of sub-keys i1 (first half) and i2 (second half), row = i1 * n + i2. Small
@@ -17,7 +18,8 @@ of ties unspecified, so the torch path and this op agree on the scores and, with
 
 The backward is sparse: the selected score of row (i1, i2) is q1 . keys1[i1] + q2 . keys2[i2], so
 each selection adds grad * keys to the query halves and grad * query to the two sub-keys it used
-(O(T H K Q), no (T, H, n) gradient). Sub-key gradients are summed in token order, in fp64.
+(O(T H K Q), no (T, H, n) gradient). Sub-key gradients are summed in token order, in fp64
+(a token's selections of one sub-key first summed into one weight).
 
 `applies(...)` says whether this op can run (CPU fp32/fp64 tensors, the C++ ops built and
 selected: `memlayers.kernels.cpu_ops`); otherwise callers take their torch path.
@@ -36,40 +38,48 @@ def applies(*tensors: torch.Tensor) -> bool:
     return cpu_ops.applies(*tensors) is not None
 
 
-def product_key_search(q1_THQ: torch.Tensor, q2_THQ: torch.Tensor, keys1_HnQ: torch.Tensor,
-                       keys2_HnQ: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-`topk` over all n*n full keys -> (scores_THK, rows_THK), best first; differentiable in the scores."""
-    ops = cpu_ops.applies(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ)
+def product_key_search_packed(q_TH2Q: torch.Tensor, keys_2HnQ: torch.Tensor,
+                              topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-`topk` over all n*n full keys -> (scores_THK, rows_THK), best first; differentiable
+    in the scores. Query halves side by side (T, H, 2, Q) and sub-keys (2, H, n, Q), the layout the
+    layers project and normalise them in, so neither is split into copies (nor their gradients
+    assembled from halves)."""
+    ops = cpu_ops.applies(q_TH2Q, keys_2HnQ)
     if ops is None:
         raise RuntimeError("product_key_search: the C++ CPU ops do not apply here (see kernels.cpu_ops)")
-    dtype = torch.promote_types(q1_THQ.dtype, keys1_HnQ.dtype)
-    return _ProductKeySearch.apply(q1_THQ.to(dtype), q2_THQ.to(dtype), keys1_HnQ.to(dtype), keys2_HnQ.to(dtype),
-                                   topk, ops)
+    dtype = torch.promote_types(q_TH2Q.dtype, keys_2HnQ.dtype)
+    return _ProductKeySearch.apply(q_TH2Q.to(dtype), keys_2HnQ.to(dtype), topk, ops)
+
+
+def product_key_search(q1_THQ: torch.Tensor, q2_THQ: torch.Tensor, keys1_HnQ: torch.Tensor,
+                       keys2_HnQ: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`product_key_search_packed` of separate halves (T, H, Q) x 2 and (H, n, Q) x 2."""
+    return product_key_search_packed(torch.stack([q1_THQ, q2_THQ], dim=2), torch.stack([keys1_HnQ, keys2_HnQ]), topk)
 
 
 SCORED_IN_OP_ELEMENTS = 1024  # n * Q up to which scoring in the op beats the batched matmuls on CPU
 
 
-def _forward(ops, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk: int):
+def _forward(ops, q_TH2Q, keys_2HnQ, topk: int):
     """(scores_THK, rows_THK, subs_THK2): scored in the op for small sub-key tables, else by batched matmuls."""
-    if keys1_HnQ.shape[1] * keys1_HnQ.shape[2] <= SCORED_IN_OP_ELEMENTS:
-        return ops.search_forward(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
-    s1_HTn = torch.bmm(q1_THQ.transpose(0, 1), keys1_HnQ.transpose(1, 2))
-    s2_HTn = torch.bmm(q2_THQ.transpose(0, 1), keys2_HnQ.transpose(1, 2))
+    if keys_2HnQ.shape[2] * keys_2HnQ.shape[3] <= SCORED_IN_OP_ELEMENTS:
+        return ops.search_forward(q_TH2Q, keys_2HnQ, topk)
+    s1_HTn = torch.bmm(q_TH2Q[:, :, 0].transpose(0, 1), keys_2HnQ[0].transpose(1, 2))
+    s2_HTn = torch.bmm(q_TH2Q[:, :, 1].transpose(0, 1), keys_2HnQ[1].transpose(1, 2))
     return ops.topk_merge(s1_HTn, s2_HTn, topk)
 
 
 class _ProductKeySearch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk, ops):
-        scores_THK, rows_THK, subs_THK2 = _forward(ops, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
-        ctx.save_for_backward(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, subs_THK2)
+    def forward(ctx, q_TH2Q, keys_2HnQ, topk, ops):
+        scores_THK, rows_THK, subs_THK2 = _forward(ops, q_TH2Q, keys_2HnQ, topk)
+        ctx.save_for_backward(q_TH2Q, keys_2HnQ, subs_THK2)
         ctx.ops = ops
         ctx.mark_non_differentiable(rows_THK)
         return scores_THK, rows_THK
 
     @staticmethod
     def backward(ctx, grad_THK, _grad_rows):
-        q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, subs_THK2 = ctx.saved_tensors
-        grads = ctx.ops.search_backward(grad_THK, subs_THK2, q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ)
-        return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])], None, None)
+        q_TH2Q, keys_2HnQ, subs_THK2 = ctx.saved_tensors
+        grad_q, grad_keys = ctx.ops.search_backward(grad_THK, subs_THK2, q_TH2Q, keys_2HnQ)
+        return (grad_q if ctx.needs_input_grad[0] else None, grad_keys if ctx.needs_input_grad[1] else None, None, None)

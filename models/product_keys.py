@@ -37,16 +37,16 @@ def candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, torc
     return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device)
 
 
-def product_key_topk(q1_THQ: torch.Tensor, q2_THQ: torch.Tensor, keys1_HnQ: torch.Tensor,
-                     keys2_HnQ: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k over all n*n full keys via the product structure -> (scores_THK, rows_THK).
+def product_key_topk(q_TH2Q: torch.Tensor, keys_2HnQ: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over all n*n full keys via the product structure -> (scores_THK, rows_THK), from
+    the query halves side by side (T, H, 2, Q) and the sub-keys (2, H, n, Q).
 
     On CPU (fp32/fp64) the fused C++ search of `memlayers.kernels.pk_search`, elsewhere (CUDA,
     or `MEMLAYERS_CPU_OPS=torch`) `product_key_topk_torch`: the same scores and rows.
     """
-    if pk_search.applies(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ):
-        return pk_search.product_key_search(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
-    return product_key_topk_torch(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
+    if pk_search.applies(q_TH2Q, keys_2HnQ):
+        return pk_search.product_key_search_packed(q_TH2Q, keys_2HnQ, topk)
+    return product_key_topk_torch(q_TH2Q[:, :, 0], q_TH2Q[:, :, 1], keys_2HnQ[0], keys_2HnQ[1], topk)
 
 
 def product_key_topk_torch(q1_THQ: torch.Tensor, q2_THQ: torch.Tensor, keys1_HnQ: torch.Tensor,
@@ -95,4 +95,4 @@ class ProductKeySearch(nn.Module):
             gain_Q = self.query_gain_Q.float() * (self.temperature / self.half_dim)
             q_TH2Q = F.rms_norm(q_TH2Q, (self.half_dim,), weight=gain_Q, eps=RMS_EPS)
             keys_2HnQ = F.rms_norm(keys_2HnQ, (self.half_dim,), eps=RMS_EPS)
-        return product_key_topk(q_TH2Q[:, :, 0], q_TH2Q[:, :, 1], keys_2HnQ[0], keys_2HnQ[1], self.topk)
+        return product_key_topk(q_TH2Q, keys_2HnQ, self.topk)

@@ -64,7 +64,8 @@ def _canonical_topk(q1, q2, k1, k2, topk):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("heads,n,half,topk", [(2, 8, 2, 4), (1, 12, 3, 7), (2, 6, 1, 6), (1, 40, 2, 16)])
+@pytest.mark.parametrize("heads,n,half,topk", [(2, 8, 2, 4), (1, 12, 3, 7), (2, 6, 1, 6), (1, 40, 2, 16),
+                                               (1, 32, 1, 16), (1, 64, 2, 16)])  # k = 16, n % 16 = 0: fp32's lane bound
 def test_ties_are_ranked_deterministically_and_the_search_stays_exact(heads, n, half, topk, dtype, scoring):
     # small integer queries and keys: many equal sub-key scores and equal pair sums (exact in fp32 too)
     gen = torch.Generator().manual_seed(2)
@@ -80,19 +81,20 @@ def test_ties_are_ranked_deterministically_and_the_search_stays_exact(heads, n, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_nan_scores_are_never_selected(dtype):
-    q1, q2, k1, k2 = [t.detach().to(dtype) for t in _queries(2, 40, 3, tokens=16)]
+@pytest.mark.parametrize("n,topk", [(40, 8), (64, 16)])
+def test_nan_scores_are_never_selected(dtype, n, topk):
+    q1, q2, k1, k2 = [t.detach().to(dtype) for t in _queries(2, n, 3, tokens=16)]
     k1[:, ::3] = float("nan")   # a third of each head's first-half sub-keys score NaN
     q1[0, 0] = float("nan")     # and every first-half score of one (token, head)
-    scores, rows = pk_search.product_key_search(q1, q2, k1, k2, 8)
+    scores, rows = pk_search.product_key_search(q1, q2, k1, k2, topk)
     s1 = torch.einsum("thq,hnq->thn", q1, k1).nan_to_num(nan=-torch.inf)   # NaN ranks below everything
     s2 = torch.einsum("thq,hnq->thn", q2, k2)
-    ref_scores, ref_rows = (s1[..., :, None] + s2[..., None, :]).flatten(2).topk(8, dim=-1)
+    ref_scores, ref_rows = (s1[..., :, None] + s2[..., None, :]).flatten(2).topk(topk, dim=-1)
     valid = torch.ones_like(scores, dtype=torch.bool)
     valid[0, 0] = False
     torch.testing.assert_close(scores[valid], ref_scores[valid])
     assert torch.equal(rows[valid], ref_rows[valid])
-    assert scores[0, 0].isnan().all() and ((rows[0, 0] >= 0) & (rows[0, 0] < 40 * 40)).all()  # NaN, valid rows
+    assert scores[0, 0].isnan().all() and ((rows[0, 0] >= 0) & (rows[0, 0] < n * n)).all()  # NaN, valid rows
 
 
 def test_fp32_search_matches_torch_scores_within_tolerance():
@@ -203,7 +205,7 @@ def test_a_failed_build_warns_once_and_keeps_the_torch_path(monkeypatch):
     q1, q2, k1, k2 = _queries(2, 8, 2)
     layer_scores, _ = product_key_topk_torch(q1, q2, k1, k2, 3)
     from memlayers.models.product_keys import product_key_topk  # the dispatching entry point
-    assert torch.equal(product_key_topk(q1, q2, k1, k2, 3)[0], layer_scores)
+    assert torch.equal(product_key_topk(torch.stack([q1, q2], 2), torch.stack([k1, k2]), 3)[0], layer_scores)
     monkeypatch.setenv(cpu_ops.ENV, "cpp")
     with pytest.raises(RuntimeError, match="could not be built"):
         cpu_ops.ops()

@@ -18,7 +18,7 @@ def test_product_search_equals_brute_force_over_all_full_keys():
     for heads, n, half, topk in [(1, 8, 4, 3), (3, 16, 8, 5), (4, 12, 6, 12), (2, 32, 4, 16), (1, 64, 2, 32)]:
         q1, q2 = torch.randn(20, heads, half, generator=gen, dtype=torch.float64), torch.randn(20, heads, half, generator=gen, dtype=torch.float64)
         k1, k2 = torch.randn(heads, n, half, generator=gen, dtype=torch.float64), torch.randn(heads, n, half, generator=gen, dtype=torch.float64)
-        scores, slots = product_key_topk(q1, q2, k1, k2, topk)
+        scores, slots = product_key_topk(torch.stack([q1, q2], 2), torch.stack([k1, k2]), topk)
         ref_scores, ref_slots = brute_force_topk(q1, q2, k1, k2, topk)
         torch.testing.assert_close(scores, ref_scores)
         assert torch.equal(slots, ref_slots)

@@ -103,10 +103,21 @@ inline void rank_candidates(const float* cand_v, int64_t count, int64_t padded, 
 }
 #endif
 
-// Raises a bound lo (count_at_least(s_n, n, lo) = above >= k, every score <= hi) by bisection
-// steps that keep >= k scores above it until at most 1.5 k remain (at most 6 steps).
+// A bound lo with count_at_least(s_n, n, lo) >= k and few scores above it: the smallest of the
+// maxima of k disjoint strided groups (each holds a score at or above it), raised by bisection
+// steps that keep >= k scores above it until at most 1.5 k remain.
 template <typename scalar_t>
-inline scalar_t raise_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t k, scalar_t lo, scalar_t hi) {
+inline scalar_t topk_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t k, scalar_t* __restrict__ top_k) {
+  const int64_t groups = n / k;
+  for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[l];
+  for (int64_t g = 1; g < groups; ++g)
+    for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[g * k + l] > top_k[l] ? s_n[g * k + l] : top_k[l];
+  scalar_t lo = top_k[0], hi = top_k[0];
+  for (int64_t l = 1; l < k; ++l) {
+    lo = top_k[l] < lo ? top_k[l] : lo;
+    hi = top_k[l] > hi ? top_k[l] : hi;
+  }
+  for (int64_t a = groups * k; a < n; ++a) hi = s_n[a] > hi ? s_n[a] : hi;
   int32_t above = count_at_least(s_n, n, lo);
   for (int step = 0; step < 6 && above > k + k / 2; ++step) {
     const scalar_t mid = lo + (hi - lo) / 2;
@@ -120,60 +131,6 @@ inline scalar_t raise_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t
   }
   return lo;
 }
-
-// A bound lo with count_at_least(s_n, n, lo) >= k and few scores above it: the smallest of the
-// maxima of k disjoint strided groups (each holds a score at or above it), then `raise_bound`.
-template <typename scalar_t>
-inline scalar_t topk_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t k, scalar_t* __restrict__ top_k) {
-  const int64_t groups = n / k;
-  for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[l];
-  for (int64_t g = 1; g < groups; ++g)
-    for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[g * k + l] > top_k[l] ? s_n[g * k + l] : top_k[l];
-  scalar_t lo = top_k[0], hi = top_k[0];
-  for (int64_t l = 1; l < k; ++l) {
-    lo = top_k[l] < lo ? top_k[l] : lo;
-    hi = top_k[l] > hi ? top_k[l] : hi;
-  }
-  for (int64_t a = groups * k; a < n; ++a) hi = s_n[a] > hi ? s_n[a] : hi;
-  return raise_bound(s_n, n, k, lo, hi);
-}
-
-#if defined(__AVX512F__)
-// The 16 lanes sorted descending (a bitonic network: 10 compare-exchange stages across lanes).
-inline __m512 sort16_descending(__m512 x) {
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  // (partner distance j, lanes that keep the larger value: the lower lane of a pair in a descending block)
-  constexpr int kStages = 10;
-  constexpr int kDistance[kStages] = {1, 2, 1, 4, 2, 1, 8, 4, 2, 1};
-  constexpr __mmask16 kKeepMax[kStages] = {0x9999, 0xc3c3, 0xa5a5, 0xf00f, 0xcc33, 0xaa55, 0xff, 0xf0f, 0x3333, 0x5555};
-  for (int stage = 0; stage < kStages; ++stage) {
-    const __m512 y = _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(kDistance[stage])), x);
-    x = _mm512_mask_blend_ps(kKeepMax[stage], _mm512_min_ps(x, y), _mm512_max_ps(x, y));
-  }
-  return x;
-}
-
-// fp32, k = 16, n a multiple of 16: each of the 16 lanes (scores l, l + 16, ...) keeps its two
-// largest scores m1 >= m2 (NaN scores are passed over; -inf while a lane has fewer); the 16th
-// largest of those 32 is a bound with >= 16 scores at or above it when no lane came up short (m1
-// and m2 of a lane are two scores), and on random scores ~17 of 128 are (the smallest lane
-// maximum leaves ~43). Then `raise_bound`, which rarely has a step left to do. Whatever the bound,
-// row_topk stays exact: it checks that >= k scores are at or above it. Other shapes: the generic bound.
-inline float topk_bound(const float* __restrict__ s_n, int64_t n, int64_t k, float* __restrict__ top_k) {
-  if (k != 16 || n % 16 != 0 || n < 32) return topk_bound<float>(s_n, n, k, top_k);
-  __m512 m1 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m2 = m1;
-  for (int64_t a = 0; a < n; a += 16) {
-    const __m512 x = _mm512_loadu_ps(s_n + a);
-    // max_ps / min_ps return their second operand when either is NaN: a NaN x changes nothing
-    m2 = _mm512_max_ps(_mm512_min_ps(m1, x), m2);
-    m1 = _mm512_max_ps(x, m1);
-  }
-  // descending m1 against ascending m2: the lane-wise maxima are the 16 largest of the 32
-  const __m512i reverse = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 top16 = _mm512_max_ps(sort16_descending(m1), _mm512_permutexvar_ps(reverse, sort16_descending(m2)));
-  return raise_bound<float>(s_n, n, k, _mm512_reduce_min_ps(top16), _mm512_reduce_max_ps(m1));
-}
-#endif
 
 // The scores at or above lo, in index order, into cand_v/cand_i -> their count.
 template <typename scalar_t>
@@ -310,18 +267,14 @@ std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n
       pair_j.push_back(j);
     }
   const int64_t pairs = static_cast<int64_t>(pair_i.size());
-  // the pair sums padded with NaN (never selected) to whole 16-score vectors: the fp32 lane bound
-  // of `topk_bound` then applies to them too
-  const int64_t padded_pairs = (pairs + kPad - 1) / kPad * kPad;
   scalar_t* out_s = scores_THK.data_ptr<scalar_t>();
   int64_t* out_r = rows_THK.data_ptr<int64_t>();
   int32_t* out_sub = subs_THK2.data_ptr<int32_t>();
   at::parallel_for(0, tokens * heads, 256, [&](int64_t lo, int64_t hi) {
-    const int64_t width = std::max(n, padded_pairs) + kPad;
+    const int64_t width = std::max(n, pairs) + kPad;
     std::vector<int64_t> i1(width), i2(width), pick(width);
     std::vector<int32_t> cand_i(width), rank(width);
-    std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), buffer(n);
-    std::vector<scalar_t> sums(padded_pairs, std::numeric_limits<scalar_t>::quiet_NaN());
+    std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), sums(pairs), buffer(n);
     for (int64_t th = lo; th < hi; ++th) {
       const scalar_t* s1_n = row_scores(th, 0, buffer.data());
       row_topk(s1_n, n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data(), rank.data());
@@ -330,7 +283,7 @@ std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n
       // the candidate pairs' sums, in (i, j) order: equal sums rank by (i, j), under which a
       // pair is always preceded by the pairs that dominate it
       for (int64_t p = 0; p < pairs; ++p) sums[p] = v1[pair_i[p]] + v2[pair_j[p]];
-      row_topk(sums.data(), padded_pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
+      row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
       scalar_t* os = out_s + th * k;
       int64_t* orr = out_r + th * k;
       int32_t* osub = out_sub + th * k * 2;
@@ -417,8 +370,7 @@ std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor
     // sub-keys: one (half, head) per iteration, tokens in order (fp64 accumulation for fp32)
     using acc_t = double;
     at::parallel_for(0, 2 * heads, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> acc(n * q), weight(k);
-      std::vector<int32_t> seen(k);
+      std::vector<acc_t> acc(n * q);
       for (int64_t hh = lo; hh < hi; ++hh) {
         const int half = static_cast<int>(hh / heads);
         const int64_t h = hh % heads;
@@ -426,24 +378,11 @@ std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor
         for (int64_t t = 0; t < tokens; ++t) {
           const int64_t th = t * heads + h;
           const scalar_t* qv = qs + (th * 2 + half) * q;
-          // a (token, head)'s k selections reuse few sub-keys of a half (the candidate pairs repeat
-          // the best ones): their gradients are summed per sub-key first, in selection order
-          int64_t distinct = 0;
           for (int64_t r = 0; r < k; ++r) {
-            const int32_t sub = subs[(th * k + r) * 2 + half];
+            const int64_t sub = subs[(th * k + r) * 2 + half];
             const acc_t w = g[th * k + r];
-            int64_t d = 0;
-            while (d < distinct && seen[d] != sub) ++d;
-            if (d == distinct) {
-              seen[distinct] = sub;
-              weight[distinct++] = w;
-            } else {
-              weight[d] += w;
-            }
-          }
-          for (int64_t d = 0; d < distinct; ++d) {
-            acc_t* a = acc.data() + static_cast<int64_t>(seen[d]) * q;
-            for (int64_t c = 0; c < q; ++c) a[c] += weight[d] * qv[c];
+            acc_t* a = acc.data() + sub * q;
+            for (int64_t c = 0; c < q; ++c) a[c] += w * qv[c];
           }
         }
         scalar_t* out = gks[half] + h * n * q;

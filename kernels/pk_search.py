@@ -18,8 +18,7 @@ of ties unspecified, so the torch path and this op agree on the scores and, with
 
 The backward is sparse: the selected score of row (i1, i2) is q1 . keys1[i1] + q2 . keys2[i2], so
 each selection adds grad * keys to the query halves and grad * query to the two sub-keys it used
-(O(T H K Q), no (T, H, n) gradient). Sub-key gradients are summed in token order, in fp64
-(a token's selections of one sub-key first summed into one weight).
+(O(T H K Q), no (T, H, n) gradient). Sub-key gradients are summed in token order, in fp64.
 
 `applies(...)` says whether this op can run (CPU fp32/fp64 tensors, the C++ ops built and
 selected: `memlayers.kernels.cpu_ops`); otherwise callers take their torch path.

@@ -78,7 +78,7 @@ def load_laws(ref: StudyRef, *, bootstrap: int = REPORT_BOOTSTRAP, seed: int = 0
     """The study's laws (saved if current, else fitted now unless `refit` is False: a study that
     disables fitting); never raises for a small study."""
     try:
-        rows = load_study_rows(ref.name, ref.tracking_uri)
+        rows = load_study_rows(ref.name, ref.tracking_uri, ref.workdir)
     except ValueError as error:
         return StudyLaws(note=str(error))
     if not rows:

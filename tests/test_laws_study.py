@@ -136,6 +136,21 @@ def test_load_study_rows_reads_finished_cells(mlflow_study):
         load_study_rows("absent", mlflow_study["uri"])
 
 
+def test_load_study_rows_keeps_the_cells_of_the_current_definition(mlflow_study, tmp_path):
+    """A study whose file changed keeps its earlier cells' runs in its experiment: with the
+    workdir's cells.json (what `study run` writes) only the current cells are read."""
+    import json
+
+    from memlayers.platform.tracking.runs import CELLS_FILE, load_study_rows
+
+    every = load_study_rows("toy", mlflow_study["uri"])
+    current = sorted(r["cell"] for r in every)[: len(every) // 2]
+    (tmp_path / CELLS_FILE).write_text(json.dumps([{"id": cell, "name": cell} for cell in current]))
+    kept = load_study_rows("toy", mlflow_study["uri"], tmp_path)
+    assert sorted(r["cell"] for r in kept) == current and 0 < len(kept) < len(every)
+    assert len(load_study_rows("toy", mlflow_study["uri"], tmp_path / "no-definition")) == len(every)
+
+
 def test_fit_study_cli_writes_laws_and_logs_them_to_the_parent_run(mlflow_study, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -149,7 +149,7 @@ def run_study(args: argparse.Namespace) -> int:
     from memlayers.platform.tracking.runs import load_study_rows, log_laws_artifact, parent_run_id
 
     ref = resolve_study(args.study, args.tracking_uri, storage=args.storage)
-    rows = load_study_rows(ref.name, ref.tracking_uri)
+    rows = load_study_rows(ref.name, ref.tracking_uri, ref.workdir)
     result = fit_study(rows, bootstrap=args.bootstrap, seed=args.seed)
     parent = parent_run_id(ref.name, ref.tracking_uri)
     result["provenance"] = {"study": ref.name, "experiment": ref.name, "tracking_uri": ref.tracking_uri,

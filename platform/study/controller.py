@@ -156,7 +156,7 @@ def fit_laws(study: Study, uri: str, workdir: Path, parent: str, out: Callable[[
     parent run, copied to the study's storage folder); on any problem print a warning and the
     table of results instead."""
     try:
-        rows = load_study_rows(study.name, uri)
+        rows = load_study_rows(study.name, uri, workdir)
         laws = fit_study(rows, bootstrap=study.fit.bootstrap)
         keep = {"compute": ("compute_laws", "multipliers"), "memory": ("memory_laws",), "recall": ("memory_laws",)}
         wanted = {section for law in study.fit.laws for section in keep[law]}

@@ -4,11 +4,13 @@ A study's runs live in the MLflow experiment named after the study. Each finishe
 tags `memlayers.role=cell`, `study`, `cell`, `family`, `base`, `memory_slots`, `experts`,
 `train_flops`, `total_params`, `active_params` and final metrics `val_loss`, `qa_exact_match`,
 `qa_answer_nll` (recall metrics may be missing). The study's parent run is tagged
-`memlayers.role=study`.
+`memlayers.role=study`. Fits and reports read the runs of the cells the study defines now
+(`<workdir>/cells.json`), not those of an earlier version of its file.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -53,12 +55,24 @@ def run_to_row(run) -> dict:
     return row
 
 
-def load_study_rows(experiment_name: str, tracking_uri: str) -> list[dict]:
-    """Rows of the finished cell runs of the experiment `experiment_name`."""
+CELLS_FILE = "cells.json"  # the cells of a study's current definition, written into its workdir by `study run`
+
+
+def load_study_rows(experiment_name: str, tracking_uri: str, workdir: Path | str | None = None) -> list[dict]:
+    """Rows of the finished cell runs of the experiment `experiment_name`.
+
+    With `workdir` holding a `cells.json` (the study's current definition), only the runs of
+    those cells: a study whose file changed keeps its earlier cells' runs in the same experiment,
+    and laws or claims fitted over both would mix two designs."""
     client = client_for(tracking_uri)
     experiment_id = _experiment_id(client, experiment_name, tracking_uri)
     runs = search_all_runs(client, experiment_id, role_filter("cell") + " and attributes.status = 'FINISHED'")
-    return [run_to_row(run) for run in runs]
+    rows = [run_to_row(run) for run in runs]
+    table = Path(workdir) / CELLS_FILE if workdir is not None else None
+    if table is not None and table.is_file():
+        current = {cell["id"] for cell in json.loads(table.read_text())}
+        rows = [row for row in rows if row["cell"] in current]
+    return rows
 
 
 def parent_run_id(experiment_name: str, tracking_uri: str) -> str | None:

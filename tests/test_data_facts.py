@@ -11,6 +11,7 @@ import pytest
 from memlayers.platform.data import DataConfig, FactsConfig, prepare_data
 from memlayers.platform.data.facts import (ATTRIBUTES, FACTS_VERSION, VALUE, documents, generate_world,
                                            qa_pairs)
+from memlayers.platform.data.qa import select_items
 
 SMALL = {"people": 40, "values_per_attribute": 12, "renderings": 4}
 
@@ -84,6 +85,15 @@ def test_qa_answers_are_single_tokens_that_follow_their_prompt_in_training(tmp_p
     world = generate_world(cfg.facts)
     values = {(world.names[p], a): world.value(p, a) for p in range(cfg.facts.people) for a in world.attributes}
     assert all(values[(q.person, q.attribute)] == q.answer for q in data.qa)
+
+
+def test_a_limited_qa_evaluation_asks_every_relation(tmp_path):
+    data = prepare_data(small_cfg(), tmp_path)   # 40 people x 4 attributes, listed person by person
+    chosen = select_items(data.qa, 40)          # a stride of 4 would ask one relation only
+    assert len(chosen) == 40 and len({(q.person, q.attribute) for q in chosen}) == 40
+    assert {q.attribute for q in chosen} == set(small_cfg().facts.attributes)
+    assert chosen == select_items(data.qa, 40) and chosen == [q for q in data.qa if q in chosen]  # fixed, in order
+    assert select_items(data.qa, None) == list(data.qa) and select_items(data.qa, 0) == []
 
 
 def test_validation_is_held_out_renderings_of_the_same_facts(tmp_path):

@@ -12,6 +12,7 @@ that picks which `limit` items an evaluation scores (the training loop's and `me
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -45,14 +46,21 @@ def tokenize_pairs(pairs: Sequence[QAPair], tokenizer: Tokenizer) -> list[QAItem
     return items
 
 
+SAMPLE_SEED = 0  # which items a limited evaluation scores: the same in every run and every tool
+
+
 def select_items(items: Sequence[QAItem], limit: int | None) -> list[QAItem]:
-    """`limit` items spread evenly over the split (every stride-th, from the first); all if None."""
+    """`limit` items drawn without replacement by a fixed seed, in split order; all if None.
+
+    Not every k-th item: the split lists each person's attributes together, so a stride that is a
+    multiple of the attribute count scores one attribute only (8,000 pairs of 4 attributes with
+    limit 2,000 gave stride 4: every item asked the same relation)."""
     if not items or limit == 0:
         return []
     if limit is None or limit >= len(items):
         return list(items)
-    stride = max(1, len(items) // limit)
-    return list(items[::stride][:limit])
+    chosen = sorted(random.Random(SAMPLE_SEED).sample(range(len(items)), limit))
+    return [items[i] for i in chosen]
 
 
 def save_qa(items: Sequence[QAItem], path: Path) -> None:

@@ -297,9 +297,9 @@ def test_quickstart_design_is_flop_matched_with_enough_points_and_its_claims():
     for cell in cells:
         if cell.family != "dense":
             assert cell.base == "nano"
-            # a memory layer computes less than the FFN it replaces (the 486-word vocabulary makes
-            # the FFNs a large share of nano's FLOPs): PKM 1k is the farthest, at 0.84x
-            assert abs(cell.train_flops / dense["nano"] - 1) <= 0.17, cell.name
-    assert {"pkm", "moe", "peer"} <= {c.family for c in cells}
+            # a memory layer computes less than the FFN it replaces (the ~500-word vocabulary makes
+            # the FFNs a large share of nano's FLOPs): PKM 4k is the farthest, at 0.89x
+            assert abs(cell.train_flops / dense["nano"] - 1) <= 0.15, cell.name
+    assert {"pkm", "moe"} <= {c.family for c in cells}
     claims = {c.id for c in study.fit.claims}
     assert {"recall_vs_dense", "loss_vs_memory", "memory_plus_vs_pkm", "memory_plus_vs_moe"} <= claims

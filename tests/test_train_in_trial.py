@@ -47,9 +47,13 @@ def test_checkpoint_folder_keeps_the_newest_complete_checkpoints(tmp_path):
     with session.latest_checkpoint() as directory:
         assert json.loads((directory / "meta.json").read_text())["step"] == 9
     assert session.checkpoint == str(tmp_path / "ckpt" / "checkpoint_00000009")
+    stale = tmp_path / "ckpt" / ".staging-killed"  # a writer killed mid-copy left its staging folder
+    stale.mkdir()
+    (stale / "state-rank0.pt").write_bytes(b"partial")
     write_checkpoint(tmp_path / "again", 10)  # a replayed step replaces the earlier copy
     folder.add(9, tmp_path / "again")
     assert json.loads((tmp_path / "ckpt" / "checkpoint_00000009" / "meta.json").read_text())["step"] == 10
+    assert not list((tmp_path / "ckpt").glob(".staging-*"))
 
 
 @pytest.mark.slow

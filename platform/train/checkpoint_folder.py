@@ -3,7 +3,8 @@
 `CheckpointFolder(uri)` keeps `checkpoint_<step:08d>/` folders under `uri` (a local path, or any
 storage URI: s3://, gs://, ... through `cluster/storage.py`). A checkpoint is complete once its
 `meta.json` exists: locally the folder is written beside its final name and renamed into place;
-remotely every other file is uploaded first and `meta.json` last. `open(step)` opens one as a
+remotely every other file is uploaded first and `meta.json` last. A staging folder left by a
+writer killed mid-copy is removed by the next local `add()`. `open(step)` opens one as a
 local folder (downloaded for a remote root); `add()` keeps the newest `keep`.
 """
 
@@ -65,6 +66,9 @@ class CheckpointFolder:
         if target.exists():  # a replayed step after a restart: the new one replaces it
             shutil.rmtree(target)
         staging.rename(target)
+        # a run's attempts write one at a time: any other staging folder is a killed writer's leftover
+        for stale in self.local.glob(".staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _remove(self, step: int) -> None:
         if self.local is not None:

@@ -33,12 +33,19 @@ def value_grad(grad_y_TV: torch.Tensor, weights_TR: torch.Tensor, slots_TR: torc
                n_slots: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """-> (unique_U, rows_UV in the accumulation dtype), the rows summed as the sorted segments sum them;
     None where the C++ op does not apply (then: `segments_of` + `value_grad_rows`)."""
-    ops = cpu_ops.applies(grad_y_TV, weights_TR)
+    found = _value_pass(grad_y_TV, weights_TR, slots_TR, n_slots, None)
+    return None if found is None else (found[0], found[1])
+
+
+def _value_pass(grad_y_TV: torch.Tensor, weights_TR: torch.Tensor, slots_TR: torch.Tensor, n_slots: int,
+                values_NV: torch.Tensor | None) -> list[torch.Tensor] | None:
+    """`cpu_ops.bag_value_grad` (with the weight gradient when `values_NV` is given) where the C++ op
+    applies and its counting pass pays, else None."""
+    ops = cpu_ops.applies(grad_y_TV, weights_TR, *([] if values_NV is None else [values_NV]))
     if ops is None or not counting_pass_pays(n_slots, slots_TR.numel()):
         return None
     acc = bag_torch.accumulate_dtype(grad_y_TV.dtype)
-    unique_U, rows_UV, _ = ops.bag_value_grad(slots_TR, weights_TR, grad_y_TV.to(acc), n_slots, None)
-    return unique_U, rows_UV
+    return ops.bag_value_grad(slots_TR, weights_TR, grad_y_TV.to(acc), n_slots, values_NV)
 
 
 # The one-pass backward is a single-threaded walk over the slots: it pays for short rows on one thread
@@ -55,9 +62,8 @@ def value_and_weight_grad(grad_y_TV: torch.Tensor, weights_TR: torch.Tensor, slo
     same numbers as the two apart. None where the op does not apply (values not in the
     accumulation dtype, rows wider than FUSED_MAX_VALUE_DIM, more than one thread, or the sort
     does not pay)."""
-    ops = cpu_ops.applies(grad_y_TV, weights_TR, values_NV)
-    acc = bag_torch.accumulate_dtype(grad_y_TV.dtype)
-    if (ops is None or values_NV.dtype != acc or values_NV.shape[1] > FUSED_MAX_VALUE_DIM or torch.get_num_threads() > 1
-            or not counting_pass_pays(values_NV.shape[0], slots_TR.numel())):
+    if (values_NV.dtype != bag_torch.accumulate_dtype(grad_y_TV.dtype) or values_NV.shape[1] > FUSED_MAX_VALUE_DIM
+            or torch.get_num_threads() > 1):
         return None
-    return tuple(ops.bag_value_grad(slots_TR, weights_TR, grad_y_TV.to(acc), values_NV.shape[0], values_NV))
+    found = _value_pass(grad_y_TV, weights_TR, slots_TR, values_NV.shape[0], values_NV)
+    return None if found is None else tuple(found)

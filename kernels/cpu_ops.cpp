@@ -202,6 +202,13 @@ inline scalar_t dot(const scalar_t* x, const scalar_t* y, int64_t v) {
   return total;
 }
 
+// A read's weight gradient <grad_y row, value row> over v entries: 64-byte vectors for wide rows,
+// 32 bytes for short ones (a shorter sum across the lanes)
+template <typename scalar_t>
+inline scalar_t read_dot(const scalar_t* grad_y, const scalar_t* row, int64_t v) {
+  return v >= 128 ? dot<scalar_t, 64>(grad_y, row, v) : dot<scalar_t, 32>(grad_y, row, v);
+}
+
 // Columns [c0, ...) of out_V = sum over `count` terms of w * row, (w, row) = term(at), in whole
 // vectors of `bytes` bytes, each summed in term order in a register -> the first column left over.
 template <int bytes, typename scalar_t, typename Term>
@@ -408,9 +415,7 @@ torch::Tensor bag_weight_grad(torch::Tensor values_NV, torch::Tensor slots_TR, t
     at::parallel_for(0, tokens, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t)
         for (int64_t j = 0; j < reads; ++j) {
-          const scalar_t* row = vals + slots[t * reads + j] * v;
-          // wide rows: 64-byte vectors; short rows: 32 bytes (a shorter sum across the lanes)
-          out[t * reads + j] = v >= 128 ? dot<scalar_t, 64>(gy + t * v, row, v) : dot<scalar_t, 32>(gy + t * v, row, v);
+          out[t * reads + j] = read_dot(gy + t * v, vals + slots[t * reads + j] * v, v);
         }
     });
   });
@@ -507,9 +512,7 @@ std::vector<torch::Tensor> bag_value_grad(torch::Tensor slots_TR, torch::Tensor 
       });
       if (with_weights) {
         const scalar_t* row = vals + s * v;
-        for (int64_t at = begin; at < end[s]; ++at)  // as bag_weight_grad: 64-byte vectors for wide rows
-          out_w[read_L[at]] = v >= 128 ? dot<scalar_t, 64>(gy + token_L[at] * v, row, v)
-                                       : dot<scalar_t, 32>(gy + token_L[at] * v, row, v);
+        for (int64_t at = begin; at < end[s]; ++at) out_w[read_L[at]] = read_dot(gy + token_L[at] * v, row, v);
       }
       begin = end[s];
       ++u;

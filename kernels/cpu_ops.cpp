@@ -8,6 +8,8 @@
 // - search_forward:   the same from the queries and sub-keys, each row of scores computed in place
 //                     (queries (T, H, 2, Q): both halves side by side; sub-keys (2, H, n, Q))
 // - search_backward:  gradients of those scores w.r.t. the query halves and the sub-keys
+// - rms_rows:         qk-norm: every row of Q entries scaled to unit RMS (times a gain) -> (y, rstd)
+// - rms_rows_backward: its gradients w.r.t. the rows and the gain
 // - bag_weight_grad:  <grad_y[t], values[slots[t, j]]> for every read
 // - sort_reads:       counting sort of the reads by slot (stable) -> segments
 // - bag_value_grad:   the bag's row-sparse value gradient, each row summed over its reads in read order,
@@ -15,6 +17,8 @@
 // - lazy_adam_rows_:  LazyAdam's update of the rows with a gradient, in place, in torch's arithmetic
 // - row_adagrad_rows_: RowAdagrad's update of the rows with a gradient, in place
 // - slot_usage_update_: the slot-usage window's counts, a step's reads added and the oldest step's removed
+//                     (a step kept as its reads or, when it read at least as many as there are slots,
+//                     as a histogram over the slots)
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -103,21 +107,10 @@ inline void rank_candidates(const float* cand_v, int64_t count, int64_t padded, 
 }
 #endif
 
-// A bound lo with count_at_least(s_n, n, lo) >= k and few scores above it: the smallest of the
-// maxima of k disjoint strided groups (each holds a score at or above it), raised by bisection
-// steps that keep >= k scores above it until at most 1.5 k remain.
+// Raises a bound lo (count_at_least(s_n, n, lo) >= k) towards hi (the largest score) by bisection
+// steps that keep >= k scores above it, until at most 1.5 k remain.
 template <typename scalar_t>
-inline scalar_t topk_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t k, scalar_t* __restrict__ top_k) {
-  const int64_t groups = n / k;
-  for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[l];
-  for (int64_t g = 1; g < groups; ++g)
-    for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[g * k + l] > top_k[l] ? s_n[g * k + l] : top_k[l];
-  scalar_t lo = top_k[0], hi = top_k[0];
-  for (int64_t l = 1; l < k; ++l) {
-    lo = top_k[l] < lo ? top_k[l] : lo;
-    hi = top_k[l] > hi ? top_k[l] : hi;
-  }
-  for (int64_t a = groups * k; a < n; ++a) hi = s_n[a] > hi ? s_n[a] : hi;
+inline scalar_t raise_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t k, scalar_t lo, scalar_t hi) {
   int32_t above = count_at_least(s_n, n, lo);
   for (int step = 0; step < 6 && above > k + k / 2; ++step) {
     const scalar_t mid = lo + (hi - lo) / 2;
@@ -131,6 +124,38 @@ inline scalar_t topk_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t 
   }
   return lo;
 }
+
+// A bound lo with count_at_least(s_n, n, lo) >= k and few scores above it: the smallest of the
+// maxima of k disjoint strided groups (each holds a score at or above it), raised by `raise_bound`.
+template <typename scalar_t>
+inline scalar_t topk_bound(const scalar_t* __restrict__ s_n, int64_t n, int64_t k, scalar_t* __restrict__ top_k) {
+  const int64_t groups = n / k;
+  for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[l];
+  for (int64_t g = 1; g < groups; ++g)
+    for (int64_t l = 0; l < k; ++l) top_k[l] = s_n[g * k + l] > top_k[l] ? s_n[g * k + l] : top_k[l];
+  scalar_t lo = top_k[0], hi = top_k[0];
+  for (int64_t l = 1; l < k; ++l) {
+    lo = top_k[l] < lo ? top_k[l] : lo;
+    hi = top_k[l] > hi ? top_k[l] : hi;
+  }
+  for (int64_t a = groups * k; a < n; ++a) hi = s_n[a] > hi ? s_n[a] : hi;
+  return raise_bound(s_n, n, k, lo, hi);
+}
+
+#if defined(__AVX512F__)
+// fp32 with AVX-512, k <= 16 <= n: the groups are the 16 lanes of the row's vectors (every lane
+// holds a score, so >= 16 >= k scores are at or above the smallest lane maximum), their maxima
+// and its min / max taken in registers. Any valid bound selects the same top-k.
+inline float topk_bound(const float* __restrict__ s_n, int64_t n, int64_t k, float* __restrict__ top_k) {
+  if (k > 16 || n < 16) return topk_bound<float>(s_n, n, k, top_k);
+  __m512 lane_max = _mm512_loadu_ps(s_n);
+  for (int64_t a = 16; a < n; a += 16) {
+    const __mmask16 valid = a + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - a)) - 1);
+    lane_max = _mm512_mask_max_ps(lane_max, valid, _mm512_maskz_loadu_ps(valid, s_n + a), lane_max);
+  }
+  return raise_bound(s_n, n, k, _mm512_reduce_min_ps(lane_max), _mm512_reduce_max_ps(lane_max));
+}
+#endif
 
 // The scores at or above lo, in index order, into cand_v/cand_i -> their count.
 template <typename scalar_t>
@@ -170,7 +195,7 @@ inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, 
   const int64_t padded = (count + kPad - 1) / kPad * kPad;
   for (int64_t a = count; a < padded; ++a) cand_v[a] = -std::numeric_limits<scalar_t>::infinity();
   rank_candidates(cand_v, count, padded, rank);
-  for (int64_t r = 0; r < k; ++r) {
+  for (int64_t r = count; r < k; ++r) {  // a short row (NaNs): the places no candidate takes
     vals[r] = std::numeric_limits<scalar_t>::quiet_NaN();
     ids[r] = 0;
   }
@@ -289,7 +314,9 @@ std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n
       row_topk(s2_n, n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data(), rank.data());
       // the candidate pairs' sums, in (i, j) order: equal sums rank by (i, j), under which a
       // pair is always preceded by the pairs that dominate it
-      for (int64_t p = 0; p < pairs; ++p) sums[p] = v1[pair_i[p]] + v2[pair_j[p]];
+      // (pair i's row: j < k / (i + 1), contiguous in j)
+      for (int64_t i = 0, p = 0; i < k; p += k / (i + 1), ++i)
+        for (int64_t j = 0; j < k / (i + 1); ++j) sums[p + j] = v1[i] + v2[j];
       row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
       scalar_t* os = out_s + th * k;
       int64_t* orr = out_r + th * k;
@@ -398,6 +425,75 @@ std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor
     });
   });
   return {grad_q, grad_keys};
+}
+
+// qk-norm over the last dim (Q) of x: y = x * rstd * gain, rstd = 1 / sqrt(mean(x^2) + eps) per row
+// (sums of squares in fp64 for fp32; gain: (Q,) or undefined for none) -> (y like x, rstd (rows,))
+std::vector<torch::Tensor> rms_rows(torch::Tensor x, c10::optional<torch::Tensor> gain_Q, double eps) {
+  x = x.contiguous();
+  const int64_t q = x.size(-1), rows = x.numel() / q;
+  torch::Tensor gain = gain_Q.has_value() ? gain_Q->contiguous().to(x.scalar_type()) : torch::Tensor();
+  TORCH_CHECK(!gain.defined() || gain.numel() == q, "rms_rows: gain must have the rows' length");
+  auto y = torch::empty_like(x), rstd_R = torch::empty({rows}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_rows", [&] {
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    const scalar_t* g = gain.defined() ? gain.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ys = y.data_ptr<scalar_t>();
+    scalar_t* rs = rstd_R.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1024, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* xr = xs + r * q;
+        double squares = 0;
+        for (int64_t c = 0; c < q; ++c) squares += static_cast<double>(xr[c]) * xr[c];
+        const scalar_t rstd = static_cast<scalar_t>(1.0 / std::sqrt(squares / q + eps));
+        rs[r] = rstd;
+        for (int64_t c = 0; c < q; ++c) ys[r * q + c] = g ? xr[c] * rstd * g[c] : xr[c] * rstd;
+      }
+    });
+  });
+  return {y, rstd_R};
+}
+
+// d rms_rows / d (x, gain): with u = x * rstd (the unit-RMS row) and gy = grad_y * gain,
+// grad_x = rstd * (gy - u * mean(gy * u)) and grad_gain = sum over rows of grad_y * u (fp64
+// accumulation for fp32, rows in order) -> (grad_x like x, grad_gain (Q,), empty without a gain)
+std::vector<torch::Tensor> rms_rows_backward(torch::Tensor grad_y, torch::Tensor x, torch::Tensor rstd_R,
+                                             c10::optional<torch::Tensor> gain_Q) {
+  grad_y = grad_y.contiguous();
+  x = x.contiguous();
+  rstd_R = rstd_R.contiguous();
+  const int64_t q = x.size(-1), rows = x.numel() / q;
+  torch::Tensor gain = gain_Q.has_value() ? gain_Q->contiguous().to(x.scalar_type()) : torch::Tensor();
+  auto grad_x = torch::empty_like(x);
+  auto grad_gain = torch::zeros({gain.defined() ? q : 0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_rows_backward", [&] {
+    const scalar_t* gys = grad_y.data_ptr<scalar_t>();
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    const scalar_t* rs = rstd_R.data_ptr<scalar_t>();
+    const scalar_t* g = gain.defined() ? gain.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1024, [&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> gy(q);
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t rstd = rs[r];
+        scalar_t dot = 0;
+        for (int64_t c = 0; c < q; ++c) {
+          gy[c] = g ? gys[r * q + c] * g[c] : gys[r * q + c];
+          dot += gy[c] * (xs[r * q + c] * rstd);
+        }
+        const scalar_t mean = dot / static_cast<scalar_t>(q);
+        for (int64_t c = 0; c < q; ++c) gx[r * q + c] = rstd * (gy[c] - xs[r * q + c] * rstd * mean);
+      }
+    });
+    if (g) {
+      std::vector<double> acc(q, 0.0);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < q; ++c) acc[c] += static_cast<double>(gys[r * q + c]) * (xs[r * q + c] * rs[r]);
+      scalar_t* gg = grad_gain.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < q; ++c) gg[c] = static_cast<scalar_t>(acc[c]);
+    }
+  });
+  return {grad_x, grad_gain};
 }
 
 // grad_TR[t, j] = <grad_y_TV[t], values_NV[slots_TR[t, j]]>
@@ -553,13 +649,35 @@ class BiasCorrections {
   std::vector<std::pair<double, double>> table_;
 };
 
+// m[0:v] = torch's lerp(m, g, w), in place: fma(w, g - m, m) for small weights, fma(w - 1, g - m, g)
+// for the others, as torch's vectorised CPU lerp computes it
+template <typename scalar_t>
+inline void lerp_row(scalar_t* __restrict__ m, const scalar_t* __restrict__ g, scalar_t w, int64_t v) {
+  const bool from_start = w < scalar_t(0.5);
+  const scalar_t a = from_start ? w : w - 1;
+  for (int64_t c = 0; c < v; ++c) m[c] = std::fma(a, g[c] - m[c], from_start ? m[c] : g[c]);
+}
+
+#if defined(__AVX512F__)
+// fp32 with AVX-512: the same fused multiply-adds on 16 lanes (gcc leaves the generic form scalar)
+inline void lerp_row(float* __restrict__ m, const float* __restrict__ g, float w, int64_t v) {
+  const bool from_start = w < 0.5f;
+  const __m512 a = _mm512_set1_ps(from_start ? w : w - 1);
+  for (int64_t c = 0; c < v; c += 16) {
+    const __mmask16 valid = c + 16 <= v ? 0xFFFF : static_cast<__mmask16>((1u << (v - c)) - 1);
+    const __m512 mv = _mm512_maskz_loadu_ps(valid, m + c), gv = _mm512_maskz_loadu_ps(valid, g + c);
+    _mm512_mask_storeu_ps(m + c, valid, _mm512_fmadd_ps(a, _mm512_sub_ps(gv, mv), from_start ? mv : gv));
+  }
+}
+#endif
+
 // value_optim.LazyAdam's step on the rows rows_U (distinct) of param_NV, in place, with their
 // gradient grad_UV: the torch path's arithmetic op for op (fp32 ops on fp32 tables, bias
 // corrections in fp64), including the one rounding of the fused multiply-adds in which torch's
 // vectorised CPU lerp and addcmul compute (the caller checks that torch's build does so). The
 // square roots are torch's own (at::sqrt_ on the rows' second moments: torch's CPU sqrt is not
 // always the correctly rounded one), so a step is three passes over the U rows: moments, sqrt,
-// parameters.
+// parameters, taken block by block (64 KB of rows).
 void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Tensor exp_avg_sq_NV,
                      torch::Tensor step_N, torch::Tensor rows_U, torch::Tensor grad_UV, double lr, double beta1,
                      double beta2, double eps, double weight_decay) {
@@ -577,37 +695,44 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
     scalar_t* sq = exp_avg_sq_NV.data_ptr<scalar_t>();
     const scalar_t* g = grad_UV.data_ptr<scalar_t>();
     scalar_t* root = root_UV.data_ptr<scalar_t>();
+    scalar_t* p = param_NV.data_ptr<scalar_t>();
     const scalar_t w1 = static_cast<scalar_t>(1 - beta1), b2 = static_cast<scalar_t>(beta2);
     const scalar_t c2 = static_cast<scalar_t>(1 - beta2);
-    at::parallel_for(0, n_rows, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t u = lo; u < hi; ++u) {
-        scalar_t* mr = m + rows[u] * v;
-        scalar_t* sr = sq + rows[u] * v;
-        const scalar_t* gr = g + u * v;
-        for (int64_t c = 0; c < v; ++c) {
-          const scalar_t diff = gr[c] - mr[c];  // torch's lerp: small weights from the start, others from the end
-          mr[c] = w1 < scalar_t(0.5) ? std::fma(w1, diff, mr[c]) : std::fma(w1 - 1, diff, gr[c]);
-          sr[c] = std::fma(c2 * gr[c], gr[c], sr[c] * b2);
-          root[u * v + c] = sr[c];
-        }
-      }
-    });
-    root_UV.sqrt_();
-    const BiasCorrections bias(steps, rows, n_rows, lr, beta1, beta2);
-    scalar_t* p = param_NV.data_ptr<scalar_t>();
     const scalar_t e = static_cast<scalar_t>(eps), decay = static_cast<scalar_t>(1 - lr * weight_decay);
-    at::parallel_for(0, n_rows, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t u = lo; u < hi; ++u) {
-        const auto [neg_step_d, bc2_sqrt_d] = bias(++steps[rows[u]]);
-        const scalar_t neg_step = static_cast<scalar_t>(neg_step_d), bc2_sqrt = static_cast<scalar_t>(bc2_sqrt_d);
-        scalar_t* pr = p + rows[u] * v;
-        const scalar_t* mr = m + rows[u] * v;
-        for (int64_t c = 0; c < v; ++c) {
-          const scalar_t update = mr[c] * neg_step / (root[u * v + c] / bc2_sqrt + e);
-          pr[c] = weight_decay != 0 ? pr[c] * decay + update : pr[c] + update;
+    const BiasCorrections bias(steps, rows, n_rows, lr, beta1, beta2);
+    // the three passes block by block of rows, so that a block's moments and roots are still in
+    // cache for the next pass
+    const int64_t block = std::max<int64_t>(64, (64 << 10) / (v * static_cast<int64_t>(sizeof(scalar_t))));
+    for (int64_t b0 = 0; b0 < n_rows; b0 += block) {
+      const int64_t b1 = std::min(n_rows, b0 + block);
+      at::parallel_for(b0, b1, 64, [&, w1, b2, c2](int64_t lo, int64_t hi) {  // constants by value: the loops vectorise
+        for (int64_t u = lo; u < hi; ++u) {
+          scalar_t* __restrict__ mr = m + rows[u] * v;
+          scalar_t* __restrict__ sr = sq + rows[u] * v;
+          scalar_t* __restrict__ rr = root + u * v;
+          const scalar_t* __restrict__ gr = g + u * v;
+          lerp_row(mr, gr, w1, v);
+          for (int64_t c = 0; c < v; ++c) {
+            sr[c] = std::fma(c2 * gr[c], gr[c], sr[c] * b2);
+            rr[c] = sr[c];
+          }
         }
-      }
-    });
+      });
+      root_UV.narrow(0, b0, b1 - b0).sqrt_();
+      at::parallel_for(b0, b1, 64, [&, e, decay, weight_decay](int64_t lo, int64_t hi) {
+        for (int64_t u = lo; u < hi; ++u) {
+          const auto [neg_step_d, bc2_sqrt_d] = bias(++steps[rows[u]]);
+          const scalar_t neg_step = static_cast<scalar_t>(neg_step_d), bc2_sqrt = static_cast<scalar_t>(bc2_sqrt_d);
+          scalar_t* __restrict__ pr = p + rows[u] * v;
+          const scalar_t* __restrict__ mr = m + rows[u] * v;
+          const scalar_t* __restrict__ rr = root + u * v;
+          for (int64_t c = 0; c < v; ++c) {
+            const scalar_t update = mr[c] * neg_step / (rr[c] / bc2_sqrt + e);
+            pr[c] = weight_decay != 0 ? pr[c] * decay + update : pr[c] + update;
+          }
+        }
+      });
+    }
   });
   for (const auto& t : {param_NV, exp_avg_NV, exp_avg_sq_NV, step_N}) t.unsafeGetTensorImpl()->bump_version();
 }
@@ -655,30 +780,45 @@ void row_adagrad_rows_(torch::Tensor param_NV, torch::Tensor sum_N, torch::Tenso
 // Slot-usage counts (memlayers/kernels/usage.py): counts_N[s] += 1 for every slot s of new_L (int32
 // or int64, range-checked before anything is counted) and -= 1 for every slot of old_L (int32, from
 // an earlier call; may be empty) -> new_L as int32 (what the window keeps). One pass over each.
-torch::Tensor slot_usage_update_(torch::Tensor counts_N, torch::Tensor new_L, torch::Tensor old_L) {
+torch::Tensor slot_usage_update_(torch::Tensor counts_N, torch::Tensor new_L, torch::Tensor old, bool keep_histogram,
+                                 bool old_is_histogram) {
   TORCH_CHECK(counts_N.scalar_type() == torch::kInt32 && counts_N.is_contiguous(), "slot_usage_update_: counts must be contiguous int32");
-  TORCH_CHECK(old_L.scalar_type() == torch::kInt32, "slot_usage_update_: old slots must be int32");
+  TORCH_CHECK(old.scalar_type() == torch::kInt32, "slot_usage_update_: the leaving step must be int32");
   TORCH_CHECK(new_L.scalar_type() == torch::kInt32 || new_L.scalar_type() == torch::kInt64,
               "slot_usage_update_: slots must be int32 or int64");
   new_L = new_L.reshape(-1).contiguous();
-  old_L = old_L.reshape(-1).contiguous();
-  auto kept_L = torch::empty({new_L.numel()}, new_L.options().dtype(torch::kInt32));
+  old = old.reshape(-1).contiguous();
+  const int64_t n = counts_N.numel(), reads = new_L.numel();
+  TORCH_CHECK(!old_is_histogram || old.numel() == n, "slot_usage_update_: a leaving histogram must have one count per slot");
+  auto kept = keep_histogram ? torch::zeros({n}, new_L.options().dtype(torch::kInt32))
+                             : torch::empty({reads}, new_L.options().dtype(torch::kInt32));
   int32_t* counts = counts_N.data_ptr<int32_t>();
-  int32_t* kept = kept_L.data_ptr<int32_t>();
-  const int64_t n = counts_N.numel(), reads = new_L.numel(), leaving = old_L.numel();
+  int32_t* out = kept.data_ptr<int32_t>();
   AT_DISPATCH_INDEX_TYPES(new_L.scalar_type(), "slot_usage_update_", [&] {
     const index_t* fresh = new_L.data_ptr<index_t>();
     int64_t lo = reads ? fresh[0] : 0, hi = lo;
     for (int64_t l = 0; l < reads; ++l) {
       lo = std::min<int64_t>(lo, fresh[l]);
       hi = std::max<int64_t>(hi, fresh[l]);
-      kept[l] = static_cast<int32_t>(fresh[l]);
     }
     TORCH_CHECK(lo >= 0 && hi < std::max<int64_t>(n, 1), "slots: must be in [0, ", n, "), got [", lo, ", ", hi, "]");
+    if (keep_histogram) {
+      for (int64_t l = 0; l < reads; ++l) ++out[fresh[l]];
+    } else {
+      for (int64_t l = 0; l < reads; ++l) out[l] = static_cast<int32_t>(fresh[l]);
+    }
   });
-  for (int64_t l = 0; l < reads; ++l) ++counts[kept[l]];
-  const int32_t* old = old_L.data_ptr<int32_t>();
-  for (int64_t l = 0; l < leaving; ++l) --counts[old[l]];
+  if (keep_histogram) {
+    for (int64_t s = 0; s < n; ++s) counts[s] += out[s];
+  } else {
+    for (int64_t l = 0; l < reads; ++l) ++counts[out[l]];
+  }
+  const int32_t* leaving = old.data_ptr<int32_t>();
+  if (old_is_histogram) {
+    for (int64_t s = 0; s < n; ++s) counts[s] -= leaving[s];
+  } else {
+    for (int64_t l = 0; l < old.numel(); ++l) --counts[leaving[l]];
+  }
   counts_N.unsafeGetTensorImpl()->bump_version();
-  return kept_L;
+  return kept;
 }

@@ -7,6 +7,8 @@ short rows, dense scatters of sparse gradients, many small element-wise kernels)
 - `topk_merge`: both sub-key top-ks and the exact candidate-pair merge of a product-key search;
 - `search_forward`: the same with the sub-key scores computed row by row inside the op;
 - `search_backward`: the sparse gradient of the selected scores w.r.t. queries and sub-keys;
+- `rms_rows`, `rms_rows_backward`: the qk-norm of the queries and sub-keys (unit RMS per row, a gain)
+  and its gradients, one pass each;
 - `bag_weight_grad`: the embedding bag's weight gradient (a dot product per read);
 - `sort_reads`: a stable counting sort of the reads by slot (the segments of the value gradient);
 - `bag_value_grad`: the bag's row-sparse value gradient in one pass, summed in the segments' order;
@@ -41,7 +43,8 @@ import torch
 MODES = ("auto", "torch", "cpp")
 ENV = "MEMLAYERS_CPU_OPS"
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-FUNCTIONS = ["topk_merge", "search_forward", "search_backward", "bag_weight_grad", "sort_reads", "bag_value_grad",
+FUNCTIONS = ["topk_merge", "search_forward", "search_backward", "rms_rows", "rms_rows_backward", "bag_weight_grad",
+             "sort_reads", "bag_value_grad",
              "lazy_adam_rows_", "row_adagrad_rows_", "slot_usage_update_"]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # native: the cache key names the CPU
 

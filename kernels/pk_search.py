@@ -2,6 +2,7 @@
 
     scores_THK, rows_THK = product_key_search(q1_THQ, q2_THQ, keys1_HnQ, keys2_HnQ, topk)
     scores_THK, rows_THK = product_key_search_packed(q_TH2Q, keys_2HnQ, topk)   # halves side by side
+    scores_THK, rows_THK = normed_product_key_search(q_TH2Q, keys_2HnQ, gain_Q, scale, topk, eps)  # with qk-norm
 
 gives the top-`topk` full-key scores of every (token, head) over the n*n rows whose full key is
 the concatenation of sub-keys i1 (first half) and i2 (second half), row = i1 * n + i2. Small
@@ -10,6 +11,11 @@ time into a buffer that stays in cache (the (H, T, n) scores are never stored); 
 one batched matmul per half. The rest runs in `cpu_ops.cpp`: per (token, head) the top-k of each
 half's n scores, then the top-k of the pair sums over the candidate pairs (i + 1)(j + 1) <= k of
 the two sorted lists (the only pairs that can be among the k best; `memlayers.models.product_keys`).
+
+`normed_product_key_search` is the search of Memory+'s qk-norm in the same op: the query halves
+RMS-normalised with a gain, the sub-keys to unit RMS (`cpu_ops.rms_rows`), then the search; its
+backward runs the three backwards in C++ (one autograd node instead of the norm's element-wise
+chain of about ten).
 
 Ties are ranked deterministically: a sub-key list by (score desc, sub-key index asc), the pairs by
 (sum desc, i asc, j asc). That order on full keys is a total order under which the candidate
@@ -56,6 +62,18 @@ def product_key_search(q1_THQ: torch.Tensor, q2_THQ: torch.Tensor, keys1_HnQ: to
     return product_key_search_packed(torch.stack([q1_THQ, q2_THQ], dim=2), torch.stack([keys1_HnQ, keys2_HnQ]), topk)
 
 
+def normed_product_key_search(q_TH2Q: torch.Tensor, keys_2HnQ: torch.Tensor, gain_Q: torch.Tensor, scale: float,
+                              topk: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`product_key_search_packed` of the qk-normed queries and sub-keys: each query half
+    x * rsqrt(mean(x^2) + eps) * (gain_Q * scale), each sub-key to unit RMS (no gain);
+    differentiable in the queries, the sub-keys and the gain."""
+    ops = cpu_ops.applies(q_TH2Q, keys_2HnQ, gain_Q)
+    if ops is None:
+        raise RuntimeError("normed_product_key_search: the C++ CPU ops do not apply here (see kernels.cpu_ops)")
+    dtype = torch.promote_types(q_TH2Q.dtype, keys_2HnQ.dtype)
+    return _NormedProductKeySearch.apply(q_TH2Q.to(dtype), keys_2HnQ.to(dtype), gain_Q.to(dtype), scale, topk, eps, ops)
+
+
 SCORED_IN_OP_ELEMENTS = 1024  # n * Q up to which scoring in the op beats the batched matmuls on CPU
 
 
@@ -82,3 +100,24 @@ class _ProductKeySearch(torch.autograd.Function):
         q_TH2Q, keys_2HnQ, subs_THK2 = ctx.saved_tensors
         grad_q, grad_keys = ctx.ops.search_backward(grad_THK, subs_THK2, q_TH2Q, keys_2HnQ)
         return (grad_q if ctx.needs_input_grad[0] else None, grad_keys if ctx.needs_input_grad[1] else None, None, None)
+
+
+class _NormedProductKeySearch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_TH2Q, keys_2HnQ, gain_Q, scale, topk, eps, ops):
+        gain_Q = gain_Q * scale
+        qn_TH2Q, q_rstd = ops.rms_rows(q_TH2Q, gain_Q, eps)
+        kn_2HnQ, k_rstd = ops.rms_rows(keys_2HnQ, None, eps)
+        scores_THK, rows_THK, subs_THK2 = _forward(ops, qn_TH2Q, kn_2HnQ, topk)
+        ctx.save_for_backward(q_TH2Q, keys_2HnQ, gain_Q, q_rstd, k_rstd, qn_TH2Q, kn_2HnQ, subs_THK2)
+        ctx.ops, ctx.scale = ops, scale
+        ctx.mark_non_differentiable(rows_THK)
+        return scores_THK, rows_THK
+
+    @staticmethod
+    def backward(ctx, grad_THK, _grad_rows):
+        q_TH2Q, keys_2HnQ, gain_Q, q_rstd, k_rstd, qn_TH2Q, kn_2HnQ, subs_THK2 = ctx.saved_tensors
+        grad_qn, grad_kn = ctx.ops.search_backward(grad_THK, subs_THK2, qn_TH2Q, kn_2HnQ)
+        grad_q, grad_gain = ctx.ops.rms_rows_backward(grad_qn, q_TH2Q, q_rstd, gain_Q)
+        grad_keys = ctx.ops.rms_rows_backward(grad_kn, keys_2HnQ, k_rstd, None)[0] if ctx.needs_input_grad[1] else None
+        return grad_q, grad_keys, grad_gain * ctx.scale, None, None, None, None

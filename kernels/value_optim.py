@@ -253,6 +253,8 @@ def clip_value_grad_norm_(params: Iterable[torch.Tensor] | torch.Tensor, max_nor
     acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=acc) for g in grads]))
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if coef.device.type == "cpu" and float(coef) == 1.0:  # within the norm: x * 1 is x, skip a pass (no sync on CPU)
+        return norm
     for g in grads:
         g.mul_(coef.to(g.dtype))
     return norm

@@ -92,7 +92,11 @@ class ProductKeySearch(nn.Module):
         if self.qk_norm:
             # unit-RMS vectors of dim Q have dot products Q * cos: scale to temperature * cos
             # (both halves in one fused op each way: the norm is over the last dim)
-            gain_Q = self.query_gain_Q.float() * (self.temperature / self.half_dim)
+            scale = self.temperature / self.half_dim
+            if pk_search.applies(q_TH2Q, keys_2HnQ):  # the norms and the search in one C++ op each way
+                return pk_search.normed_product_key_search(q_TH2Q, keys_2HnQ, self.query_gain_Q.float(), scale,
+                                                           self.topk, RMS_EPS)
+            gain_Q = self.query_gain_Q.float() * scale
             q_TH2Q = F.rms_norm(q_TH2Q, (self.half_dim,), weight=gain_Q, eps=RMS_EPS)
             keys_2HnQ = F.rms_norm(keys_2HnQ, (self.half_dim,), eps=RMS_EPS)
         return product_key_topk(q_TH2Q, keys_2HnQ, self.topk)

@@ -45,6 +45,25 @@ def test_fused_search_equals_the_torch_path_in_scores_rows_and_gradients(heads, 
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("heads,n,half,topk", SHAPES[:4])
+def test_the_qk_normed_search_equals_rms_norm_then_the_torch_path(heads, n, half, topk, scoring):
+    gen = torch.Generator().manual_seed(2)
+    q_TH2Q = torch.randn(20, heads, 2, half, generator=gen, dtype=torch.float64).requires_grad_()
+    keys_2HnQ = torch.randn(2, heads, n, half, generator=gen, dtype=torch.float64).requires_grad_()
+    gain_Q = (0.5 + torch.rand(half, generator=gen, dtype=torch.float64)).requires_grad_()
+    inputs = (q_TH2Q, keys_2HnQ, gain_Q)
+    scale, eps = 0.7, 1e-6
+    s_c, r_c = pk_search.normed_product_key_search(q_TH2Q, keys_2HnQ, gain_Q, scale, topk, eps)
+    qn = torch.nn.functional.rms_norm(q_TH2Q, (half,), weight=gain_Q * scale, eps=eps)
+    kn = torch.nn.functional.rms_norm(keys_2HnQ, (half,), eps=eps)
+    s_t, r_t = product_key_topk_torch(qn[:, :, 0], qn[:, :, 1], kn[0], kn[1], topk)
+    torch.testing.assert_close(s_c, s_t, rtol=0, atol=1e-12)
+    assert torch.equal(r_c, r_t)
+    grad = torch.randn(s_c.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(s_c, inputs, grad), torch.autograd.grad(s_t, inputs, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def _canonical_topk(q1, q2, k1, k2, topk):
     """Brute force over all n*n keys, ties ranked by (sub-key rank in half 1, then in half 2),
     each half's ranks by (score desc, index asc): the order the fused search promises."""

@@ -73,6 +73,24 @@ def test_the_cpp_counts_equal_the_torch_counts_step_by_step(monkeypatch):
     assert int(counts["cpp"][-1].sum()) == 4 * 30
 
 
+def test_steps_kept_as_histograms_or_as_slots_count_alike(monkeypatch):
+    """A step that reads at least N slots is kept as a histogram (C++ path), a smaller one as its
+    slots; leaving the window, either is removed exactly, whichever path removes it."""
+    gen = torch.Generator().manual_seed(5)
+    steps = [torch.randint(0, 16, (reads,), generator=gen) for reads in (20, 5, 40, 3, 16, 7, 25, 1)]
+    counts = {}
+    for schedule in ("cpp", "torch", "alternating"):
+        usage, counts[schedule] = SlotUsage(16, window=3), []
+        for i, slots in enumerate(steps):
+            mode = schedule if schedule != "alternating" else ("cpp", "torch")[i % 2]
+            monkeypatch.setenv(cpu_ops.ENV, mode)
+            usage.update(slots)
+            counts[schedule].append(usage.counts_N.clone())
+    expected = [torch.bincount(torch.cat(steps[max(0, i - 2):i + 1]), minlength=16).int() for i in range(len(steps))]
+    for schedule in counts:
+        assert all(torch.equal(a, b) for a, b in zip(counts[schedule], expected)), schedule
+
+
 def test_out_of_range_slots_are_refused():
     usage = SlotUsage(3)
     with pytest.raises(ValueError, match="window"):

@@ -234,6 +234,16 @@ inline scalar_t read_dot(const scalar_t* grad_y, const scalar_t* row, int64_t v)
   return v >= 128 ? dot<scalar_t, 64>(grad_y, row, v) : dot<scalar_t, 32>(grad_y, row, v);
 }
 
+// Asks for the v entries at `row` to be brought into cache (rows read a few reads ahead of their use:
+// rows of a large table are cache misses, and the hardware prefetcher does not see where the next one is)
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t v) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < v * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(bytes + b);
+}
+
+constexpr int64_t kPrefetchAhead = 4;  // reads ahead of the one being summed whose rows are prefetched
+
 // Columns [c0, ...) of out_V = sum over `count` terms of w * row, (w, row) = term(at), in whole
 // vectors of `bytes` bytes, each summed in term order in a register -> the first column left over.
 template <int bytes, typename scalar_t, typename Term>
@@ -511,7 +521,9 @@ torch::Tensor bag_weight_grad(torch::Tensor values_NV, torch::Tensor slots_TR, t
     at::parallel_for(0, tokens, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t)
         for (int64_t j = 0; j < reads; ++j) {
-          out[t * reads + j] = read_dot(gy + t * v, vals + slots[t * reads + j] * v, v);
+          const int64_t at = t * reads + j;
+          if (at + kPrefetchAhead < hi * reads) prefetch_row(vals + slots[at + kPrefetchAhead] * v, v);
+          out[at] = read_dot(gy + t * v, vals + slots[at] * v, v);
         }
     });
   });
@@ -756,20 +768,21 @@ void row_adagrad_rows_(torch::Tensor param_NV, torch::Tensor sum_N, torch::Tenso
     acc_t* root = root_U.data_ptr<acc_t>();
     const scalar_t* g = grad_UV.data_ptr<scalar_t>();
     at::parallel_for(0, n_rows, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t u = lo; u < hi; ++u) {
-        acc_t square = 0;
-        for (int64_t c = 0; c < v; ++c) square += static_cast<acc_t>(g[u * v + c]) * static_cast<acc_t>(g[u * v + c]);
+      for (int64_t u = lo; u < hi; ++u) {  // the row's sum of squares in vector lanes (a scalar sum is one long chain)
+        const acc_t square = static_cast<acc_t>(read_dot(g + u * v, g + u * v, v));
         root[u] = sums[rows[u]] += square / static_cast<acc_t>(v);
       }
     });
     root_U.sqrt_();
     scalar_t* p = param_NV.data_ptr<scalar_t>();
     const acc_t neg_lr = static_cast<acc_t>(-lr), e = static_cast<acc_t>(eps);
-    at::parallel_for(0, n_rows, 64, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, n_rows, 64, [&, neg_lr, e](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
+        if (u + kPrefetchAhead < hi) prefetch_row(p + rows[u + kPrefetchAhead] * v, v);
         const scalar_t scale = static_cast<scalar_t>(acc_t(1) / (root[u] + e) * neg_lr);
-        scalar_t* pr = p + rows[u] * v;
-        for (int64_t c = 0; c < v; ++c) pr[c] += g[u * v + c] * scale;
+        scalar_t* __restrict__ pr = p + rows[u] * v;
+        const scalar_t* __restrict__ gr = g + u * v;
+        for (int64_t c = 0; c < v; ++c) pr[c] += gr[c] * scale;
       }
     });
   });

@@ -18,13 +18,17 @@ Both run in the same conditions: by default each child gets the CPU allocator se
 reuse instead of being page-faulted in again every step); `--default-allocator` turns them off
 for both.
 Every (impl, size) row runs in its own child process (`python -m memlayers.platform.bench.memory
---child IMPL SLOTS`), so its peak RSS (`ru_maxrss` of the child) is its own. `step_ms` is the median
-of the timed steps after the warm-up steps, with its interquartile range; `peak_rss_gb` is in GB
-(10^9 bytes). The table also shows the CPU time of a step (both threads, median and IQR): on a
-machine shared with other work it moves much less than the wall time. The table is followed by
-the ratios of medians: ours at the largest size / ours at the smallest, the peer / ours at the
-largest size where both ran (time and RSS), on wall and on CPU time. `--json` prints a list of
-{impl, slots, step_ms, peak_rss_gb}.
+--child IMPL SLOTS`), so its peak RSS (`ru_maxrss` of the child) is its own. The whole sweep runs
+`--rounds` times (default 3), sizes ascending in even rounds and descending in odd ones, so a
+change of load over the minutes a sweep takes hits every row alike. `step_ms` is the median of
+all rounds' timed steps (after each child's warm-up steps), with its interquartile range;
+`peak_rss_gb` is the largest of the rounds, in GB (10^9 bytes). The table also shows the CPU time
+of a step (both threads, median and IQR): on a machine shared with other work it moves much less
+than the wall time. The table is followed by the ratios: ours at each size / ours at the
+smallest, the peer / ours at the largest size where both ran (time and RSS), on wall and on CPU
+time. Each ratio is taken within every round (medians of rows measured minutes apart, not hours)
+and reported as the median over the rounds with their range. `--json` prints a list of {impl,
+slots, step_ms, step_ms_iqr, peak_rss_gb, rounds}.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -45,7 +50,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                         help="comma-separated slot counts (perfect squares)")
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per row and round")
+    parser.add_argument("--rounds", type=int, default=3, help="sweeps over every row (ratios are taken within each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     parser.add_argument("--optimizer", choices=("row_adagrad", "lazy_adam"), default="row_adagrad",
                         help="value optimizer of the memlayers rows")
@@ -69,33 +75,57 @@ def run(args: argparse.Namespace) -> int:
     if not modes or any(m not in ("auto", "torch") for m in modes):
         print(f"--cpu-ops: expected a comma-separated subset of auto, torch, got {args.cpu_ops!r}", file=sys.stderr)
         return 2
+    if args.rounds < 1 or args.steps < 1:
+        print("--rounds and --steps: must be >= 1", file=sys.stderr)
+        return 2
     impls = [OURS[m] for m in modes] + ([] if args.skip_peer else ["lucidrains"])
-    rows = []
     if not args.json:
         print(f"memory layer dim {DIM}, {HEADS} heads, top-{TOPK}, key dim {KEY_DIM}; batch {BATCH}x{SEQ}; "
-              f"{THREADS} threads; {args.warmup} warm-up + {args.steps} timed steps; "
+              f"{THREADS} threads; {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds; "
               f"memlayers values: {args.optimizer}; allocator: {'default' if args.default_allocator else 'tuned'} (both impls)")
-        print(f"{'impl':<16} {'slots':>9} {'ms/step (IQR)':>18} {'CPU ms/step (IQR)':>18} {'peak RSS GB':>12}")
-    for slots in sizes:
-        for impl in impls:
-            if impl == "lucidrains" and slots > args.peer_max_slots:
-                if not args.json:
-                    print(f"{impl:<16} {slots:>9} skipped: above --peer-max-slots {args.peer_max_slots} (its dense "
-                          f"table, gradient and Adam moments need ~{16 * slots * DIM / 1e9:.0f} GB)", flush=True)
-                continue
-            row = _run_child(impl, slots, args)
-            rows.append(row)
-            if not args.json:
-                shown = ("failed" if row["step_ms"] is None else
-                         f"{row['step_ms']:9.1f} ({row['step_ms_iqr']:6.1f}) {row['cpu_ms']:9.1f} ({row['cpu_ms_iqr']:6.1f}) "
-                         f"{row['peak_rss_gb']:12.2f}")
-                print(f"{impl:<16} {slots:>9} {shown}", flush=True)
+        for size in sizes:
+            if not args.skip_peer and size > args.peer_max_slots:
+                print(f"lucidrains at {size} slots: skipped, above --peer-max-slots {args.peer_max_slots} (its dense "
+                      f"table, gradient and Adam moments need ~{16 * size * DIM / 1e9:.0f} GB)")
+    plan = [(impl, size) for size in sizes for impl in impls if impl != "lucidrains" or size <= args.peer_max_slots]
+    rounds: list[list[dict]] = []
+    for r in range(args.rounds):
+        rounds.append([_run_child(impl, size, args) for impl, size in (plan if r % 2 == 0 else plan[::-1])])
+        if not args.json:
+            done = [f"{row['impl']} {row['slots']} " + ("failed" if row["step_ms"] is None else f"{row['step_ms']:.1f} ms")
+                    for row in rounds[-1]]
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(done), flush=True)
+    rows = [_pooled([row for one in rounds for row in one if (row["impl"], row["slots"]) == key]) for key in plan]
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("impl", "slots", "step_ms", "peak_rss_gb")} for r in rows]))
+        print(json.dumps([{k: r[k] for k in ("impl", "slots", "step_ms", "step_ms_iqr", "peak_rss_gb", "rounds")}
+                          for r in rows]))
     else:
-        for line in _ratios(rows, sizes):
+        print(f"{'impl':<16} {'slots':>9} {'ms/step (IQR)':>18} {'CPU ms/step (IQR)':>18} {'peak RSS GB':>12}")
+        for row in rows:
+            shown = ("failed" if row["step_ms"] is None else
+                     f"{row['step_ms']:9.1f} ({row['step_ms_iqr']:6.1f}) {row['cpu_ms']:9.1f} ({row['cpu_ms_iqr']:6.1f}) "
+                     f"{row['peak_rss_gb']:12.2f}")
+            print(f"{row['impl']:<16} {row['slots']:>9} {shown}")
+        for line in _ratios(rounds, sizes):
             print(line)
     return 0 if all(r["step_ms"] is not None for r in rows) else 1
+
+
+def _pooled(runs: list[dict]) -> dict:
+    """One row from its rounds: medians and IQRs over all their timed steps, the largest peak RSS."""
+    # deferred: a bench target imports what it measures only when it runs
+    from memlayers.platform.bench.timing import median_iqr
+
+    done = [r for r in runs if r["step_ms"] is not None]
+    row = {"impl": runs[0]["impl"], "slots": runs[0]["slots"], "rounds": len(done), "step_ms": None,
+           "step_ms_iqr": None, "cpu_ms": None, "cpu_ms_iqr": None, "peak_rss_gb": None}
+    if len(done) < len(runs):  # a failed round fails the row
+        return row
+    for key, samples in (("step_ms", "wall_ms"), ("cpu_ms", "cpu_ms_steps")):
+        median, iqr = median_iqr([t for r in done for t in r[samples]])
+        row[key], row[f"{key}_iqr"] = round(median, 2), round(iqr, 2)
+    row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in done)
+    return row
 
 
 def _run_child(impl: str, slots: int, args: argparse.Namespace) -> dict:
@@ -119,34 +149,43 @@ def _run_child(impl: str, slots: int, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1])
 
 
-def _ratios(rows: list[dict], sizes: list[int]) -> list[str]:
-    """Ratios of medians: ours at each size / ours at the smallest, the peer vs ours at the largest
-    size both ran at, and ours with the C++ CPU ops vs ours on the torch path (CPU time beside)."""
-    by = {(r["impl"], r["slots"]): r for r in rows if r["step_ms"] is not None}
-    lo = min(sizes)
-    cpu = lambda a, b: f", CPU x{a['cpu_ms'] / b['cpu_ms']:.2f}" if a.get("cpu_ms") and b.get("cpu_ms") else ""
+def _ratios(rounds: list[list[dict]], sizes: list[int]) -> list[str]:
+    """Ratios of medians taken within each round (rows of one round ran minutes apart), reported as
+    the median over the rounds [their range]: ours at each size / ours at the smallest, the peer vs
+    ours at the largest size both ran at, and ours on the torch path vs ours with the C++ CPU ops."""
+    by = [{(r["impl"], r["slots"]): r for r in one if r["step_ms"] is not None} for one in rounds]
+
+    def ratio(a: tuple[str, int], b: tuple[str, int], key: str = "step_ms") -> str | None:
+        values = [rnd[a][key] / rnd[b][key] for rnd in by if a in rnd and b in rnd and rnd[a].get(key) and rnd[b].get(key)]
+        if not values:
+            return None
+        spread = f" [{min(values):.2f}, {max(values):.2f}]" if len(values) > 1 else ""
+        return f"x{statistics.median(values):.2f}{spread}"
+
+    def cpu(a: tuple[str, int], b: tuple[str, int]) -> str:
+        found = ratio(a, b, "cpu_ms")
+        return f", CPU {found}" if found else ""
+
     out = []
-    ours_lo = by.get(("memlayers", lo))
+    lo = min(sizes)
     for hi in sorted(sizes):
-        ours_hi = by.get(("memlayers", hi))
-        if ours_lo and ours_hi and hi != lo:
-            out.append(f"ours {hi} / ours {lo} slots: time x{ours_hi['step_ms'] / ours_lo['step_ms']:.2f}"
-                       f" (target <= 2.0), RSS x{ours_hi['peak_rss_gb'] / ours_lo['peak_rss_gb']:.2f}{cpu(ours_hi, ours_lo)}")
-    both = [size for size in sizes if ("memlayers", size) in by and ("lucidrains", size) in by]
-    peer_lo = by.get(("lucidrains", lo))
+        time = ratio(("memlayers", hi), ("memlayers", lo))
+        if time and hi != lo:
+            out.append(f"ours {hi} / ours {lo} slots: time {time} (target <= 2.0), "
+                       f"RSS {ratio(('memlayers', hi), ('memlayers', lo), 'peak_rss_gb')}{cpu(('memlayers', hi), ('memlayers', lo))}")
+    both = [size for size in sizes if any(("memlayers", size) in rnd and ("lucidrains", size) in rnd for rnd in by)]
     if both:
         hi = max(both)
-        ours_hi, peer_hi = by[("memlayers", hi)], by[("lucidrains", hi)]
-        if peer_lo and hi != lo:
-            out.append(f"lucidrains {hi} / lucidrains {lo} slots: time x{peer_hi['step_ms'] / peer_lo['step_ms']:.2f}")
-        out.append(f"lucidrains / ours at {hi} slots: time x{peer_hi['step_ms'] / ours_hi['step_ms']:.1f} "
-                   f"(target >= 10), RSS x{peer_hi['peak_rss_gb'] / ours_hi['peak_rss_gb']:.2f} (target >= 2)"
-                   f"{cpu(peer_hi, ours_hi)}")
+        if hi != lo and ratio(("lucidrains", hi), ("lucidrains", lo)):
+            out.append(f"lucidrains {hi} / lucidrains {lo} slots: time {ratio(('lucidrains', hi), ('lucidrains', lo))}")
+        out.append(f"lucidrains / ours at {hi} slots: time {ratio(('lucidrains', hi), ('memlayers', hi))} (target >= 10), "
+                   f"RSS {ratio(('lucidrains', hi), ('memlayers', hi), 'peak_rss_gb')} (target >= 2)"
+                   f"{cpu(('lucidrains', hi), ('memlayers', hi))}")
     for size in sizes:
-        fast, slow = by.get(("memlayers", size)), by.get((OURS["torch"], size))
-        if fast and slow:
-            out.append(f"ours at {size} slots, torch path / C++ CPU ops: time x{slow['step_ms'] / fast['step_ms']:.2f}"
-                       f"{cpu(slow, fast)}")
+        time = ratio((OURS["torch"], size), ("memlayers", size))
+        if time:
+            out.append(f"ours at {size} slots, torch path / C++ CPU ops: time {time}{cpu((OURS['torch'], size), ('memlayers', size))}")
+    out.append("ratios: the median over the rounds of each round's ratio of medians [lowest, highest]")
     return out
 
 
@@ -207,7 +246,8 @@ def measure(impl: str, slots: int, steps: int, warmup: int, optimizer: str, tune
     for _ in range(steps):
         times.time(step)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    return {"impl": impl, "slots": slots, **times.summary(), "peak_rss_gb": round(rss_gb, 3)}
+    return {"impl": impl, "slots": slots, **times.summary(), "peak_rss_gb": round(rss_gb, 3),
+            "wall_ms": [round(1e3 * t, 3) for t in times.wall], "cpu_ms_steps": [round(1e3 * t, 3) for t in times.cpu]}
 
 
 def _child_main(argv: list[str]) -> int:

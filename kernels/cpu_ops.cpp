@@ -689,7 +689,7 @@ inline void lerp_row(float* __restrict__ m, const float* __restrict__ g, float w
 // vectorised CPU lerp and addcmul compute (the caller checks that torch's build does so). The
 // square roots are torch's own (at::sqrt_ on the rows' second moments: torch's CPU sqrt is not
 // always the correctly rounded one), so a step is three passes over the U rows: moments, sqrt,
-// parameters, taken block by block (64 KB of rows).
+// parameters.
 void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Tensor exp_avg_sq_NV,
                      torch::Tensor step_N, torch::Tensor rows_U, torch::Tensor grad_UV, double lr, double beta1,
                      double beta2, double eps, double weight_decay) {
@@ -711,40 +711,34 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
     const scalar_t w1 = static_cast<scalar_t>(1 - beta1), b2 = static_cast<scalar_t>(beta2);
     const scalar_t c2 = static_cast<scalar_t>(1 - beta2);
     const scalar_t e = static_cast<scalar_t>(eps), decay = static_cast<scalar_t>(1 - lr * weight_decay);
+    at::parallel_for(0, n_rows, 64, [&, w1, b2, c2](int64_t lo, int64_t hi) {  // constants by value: the loops vectorise
+      for (int64_t u = lo; u < hi; ++u) {
+        scalar_t* __restrict__ mr = m + rows[u] * v;
+        scalar_t* __restrict__ sr = sq + rows[u] * v;
+        scalar_t* __restrict__ rr = root + u * v;
+        const scalar_t* __restrict__ gr = g + u * v;
+        lerp_row(mr, gr, w1, v);
+        for (int64_t c = 0; c < v; ++c) {
+          sr[c] = std::fma(c2 * gr[c], gr[c], sr[c] * b2);
+          rr[c] = sr[c];
+        }
+      }
+    });
+    root_UV.sqrt_();
     const BiasCorrections bias(steps, rows, n_rows, lr, beta1, beta2);
-    // the three passes block by block of rows, so that a block's moments and roots are still in
-    // cache for the next pass
-    const int64_t block = std::max<int64_t>(64, (64 << 10) / (v * static_cast<int64_t>(sizeof(scalar_t))));
-    for (int64_t b0 = 0; b0 < n_rows; b0 += block) {
-      const int64_t b1 = std::min(n_rows, b0 + block);
-      at::parallel_for(b0, b1, 64, [&, w1, b2, c2](int64_t lo, int64_t hi) {  // constants by value: the loops vectorise
-        for (int64_t u = lo; u < hi; ++u) {
-          scalar_t* __restrict__ mr = m + rows[u] * v;
-          scalar_t* __restrict__ sr = sq + rows[u] * v;
-          scalar_t* __restrict__ rr = root + u * v;
-          const scalar_t* __restrict__ gr = g + u * v;
-          lerp_row(mr, gr, w1, v);
-          for (int64_t c = 0; c < v; ++c) {
-            sr[c] = std::fma(c2 * gr[c], gr[c], sr[c] * b2);
-            rr[c] = sr[c];
-          }
+    at::parallel_for(0, n_rows, 64, [&, e, decay, weight_decay](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const auto [neg_step_d, bc2_sqrt_d] = bias(++steps[rows[u]]);
+        const scalar_t neg_step = static_cast<scalar_t>(neg_step_d), bc2_sqrt = static_cast<scalar_t>(bc2_sqrt_d);
+        scalar_t* __restrict__ pr = p + rows[u] * v;
+        const scalar_t* __restrict__ mr = m + rows[u] * v;
+        const scalar_t* __restrict__ rr = root + u * v;
+        for (int64_t c = 0; c < v; ++c) {
+          const scalar_t update = mr[c] * neg_step / (rr[c] / bc2_sqrt + e);
+          pr[c] = weight_decay != 0 ? pr[c] * decay + update : pr[c] + update;
         }
-      });
-      root_UV.narrow(0, b0, b1 - b0).sqrt_();
-      at::parallel_for(b0, b1, 64, [&, e, decay, weight_decay](int64_t lo, int64_t hi) {
-        for (int64_t u = lo; u < hi; ++u) {
-          const auto [neg_step_d, bc2_sqrt_d] = bias(++steps[rows[u]]);
-          const scalar_t neg_step = static_cast<scalar_t>(neg_step_d), bc2_sqrt = static_cast<scalar_t>(bc2_sqrt_d);
-          scalar_t* __restrict__ pr = p + rows[u] * v;
-          const scalar_t* __restrict__ mr = m + rows[u] * v;
-          const scalar_t* __restrict__ rr = root + u * v;
-          for (int64_t c = 0; c < v; ++c) {
-            const scalar_t update = mr[c] * neg_step / (rr[c] / bc2_sqrt + e);
-            pr[c] = weight_decay != 0 ? pr[c] * decay + update : pr[c] + update;
-          }
-        }
-      });
-    }
+      }
+    });
   });
   for (const auto& t : {param_NV, exp_avg_NV, exp_avg_sq_NV, step_N}) t.unsafeGetTensorImpl()->bump_version();
 }

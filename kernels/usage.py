@@ -84,6 +84,6 @@ class SlotUsage:
         # Gini over all N counts sorted ascending: the N - U zeros come first and add nothing
         n, u = self.n_slots, read_U.numel()
         ranks_U = torch.arange(n - u + 1, n + 1, dtype=torch.float64)
-        ascending_U = torch.from_numpy(np.sort(self.counts_N[self.counts_N > 0].numpy())).to(torch.float64)
+        ascending_U = torch.from_numpy(np.sort(read_U.numpy()))
         gini = float(((2 * ranks_U - n - 1) * ascending_U).sum()) / (n * total)
         return {"slot_fraction_read": u / n, "slot_kl_uniform": max(kl, 0.0), "slot_gini": gini}

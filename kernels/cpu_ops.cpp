@@ -322,9 +322,8 @@ std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n
       row_topk(s1_n, n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data(), rank.data());
       const scalar_t* s2_n = row_scores(th, 1, buffer.data());
       row_topk(s2_n, n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data(), rank.data());
-      // the candidate pairs' sums, in (i, j) order: equal sums rank by (i, j), under which a
-      // pair is always preceded by the pairs that dominate it
-      // (pair i's row: j < k / (i + 1), contiguous in j)
+      // the candidate pairs' sums, in (i, j) order (row i: j < k / (i + 1)): equal sums rank by
+      // (i, j), under which a pair is always preceded by the pairs that dominate it
       for (int64_t i = 0, p = 0; i < k; p += k / (i + 1), ++i)
         for (int64_t j = 0; j < k / (i + 1); ++j) sums[p + j] = v1[i] + v2[j];
       row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
@@ -707,10 +706,8 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
     scalar_t* sq = exp_avg_sq_NV.data_ptr<scalar_t>();
     const scalar_t* g = grad_UV.data_ptr<scalar_t>();
     scalar_t* root = root_UV.data_ptr<scalar_t>();
-    scalar_t* p = param_NV.data_ptr<scalar_t>();
     const scalar_t w1 = static_cast<scalar_t>(1 - beta1), b2 = static_cast<scalar_t>(beta2);
     const scalar_t c2 = static_cast<scalar_t>(1 - beta2);
-    const scalar_t e = static_cast<scalar_t>(eps), decay = static_cast<scalar_t>(1 - lr * weight_decay);
     at::parallel_for(0, n_rows, 64, [&, w1, b2, c2](int64_t lo, int64_t hi) {  // constants by value: the loops vectorise
       for (int64_t u = lo; u < hi; ++u) {
         scalar_t* __restrict__ mr = m + rows[u] * v;
@@ -726,6 +723,8 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
     });
     root_UV.sqrt_();
     const BiasCorrections bias(steps, rows, n_rows, lr, beta1, beta2);
+    scalar_t* p = param_NV.data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps), decay = static_cast<scalar_t>(1 - lr * weight_decay);
     at::parallel_for(0, n_rows, 64, [&, e, decay, weight_decay](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
         const auto [neg_step_d, bc2_sqrt_d] = bias(++steps[rows[u]]);
@@ -746,7 +745,9 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
 // value_optim.RowAdagrad's step on the rows rows_U (distinct) of param_NV, in place:
 // sum_N[row] += mean over the row of grad^2 (in sum_N's dtype), then
 // param[row] += grad * (1 / (sqrt(sum_N[row]) + eps)) * -lr, with torch's own sqrt (as the torch
-// path: at::sqrt_ on the rows' sums) and the torch path's order of operations.
+// path: at::sqrt_ on the rows' sums) and the torch path's order of operations, but for each row's
+// sum of squares, taken in vector lanes (torch's mean sums in an order of its own: equal within
+// rounding, as the tests hold it).
 void row_adagrad_rows_(torch::Tensor param_NV, torch::Tensor sum_N, torch::Tensor rows_U, torch::Tensor grad_UV,
                        double lr, double eps) {
   TORCH_CHECK(param_NV.is_contiguous() && sum_N.is_contiguous(), "row_adagrad_rows_: the parameter and its state must be contiguous");
@@ -785,8 +786,10 @@ void row_adagrad_rows_(torch::Tensor param_NV, torch::Tensor sum_N, torch::Tenso
 }
 
 // Slot-usage counts (memlayers/kernels/usage.py): counts_N[s] += 1 for every slot s of new_L (int32
-// or int64, range-checked before anything is counted) and -= 1 for every slot of old_L (int32, from
-// an earlier call; may be empty) -> new_L as int32 (what the window keeps). One pass over each.
+// or int64, range-checked before anything is counted) and -= 1 for every read of the leaving step
+// `old` (int32, an earlier call's return; may be empty): its slots, or with old_is_histogram its
+// count per slot -> what the window keeps of this step: new_L as int32, or with keep_histogram
+// its count per slot (N entries). One pass over each.
 torch::Tensor slot_usage_update_(torch::Tensor counts_N, torch::Tensor new_L, torch::Tensor old, bool keep_histogram,
                                  bool old_is_histogram) {
   TORCH_CHECK(counts_N.scalar_type() == torch::kInt32 && counts_N.is_contiguous(), "slot_usage_update_: counts must be contiguous int32");

@@ -43,15 +43,21 @@ def applies(*tensors: torch.Tensor) -> bool:
     return cpu_ops.applies(*tensors) is not None
 
 
+def _ops_for(caller: str, *tensors: torch.Tensor):
+    """The C++ ops for these tensors, or a RuntimeError naming the caller."""
+    ops = cpu_ops.applies(*tensors)
+    if ops is None:
+        raise RuntimeError(f"{caller}: the C++ CPU ops do not apply here (see kernels.cpu_ops)")
+    return ops
+
+
 def product_key_search_packed(q_TH2Q: torch.Tensor, keys_2HnQ: torch.Tensor,
                               topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-`topk` over all n*n full keys -> (scores_THK, rows_THK), best first; differentiable
     in the scores. Query halves side by side (T, H, 2, Q) and sub-keys (2, H, n, Q), the layout the
     layers project and normalise them in, so neither is split into copies (nor their gradients
     assembled from halves)."""
-    ops = cpu_ops.applies(q_TH2Q, keys_2HnQ)
-    if ops is None:
-        raise RuntimeError("product_key_search: the C++ CPU ops do not apply here (see kernels.cpu_ops)")
+    ops = _ops_for("product_key_search", q_TH2Q, keys_2HnQ)
     dtype = torch.promote_types(q_TH2Q.dtype, keys_2HnQ.dtype)
     return _ProductKeySearch.apply(q_TH2Q.to(dtype), keys_2HnQ.to(dtype), topk, ops)
 
@@ -67,9 +73,7 @@ def normed_product_key_search(q_TH2Q: torch.Tensor, keys_2HnQ: torch.Tensor, gai
     """`product_key_search_packed` of the qk-normed queries and sub-keys: each query half
     x * rsqrt(mean(x^2) + eps) * (gain_Q * scale), each sub-key to unit RMS (no gain);
     differentiable in the queries, the sub-keys and the gain."""
-    ops = cpu_ops.applies(q_TH2Q, keys_2HnQ, gain_Q)
-    if ops is None:
-        raise RuntimeError("normed_product_key_search: the C++ CPU ops do not apply here (see kernels.cpu_ops)")
+    ops = _ops_for("normed_product_key_search", q_TH2Q, keys_2HnQ, gain_Q)
     dtype = torch.promote_types(q_TH2Q.dtype, keys_2HnQ.dtype)
     return _NormedProductKeySearch.apply(q_TH2Q.to(dtype), keys_2HnQ.to(dtype), gain_Q.to(dtype), scale, topk, eps, ops)
 

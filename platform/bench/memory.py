@@ -114,18 +114,15 @@ def run(args: argparse.Namespace) -> int:
 def _pooled(runs: list[dict]) -> dict:
     """One row from its rounds: medians and IQRs over all their timed steps, the largest peak RSS."""
     # deferred: a bench target imports what it measures only when it runs
-    from memlayers.platform.bench.timing import median_iqr
+    from memlayers.platform.bench.timing import StepTimes
 
     done = [r for r in runs if r["step_ms"] is not None]
     row = {"impl": runs[0]["impl"], "slots": runs[0]["slots"], "rounds": len(done), "step_ms": None,
            "step_ms_iqr": None, "cpu_ms": None, "cpu_ms_iqr": None, "peak_rss_gb": None}
     if len(done) < len(runs):  # a failed round fails the row
         return row
-    for key, samples in (("step_ms", "wall_ms"), ("cpu_ms", "cpu_ms_steps")):
-        median, iqr = median_iqr([t for r in done for t in r[samples]])
-        row[key], row[f"{key}_iqr"] = round(median, 2), round(iqr, 2)
-    row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in done)
-    return row
+    pooled = StepTimes(wall=[t for r in done for t in r["wall_s"]], cpu=[t for r in done for t in r["cpu_s"]])
+    return {**row, **pooled.summary(), "peak_rss_gb": max(r["peak_rss_gb"] for r in done)}
 
 
 def _run_child(impl: str, slots: int, args: argparse.Namespace) -> dict:
@@ -247,7 +244,7 @@ def measure(impl: str, slots: int, steps: int, warmup: int, optimizer: str, tune
         times.time(step)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     return {"impl": impl, "slots": slots, **times.summary(), "peak_rss_gb": round(rss_gb, 3),
-            "wall_ms": [round(1e3 * t, 3) for t in times.wall], "cpu_ms_steps": [round(1e3 * t, 3) for t in times.cpu]}
+            "wall_s": times.wall, "cpu_s": times.cpu}
 
 
 def _child_main(argv: list[str]) -> int:

@@ -195,7 +195,7 @@ def run_submit(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from memlayers.platform.study.cells import expand
     from memlayers.platform.study.progress import cell_runs, cell_states, latest, summary_line
-    from memlayers.platform.tracking.conventions import read_progress
+    from memlayers.platform.tracking.conventions import CELLS_FILE, read_progress
     from memlayers.platform.study.ref import resolve_study
 
     is_file = args.study.endswith((".yaml", ".yml"))
@@ -210,8 +210,8 @@ def run_status(args: argparse.Namespace) -> int:
 
         ref = resolve_study(args.study, args.tracking_uri, storage=args.storage)
         name, uri = ref.name, ref.tracking_uri
-        table = ref.workdir / "cells.json"
-        text = read_text(join(ref.storage, "cells.json")) if ref.storage else None
+        table = ref.workdir / CELLS_FILE
+        text = read_text(join(ref.storage, CELLS_FILE)) if ref.storage else None
         text = text if text is not None else table.read_text() if table.is_file() else None
         expected = [(c["id"], c["name"]) for c in json.loads(text)] if text is not None else []
     runs = cell_runs(uri, name)

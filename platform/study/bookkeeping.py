@@ -17,7 +17,8 @@ from memlayers.platform.study.progress import cell_runs, latest
 from memlayers.platform.study.schema import Study
 from memlayers.platform.tracking import client as tracking
 from memlayers.platform.tracking.client import client_for, search_runs, with_retry
-from memlayers.platform.tracking.conventions import FAILURE_TAG, STORAGE_TAG, artifact_location, role_filter, run_tags
+from memlayers.platform.tracking.conventions import (CELLS_FILE, FAILURE_TAG, STORAGE_TAG, artifact_location, role_filter,
+                                                     run_tags)
 
 
 def open_parent_run(study: Study, uri: str, workdir: Path) -> str:
@@ -38,12 +39,12 @@ def log_definition(study: Study, cells: list[Cell], uri: str, run_id: str, workd
     if study.file is not None:
         shutil.copyfile(study.file, workdir / "study.yaml")
         with_retry(lambda: client.log_artifact(run_id, str(study.file)))
-    table = workdir / "cells.json"
+    table = workdir / CELLS_FILE
     table.write_text(json.dumps([cell_row(c) for c in cells], indent=1))
     with_retry(lambda: client.log_artifact(run_id, str(table)))
     root = study.storage_root()
     if storage.local_path(root) != workdir.resolve():
-        for name in ("study.yaml", "cells.json"):
+        for name in ("study.yaml", CELLS_FILE):
             if (workdir / name).is_file():
                 storage.upload(workdir / name, storage.join(root, name))
     tracking.set_tags(uri, run_id, {"cells": len(cells), "budget_kind": study.budget.kind, STORAGE_TAG: root,

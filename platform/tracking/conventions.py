@@ -26,6 +26,7 @@ PROGRESS_TAG = "memlayers.progress"  # a running run's latest step, overwritten 
 SQLITE_PREFIX = "sqlite:///"
 CHECKPOINT_TAG = "checkpoint"  # a finished run's final checkpoint folder
 EVAL_PREFIX = "eval/"  # downstream scores of a run's final checkpoint: eval/<task>/<metric>
+CELLS_FILE = "cells.json"  # a study's current cells: in its workdir, its storage folder and on its parent run
 
 
 def run_tags(role: str, study: Optional[str] = None) -> dict[str, str]:

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from memlayers.platform.tracking.client import client_for, search_all_runs
-from memlayers.platform.tracking.conventions import EVAL_PREFIX, role_filter
+from memlayers.platform.tracking.conventions import CELLS_FILE, EVAL_PREFIX, role_filter
 
 METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll")
 INT_TAGS = ("memory_slots", "experts", "seed")
@@ -53,9 +53,6 @@ def run_to_row(run) -> dict:
     row["memory_slots"] = row["memory_slots"] or 0
     row["experts"] = row["experts"] or 0
     return row
-
-
-CELLS_FILE = "cells.json"  # the cells of a study's current definition, written into its workdir by `study run`
 
 
 def load_study_rows(experiment_name: str, tracking_uri: str, workdir: Path | str | None = None) -> list[dict]:

@@ -187,9 +187,9 @@ inline void rank_candidates(const scalar_t* cand_v, int64_t count, int64_t padde
 // candidate, the k best first). NaN scores are never selected (with NaNs a
 // row may come back short: its tail keeps NaN scores and index 0, a valid row).
 template <typename scalar_t>
-inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, int64_t* ids,
-                     scalar_t* cand_v, int32_t* cand_i, int32_t* rank) {
-  int64_t count = compress_at_least(s_n, n, topk_bound(s_n, n, k, cand_v), cand_v, cand_i);
+inline void row_topk_above(const scalar_t* s_n, int64_t n, int64_t k, scalar_t bound, scalar_t* vals, int64_t* ids,
+                           scalar_t* cand_v, int32_t* cand_i, int32_t* rank) {
+  int64_t count = compress_at_least(s_n, n, bound, cand_v, cand_i);
   if (count < k)  // only with NaNs (the bound may be NaN): every other score is a candidate
     count = compress_at_least(s_n, n, -std::numeric_limits<scalar_t>::infinity(), cand_v, cand_i);
   const int64_t padded = (count + kPad - 1) / kPad * kPad;
@@ -203,6 +203,13 @@ inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, 
     vals[rank[a]] = cand_v[a];
     ids[rank[a]] = cand_i[a];
   }
+}
+
+// Top-k of one row of n scores (as `row_topk_above`) from a bound found in the row
+template <typename scalar_t>
+inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, int64_t* ids,
+                     scalar_t* cand_v, int32_t* cand_i, int32_t* rank) {
+  row_topk_above(s_n, n, k, topk_bound(s_n, n, k, cand_v), vals, ids, cand_v, cand_i, rank);
 }
 
 // <x, y> over v entries: vectors of `bytes` bytes summed in a register, then across their lanes
@@ -290,6 +297,57 @@ inline void score_sub_keys(const scalar_t* __restrict__ q_Q, const scalar_t* __r
     for (int64_t a = 0; a < n; ++a) scores_n[a] += q_Q[c] * keysT_Qn[c * n + a];
 }
 
+#if defined(__AVX512F__)
+// fp32 with AVX-512: 16 scores at a time summed over the Q dims in a register (the same order)
+inline void score_sub_keys(const float* __restrict__ q_Q, const float* __restrict__ keysT_Qn, int64_t q,
+                           int64_t n, float* __restrict__ scores_n) {
+  int64_t a = 0;
+  for (; a + 16 <= n; a += 16) {
+    __m512 s = _mm512_mul_ps(_mm512_set1_ps(q_Q[0]), _mm512_loadu_ps(keysT_Qn + a));
+    for (int64_t c = 1; c < q; ++c)
+      s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(q_Q[c]), _mm512_loadu_ps(keysT_Qn + c * n + a)));
+    _mm512_storeu_ps(scores_n + a, s);
+  }
+  for (; a < n; ++a) {
+    float s = q_Q[0] * keysT_Qn[a];
+    for (int64_t c = 1; c < q; ++c) s += q_Q[c] * keysT_Qn[c * n + a];
+    scores_n[a] = s;
+  }
+}
+#endif
+
+// The candidate pairs' sums v1[pair_i[p]] + v2[pair_j[p]], p < pairs, from the two halves' sorted
+// top-k lists (sums holds pairs + kPad entries)
+template <typename scalar_t>
+inline void pair_sums(const scalar_t* v1, const scalar_t* v2, const int32_t* pair_i, const int32_t* pair_j,
+                      int64_t pairs, int64_t k, scalar_t* __restrict__ sums) {
+  for (int64_t p = 0; p < pairs; ++p) sums[p] = v1[pair_i[p]] + v2[pair_j[p]];
+}
+
+#if defined(__AVX512F__)
+// fp32 with AVX-512, k <= 16: both lists in a register each, 16 pairs at a time by permutes
+// (pair_i/pair_j hold whole vectors: padded with position 0)
+inline void pair_sums(const float* v1, const float* v2, const int32_t* pair_i, const int32_t* pair_j,
+                      int64_t pairs, int64_t k, float* __restrict__ sums) {
+  if (k > 16) return pair_sums<float>(v1, v2, pair_i, pair_j, pairs, k, sums);
+  const __m512 a = _mm512_loadu_ps(v1), b = _mm512_loadu_ps(v2);
+  for (int64_t p = 0; p < pairs; p += 16)
+    _mm512_storeu_ps(sums + p, _mm512_add_ps(_mm512_permutexvar_ps(_mm512_loadu_si512(pair_i + p), a),
+                                             _mm512_permutexvar_ps(_mm512_loadu_si512(pair_j + p), b)));
+}
+#endif
+
+// A bound with at least k candidate pairs' sums at or above it, from the sorted lists alone: for
+// every a * b = k, the a x b pairs (i < a, j < b) are candidates ((i + 1)(j + 1) <= k), each summing
+// to at least v1[a - 1] + v2[b - 1]; the largest of those.
+template <typename scalar_t>
+inline scalar_t pair_bound(const scalar_t* v1, const scalar_t* v2, int64_t k) {
+  scalar_t bound = v1[0] + v2[k - 1];
+  for (int64_t a = 2; a <= k; ++a)
+    if (k % a == 0) bound = std::max(bound, v1[a - 1] + v2[k / a - 1]);
+  return bound;
+}
+
 // The search of every (token, head) from its two rows of sub-key scores, row_scores(th, half,
 // buffer) -> a pointer to them (scored into `buffer`, n entries, or found in a tensor): each
 // half's top-k, then the top-k of the candidate pairs' sums.
@@ -302,13 +360,15 @@ std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n
   auto rows_THK = torch::empty({tokens, heads, k}, options.dtype(torch::kInt64));
   auto subs_THK2 = torch::empty({tokens, heads, k, 2}, options.dtype(torch::kInt32));
   // pairs (i, j) of positions in the two sorted top-k lists with (i + 1)(j + 1) <= k
-  std::vector<int64_t> pair_i, pair_j;
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; (i + 1) * (j + 1) <= k; ++j) {
+  std::vector<int32_t> pair_i, pair_j;
+  for (int32_t i = 0; i < k; ++i)
+    for (int32_t j = 0; (i + 1) * (j + 1) <= k; ++j) {
       pair_i.push_back(i);
       pair_j.push_back(j);
     }
   const int64_t pairs = static_cast<int64_t>(pair_i.size());
+  pair_i.resize(pairs + kPad, 0);
+  pair_j.resize(pairs + kPad, 0);
   scalar_t* out_s = scores_THK.data_ptr<scalar_t>();
   int64_t* out_r = rows_THK.data_ptr<int64_t>();
   int32_t* out_sub = subs_THK2.data_ptr<int32_t>();
@@ -316,7 +376,7 @@ std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n
     const int64_t width = std::max(n, pairs) + kPad;
     std::vector<int64_t> i1(width), i2(width), pick(width);
     std::vector<int32_t> cand_i(width), rank(width);
-    std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), sums(pairs), buffer(n);
+    std::vector<scalar_t> v1(width), v2(width), vs(width), cand_v(width), sums(pairs + kPad), buffer(n);
     for (int64_t th = lo; th < hi; ++th) {
       const scalar_t* s1_n = row_scores(th, 0, buffer.data());
       row_topk(s1_n, n, k, v1.data(), i1.data(), cand_v.data(), cand_i.data(), rank.data());
@@ -324,9 +384,9 @@ std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n
       row_topk(s2_n, n, k, v2.data(), i2.data(), cand_v.data(), cand_i.data(), rank.data());
       // the candidate pairs' sums, in (i, j) order (row i: j < k / (i + 1)): equal sums rank by
       // (i, j), under which a pair is always preceded by the pairs that dominate it
-      for (int64_t i = 0, p = 0; i < k; p += k / (i + 1), ++i)
-        for (int64_t j = 0; j < k / (i + 1); ++j) sums[p + j] = v1[i] + v2[j];
-      row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
+      pair_sums(v1.data(), v2.data(), pair_i.data(), pair_j.data(), pairs, k, sums.data());
+      const scalar_t bound = raise_bound(sums.data(), pairs, k, pair_bound(v1.data(), v2.data(), k), v1[0] + v2[0]);
+      row_topk_above(sums.data(), pairs, k, bound, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
       scalar_t* os = out_s + th * k;
       int64_t* orr = out_r + th * k;
       int32_t* osub = out_sub + th * k * 2;

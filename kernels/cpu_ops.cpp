@@ -249,7 +249,7 @@ inline void prefetch_row(const scalar_t* row, int64_t v) {
   for (int64_t b = 0; b < v * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(bytes + b);
 }
 
-constexpr int64_t kPrefetchAhead = 4;  // reads ahead of the one being summed whose rows are prefetched
+constexpr int64_t kPrefetchAhead = 4;  // reads (or rows) ahead of the one in hand whose rows are prefetched
 
 // Columns [c0, ...) of out_V = sum over `count` terms of w * row, (w, row) = term(at), in whole
 // vectors of `bytes` bytes, each summed in term order in a register -> the first column left over.
@@ -748,7 +748,8 @@ inline void lerp_row(float* __restrict__ m, const float* __restrict__ g, float w
 // vectorised CPU lerp and addcmul compute (the caller checks that torch's build does so). The
 // square roots are torch's own (at::sqrt_ on the rows' second moments: torch's CPU sqrt is not
 // always the correctly rounded one), so a step is three passes over the U rows: moments, sqrt,
-// parameters.
+// parameters. The moments' and parameters' rows are prefetched a few rows ahead: in a training step
+// they come from memory (the rows are sorted but sparse, which the hardware prefetcher does not follow).
 void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Tensor exp_avg_sq_NV,
                      torch::Tensor step_N, torch::Tensor rows_U, torch::Tensor grad_UV, double lr, double beta1,
                      double beta2, double eps, double weight_decay) {
@@ -770,6 +771,10 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
     const scalar_t c2 = static_cast<scalar_t>(1 - beta2);
     at::parallel_for(0, n_rows, 64, [&, w1, b2, c2](int64_t lo, int64_t hi) {  // constants by value: the loops vectorise
       for (int64_t u = lo; u < hi; ++u) {
+        if (u + kPrefetchAhead < hi) {
+          prefetch_row(m + rows[u + kPrefetchAhead] * v, v);
+          prefetch_row(sq + rows[u + kPrefetchAhead] * v, v);
+        }
         scalar_t* __restrict__ mr = m + rows[u] * v;
         scalar_t* __restrict__ sr = sq + rows[u] * v;
         scalar_t* __restrict__ rr = root + u * v;
@@ -787,6 +792,7 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
     const scalar_t e = static_cast<scalar_t>(eps), decay = static_cast<scalar_t>(1 - lr * weight_decay);
     at::parallel_for(0, n_rows, 64, [&, e, decay, weight_decay](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
+        if (u + kPrefetchAhead < hi) prefetch_row(p + rows[u + kPrefetchAhead] * v, v);
         const auto [neg_step_d, bc2_sqrt_d] = bias(++steps[rows[u]]);
         const scalar_t neg_step = static_cast<scalar_t>(neg_step_d), bc2_sqrt = static_cast<scalar_t>(bc2_sqrt_d);
         scalar_t* __restrict__ pr = p + rows[u] * v;

@@ -440,6 +440,20 @@ std::vector<torch::Tensor> search_forward(torch::Tensor q_TH2Q, torch::Tensor ke
   return out;
 }
 
+// body(std::integral_constant<int64_t, Q>) with Q = q for the usual half key dims (loops over Q
+// entries then unroll into a few vector ops), Q = 0 (use the runtime q) for any other
+template <typename Body>
+inline void with_fixed_dim(int64_t q, Body body) {
+  switch (q) {
+    case 4: return body(std::integral_constant<int64_t, 4>());
+    case 8: return body(std::integral_constant<int64_t, 8>());
+    case 16: return body(std::integral_constant<int64_t, 16>());
+    case 32: return body(std::integral_constant<int64_t, 32>());
+    case 64: return body(std::integral_constant<int64_t, 64>());
+    default: return body(std::integral_constant<int64_t, 0>());
+  }
+}
+
 // d scores_THK / d (q_TH2Q, keys_2HnQ) for scores = q[., ., 0] . keys[0, ., i1] + q[., ., 1] . keys[1, ., i2],
 // (i1, i2) = subs_THK2 from the search -> (grad_q_TH2Q, grad_keys_2HnQ).
 std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor subs_THK2, torch::Tensor q_TH2Q,
@@ -471,23 +485,25 @@ std::vector<torch::Tensor> search_backward(torch::Tensor grad_THK, torch::Tensor
       }
     });
     // sub-keys: one (half, head) per iteration, tokens in order (fp64 accumulation for fp32)
-    using acc_t = double;
     at::parallel_for(0, 2 * heads, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> acc(n * q);
+      std::vector<double> acc(n * q);
       for (int64_t hh = lo; hh < hi; ++hh) {
         const int half = static_cast<int>(hh / heads);
         const int64_t h = hh % heads;
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t t = 0; t < tokens; ++t) {
-          const int64_t th = t * heads + h;
-          const scalar_t* qv = qs + (th * 2 + half) * q;
-          for (int64_t r = 0; r < k; ++r) {
-            const int64_t sub = subs[(th * k + r) * 2 + half];
-            const acc_t w = g[th * k + r];
-            acc_t* a = acc.data() + sub * q;
-            for (int64_t c = 0; c < q; ++c) a[c] += w * qv[c];
+        std::fill(acc.begin(), acc.end(), 0.0);
+        with_fixed_dim(q, [&](auto fixed) {
+          constexpr int64_t kQ = decltype(fixed)::value;
+          const int64_t qq = kQ > 0 ? kQ : q;
+          for (int64_t t = 0; t < tokens; ++t) {
+            const int64_t th = t * heads + h;
+            const scalar_t* __restrict__ qv = qs + (th * 2 + half) * qq;
+            for (int64_t r = 0; r < k; ++r) {
+              const double w = g[th * k + r];
+              double* __restrict__ a = acc.data() + subs[(th * k + r) * 2 + half] * qq;
+              for (int64_t c = 0; c < qq; ++c) a[c] += w * qv[c];
+            }
           }
-        }
+        });
         scalar_t* out = gks[half] + h * n * q;
         for (int64_t i = 0; i < n * q; ++i) out[i] = static_cast<scalar_t>(acc[i]);
       }

@@ -251,31 +251,38 @@ inline void prefetch_row(const scalar_t* row, int64_t v) {
 
 constexpr int64_t kPrefetchAhead = 4;  // reads (or rows) ahead of the one in hand whose rows are prefetched
 
-// Columns [c0, ...) of out_V = sum over `count` terms of w * row, (w, row) = term(at), in whole
-// vectors of `bytes` bytes, each summed in term order in a register -> the first column left over.
-template <int bytes, typename scalar_t, typename Term>
+// Columns [c0, ...) of out_V = sum over `count` terms of w * row, (w, row) = term(at), in blocks of
+// `vectors` vectors of `bytes` bytes, each summed in term order in a register (a block's vectors
+// share one pass over the terms) -> the first column left over.
+template <int bytes, int vectors, typename scalar_t, typename Term>
 inline int64_t sum_vector_columns(scalar_t* __restrict__ out, int64_t c0, int64_t v, int64_t count, Term term) {
   typedef scalar_t vec_t __attribute__((vector_size(bytes)));
   constexpr int64_t lanes = sizeof(vec_t) / sizeof(scalar_t);
-  for (; c0 + lanes <= v; c0 += lanes) {
-    vec_t acc = {};
+  for (; c0 + vectors * lanes <= v; c0 += vectors * lanes) {
+    vec_t acc[vectors] = {};
     for (int64_t at = 0; at < count; ++at) {
       const auto [w, row] = term(at);
-      vec_t x;
-      std::memcpy(&x, row + c0, sizeof(vec_t));
-      acc += w * x;
+      for (int m = 0; m < vectors; ++m) {
+        vec_t x;
+        std::memcpy(&x, row + c0 + m * lanes, sizeof(vec_t));
+        acc[m] += w * x;
+      }
     }
-    std::memcpy(out + c0, &acc, sizeof(vec_t));
+    std::memcpy(out + c0, acc, sizeof(acc));
   }
   return c0;
 }
 
 // out_V = sum over `count` terms of w * row[0:v], (w, row) = term(at), each column summed in term
-// order in a register: 64-byte vectors of columns, then 16-byte ones, then single columns (plain
-// loops here get vectorised across the terms, with gathers, or chain every term through a store).
+// order in a register: blocks of four, two, one 64-byte vectors of columns, then 16-byte vectors,
+// then single columns (plain loops here get vectorised across the terms, with gathers, or chain
+// every term through a store).
 template <typename scalar_t, typename Term>
 inline void weighted_row_sum(scalar_t* __restrict__ out, int64_t v, int64_t count, Term term) {
-  const int64_t c0 = sum_vector_columns<16>(out, sum_vector_columns<64>(out, 0, v, count, term), v, count, term);
+  int64_t c0 = sum_vector_columns<64, 4>(out, 0, v, count, term);
+  c0 = sum_vector_columns<64, 2>(out, c0, v, count, term);
+  c0 = sum_vector_columns<64, 1>(out, c0, v, count, term);
+  c0 = sum_vector_columns<16, 1>(out, c0, v, count, term);
   for (int64_t c = c0; c < v; ++c) {
     scalar_t acc = 0;
     for (int64_t at = 0; at < count; ++at) {

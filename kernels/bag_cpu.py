@@ -1,7 +1,9 @@
-"""The CPU implementation of the embedding bag: the torch parts, with C++ backward parts.
+"""The CPU implementation of the embedding bag: the torch parts, with C++ forward and backward parts.
 
 Same three parts as `memlayers.kernels.bag_torch` (forward, value-gradient rows, weight
-gradient), plus `value_grad`: the row-sparse value gradient in one C++ pass (a counting sort of
+gradient); the forward is `cpu_ops.bag_forward` for fp32 rows of 16 to 64 entries with AVX-512
+(the same numbers as F.embedding_bag: one fused multiply-add per read in read order; with the
+value rows prefetched, which a training step's out-of-cache table needs), plus `value_grad`: the row-sparse value gradient in one C++ pass (a counting sort of
 the reads by slot, then each row summed in a register in the sorted segments' order), with no
 `Segments` tensors in between. On fp32/fp64 tables, when the C++ ops are built and selected
 (`memlayers.kernels.cpu_ops`), the weight gradient (a dot product of grad_y with every read row)
@@ -17,8 +19,18 @@ import torch
 from memlayers.kernels import bag_torch, cpu_ops
 from memlayers.kernels.segments import counting_pass_pays
 
-forward = bag_torch.forward
 value_grad_rows = bag_torch.value_grad_rows
+
+
+def forward(values_NV: torch.Tensor, slots_TR: torch.Tensor, weights_TR: torch.Tensor) -> torch.Tensor:
+    """-> (T, V): `cpu_ops.bag_forward` where it applies (fp32 rows of 16 to 64 entries, AVX-512: the same
+    numbers as F.embedding_bag, with the value rows prefetched), else `bag_torch.forward`."""
+    ops = cpu_ops.applies(values_NV, weights_TR)
+    if ops is not None and values_NV.dtype == torch.float32:
+        y_TV = ops.bag_forward(values_NV, slots_TR, weights_TR)
+        if y_TV.dim() == 2:  # the op applied (it returns an empty 1-D tensor where it does not)
+            return y_TV
+    return bag_torch.forward(values_NV, slots_TR, weights_TR)
 
 
 def weight_grad(values_NV: torch.Tensor, slots_TR: torch.Tensor, grad_y_TV: torch.Tensor) -> torch.Tensor:

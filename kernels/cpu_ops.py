@@ -43,7 +43,7 @@ import torch
 MODES = ("auto", "torch", "cpp")
 ENV = "MEMLAYERS_CPU_OPS"
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-FUNCTIONS = ["topk_merge", "search_forward", "search_backward", "rms_rows", "rms_rows_backward", "bag_weight_grad",
+FUNCTIONS = ["topk_merge", "search_forward", "search_backward", "rms_rows", "rms_rows_backward", "bag_forward", "bag_weight_grad",
              "sort_reads", "bag_value_grad",
              "lazy_adam_rows_", "row_adagrad_rows_", "slot_usage_update_"]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # native: the cache key names the CPU

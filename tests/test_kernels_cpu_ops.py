@@ -174,7 +174,7 @@ def test_bag_weight_gradient_and_counting_sort_match_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("value_dim", [5, 19, 40])
+@pytest.mark.parametrize("value_dim", [5, 19, 40, 100])
 def test_the_value_gradient_without_a_sort_equals_the_sorted_segments(dtype, value_dim):
     gen = torch.Generator().manual_seed(9)
     slots, weights = torch.randint(0, 50, (30, 7), generator=gen), torch.rand(30, 7, generator=gen, dtype=dtype)
@@ -207,6 +207,23 @@ def test_the_fused_bag_backward_gives_the_value_and_weight_gradients_of_the_two_
     assert torch.equal(unique, unique_apart) and torch.equal(rows, rows_apart)
     assert torch.equal(grad_w, cpu_ops.ops().bag_weight_grad(values, slots, grad_y))
     torch.testing.assert_close(grad_w, bag_torch.weight_grad(values, slots, grad_y))
+
+
+@pytest.mark.parametrize("value_dim", [16, 32, 48, 64, 8, 40, 80])
+def test_the_bag_forward_gives_f_embedding_bags_numbers_bit_for_bit(value_dim):
+    gen = torch.Generator().manual_seed(12)
+    values = torch.randn(300, value_dim, generator=gen)
+    slots = torch.randint(0, 300, (70, 24), generator=gen)
+    weights = torch.softmax(torch.randn(70, 24, generator=gen), dim=-1)
+    y = bag_cpu.forward(values, slots, weights)
+    assert torch.equal(y, torch.nn.functional.embedding_bag(slots, values, per_sample_weights=weights, mode="sum"))
+    applies = value_dim % 16 == 0 and value_dim <= 64 and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert (cpu_ops.ops().bag_forward(values, slots, weights).dim() == 2) == applies  # else F.embedding_bag's
+    assert torch.equal(bag_cpu.forward(values.double(), slots, weights.double()),
+                       bag_torch.forward(values.double(), slots, weights.double()))
+    assert bag_cpu.forward(values, slots[:0], weights[:0]).shape == (0, value_dim)
+    with pytest.raises((RuntimeError, IndexError)):
+        bag_cpu.forward(values, torch.full((2, 3), 300), weights[:2, :3])
 
 
 def test_the_bag_auto_impl_on_cpu_equals_the_torch_impl():

@@ -189,9 +189,9 @@ inline void rank_candidates(const scalar_t* cand_v, int64_t count, int64_t padde
 // candidate, the k best first). NaN scores are never selected (with NaNs a
 // row may come back short: its tail keeps NaN scores and index 0, a valid row).
 template <typename scalar_t>
-inline void row_topk_above(const scalar_t* s_n, int64_t n, int64_t k, scalar_t bound, scalar_t* vals, int64_t* ids,
-                           scalar_t* cand_v, int32_t* cand_i, int32_t* rank) {
-  int64_t count = compress_at_least(s_n, n, bound, cand_v, cand_i);
+inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, int64_t* ids,
+                     scalar_t* cand_v, int32_t* cand_i, int32_t* rank) {
+  int64_t count = compress_at_least(s_n, n, topk_bound(s_n, n, k, cand_v), cand_v, cand_i);
   if (count < k)  // only with NaNs (the bound may be NaN): every other score is a candidate
     count = compress_at_least(s_n, n, -std::numeric_limits<scalar_t>::infinity(), cand_v, cand_i);
   const int64_t padded = (count + kPad - 1) / kPad * kPad;
@@ -205,13 +205,6 @@ inline void row_topk_above(const scalar_t* s_n, int64_t n, int64_t k, scalar_t b
     vals[rank[a]] = cand_v[a];
     ids[rank[a]] = cand_i[a];
   }
-}
-
-// Top-k of one row of n scores (as `row_topk_above`) from a bound found in the row
-template <typename scalar_t>
-inline void row_topk(const scalar_t* s_n, int64_t n, int64_t k, scalar_t* vals, int64_t* ids,
-                     scalar_t* cand_v, int32_t* cand_i, int32_t* rank) {
-  row_topk_above(s_n, n, k, topk_bound(s_n, n, k, cand_v), vals, ids, cand_v, cand_i, rank);
 }
 
 // <x, y> over v entries: vectors of `bytes` bytes summed in a register, then across their lanes
@@ -326,11 +319,13 @@ inline void score_sub_keys(const float* __restrict__ q_Q, const float* __restric
 #endif
 
 // The candidate pairs' sums v1[pair_i[p]] + v2[pair_j[p]], p < pairs, from the two halves' sorted
-// top-k lists (sums holds pairs + kPad entries)
+// top-k lists (sums holds pairs + kPad entries); the pairs come in (i, j) order, so row i is the
+// contiguous run of j < k / (i + 1), which this loop adds as vectors
 template <typename scalar_t>
 inline void pair_sums(const scalar_t* v1, const scalar_t* v2, const int32_t* pair_i, const int32_t* pair_j,
                       int64_t pairs, int64_t k, scalar_t* __restrict__ sums) {
-  for (int64_t p = 0; p < pairs; ++p) sums[p] = v1[pair_i[p]] + v2[pair_j[p]];
+  for (int64_t i = 0, p = 0; i < k; p += k / (i + 1), ++i)
+    for (int64_t j = 0; j < k / (i + 1); ++j) sums[p + j] = v1[i] + v2[j];
 }
 
 #if defined(__AVX512F__)
@@ -345,17 +340,6 @@ inline void pair_sums(const float* v1, const float* v2, const int32_t* pair_i, c
                                              _mm512_permutexvar_ps(_mm512_loadu_si512(pair_j + p), b)));
 }
 #endif
-
-// A bound with at least k candidate pairs' sums at or above it, from the sorted lists alone: for
-// every a * b = k, the a x b pairs (i < a, j < b) are candidates ((i + 1)(j + 1) <= k), each summing
-// to at least v1[a - 1] + v2[b - 1]; the largest of those.
-template <typename scalar_t>
-inline scalar_t pair_bound(const scalar_t* v1, const scalar_t* v2, int64_t k) {
-  scalar_t bound = v1[0] + v2[k - 1];
-  for (int64_t a = 2; a <= k; ++a)
-    if (k % a == 0) bound = std::max(bound, v1[a - 1] + v2[k / a - 1]);
-  return bound;
-}
 
 // The search of every (token, head) from its two rows of sub-key scores, row_scores(th, half,
 // buffer) -> a pointer to them (scored into `buffer`, n entries, or found in a tensor): each
@@ -394,8 +378,7 @@ std::vector<torch::Tensor> merge_search(int64_t tokens, int64_t heads, int64_t n
       // the candidate pairs' sums, in (i, j) order (row i: j < k / (i + 1)): equal sums rank by
       // (i, j), under which a pair is always preceded by the pairs that dominate it
       pair_sums(v1.data(), v2.data(), pair_i.data(), pair_j.data(), pairs, k, sums.data());
-      const scalar_t bound = raise_bound(sums.data(), pairs, k, pair_bound(v1.data(), v2.data(), k), v1[0] + v2[0]);
-      row_topk_above(sums.data(), pairs, k, bound, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
+      row_topk(sums.data(), pairs, k, vs.data(), pick.data(), cand_v.data(), cand_i.data(), rank.data());
       scalar_t* os = out_s + th * k;
       int64_t* orr = out_r + th * k;
       int32_t* osub = out_sub + th * k * 2;

@@ -28,7 +28,7 @@ weights, and the rows' gradient is the bag's value-gradient rows with x as the o
 
 Implementations (`impl`): "torch" (torch ops: `F.embedding_bag` with per-sample weights on
 fp32/fp64, chunked gathers with fp32 accumulation on bf16/fp16; any device), "cpu" (the torch
-parts with the C++ weight gradient of `memlayers.kernels.bag_cpu` where it applies), "triton" (the Triton
+parts with the C++ forward and gradients of `memlayers.kernels.bag_cpu` where they apply), "triton" (the Triton
 kernels of `memlayers.kernels.bag_triton`; on CPU only under TRITON_INTERPRET=1 set before triton
 is imported), "auto" (CUDA -> triton, otherwise cpu). `embedding_bag_reference` is the plain
 definition, differentiated by autograd (dense gradient), used as the oracle in tests.

@@ -26,11 +26,8 @@ def forward(values_NV: torch.Tensor, slots_TR: torch.Tensor, weights_TR: torch.T
     """-> (T, V): `cpu_ops.bag_forward` where it applies (fp32 rows of 16 to 64 entries, AVX-512: the same
     numbers as F.embedding_bag, with the value rows prefetched), else `bag_torch.forward`."""
     ops = cpu_ops.applies(values_NV, weights_TR)
-    if ops is not None and values_NV.dtype == torch.float32:
-        y_TV = ops.bag_forward(values_NV, slots_TR, weights_TR)
-        if y_TV.dim() == 2:  # the op applied (it returns an empty 1-D tensor where it does not)
-            return y_TV
-    return bag_torch.forward(values_NV, slots_TR, weights_TR)
+    y_TV = ops.bag_forward(values_NV, slots_TR, weights_TR) if ops is not None else None
+    return y_TV if y_TV is not None else bag_torch.forward(values_NV, slots_TR, weights_TR)
 
 
 def weight_grad(values_NV: torch.Tensor, slots_TR: torch.Tensor, grad_y_TV: torch.Tensor) -> torch.Tensor:

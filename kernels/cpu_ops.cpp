@@ -604,8 +604,8 @@ inline void bag_forward_rows(const float* vals, const int64_t* slots, const floa
 // or 64 entries with AVX-512: every column one fused multiply-add per read, in read order, from zero,
 // which is how F.embedding_bag's CPU kernel (fbgemm's) sums them (the tests hold the two equal bit
 // for bit), with the value rows prefetched ahead (in a training step the table is not in cache).
-// -> an empty tensor for any other dtype, width or CPU (the caller then uses F.embedding_bag).
-torch::Tensor bag_forward(torch::Tensor values_NV, torch::Tensor slots_TR, torch::Tensor weights_TR) {
+// -> None for any other dtype, width or CPU (the caller then uses F.embedding_bag).
+c10::optional<torch::Tensor> bag_forward(torch::Tensor values_NV, torch::Tensor slots_TR, torch::Tensor weights_TR) {
   const int64_t v = values_NV.size(1);
 #if defined(__AVX512F__)
   if (values_NV.scalar_type() == torch::kFloat32 && v % 16 == 0 && v >= 16 && v <= 64) {
@@ -629,7 +629,7 @@ torch::Tensor bag_forward(torch::Tensor values_NV, torch::Tensor slots_TR, torch
     return y_TV;
   }
 #endif
-  return torch::empty({0}, values_NV.options());
+  return c10::nullopt;
 }
 
 // grad_TR[t, j] = <grad_y_TV[t], values_NV[slots_TR[t, j]]>

@@ -218,7 +218,7 @@ def test_the_bag_forward_gives_f_embedding_bags_numbers_bit_for_bit(value_dim):
     y = bag_cpu.forward(values, slots, weights)
     assert torch.equal(y, torch.nn.functional.embedding_bag(slots, values, per_sample_weights=weights, mode="sum"))
     applies = value_dim % 16 == 0 and value_dim <= 64 and torch.backends.cpu.get_cpu_capability() == "AVX512"
-    assert (cpu_ops.ops().bag_forward(values, slots, weights).dim() == 2) == applies  # else F.embedding_bag's
+    assert (cpu_ops.ops().bag_forward(values, slots, weights) is not None) == applies  # else F.embedding_bag's
     assert torch.equal(bag_cpu.forward(values.double(), slots, weights.double()),
                        bag_torch.forward(values.double(), slots, weights.double()))
     assert bag_cpu.forward(values, slots[:0], weights[:0]).shape == (0, value_dim)

@@ -14,6 +14,8 @@ short rows, dense scatters of sparse gradients, many small element-wise kernels)
 - `bag_value_grad`: the bag's row-sparse value gradient in one pass, summed in the segments' order;
 - `lazy_adam_rows_`, `row_adagrad_rows_`: `LazyAdam`'s and `RowAdagrad`'s updates of the rows
   with a gradient, in place, without gathered copies of the rows;
+- `adamw_`: `torch.optim.AdamW`'s step on a group of dense parameters in one call, in its arithmetic
+  (`memlayers.kernels.dense_adamw`);
 - `slot_usage_update_`: the slot-usage counts of `memlayers.kernels.usage`, one pass per step.
 
 The extension is compiled with `torch.utils.cpp_extension.load_inline` (gcc + ninja) into a
@@ -45,7 +47,7 @@ ENV = "MEMLAYERS_CPU_OPS"
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 FUNCTIONS = ["topk_merge", "search_forward", "search_backward", "rms_rows", "rms_rows_backward", "bag_forward", "bag_weight_grad",
              "sort_reads", "bag_value_grad",
-             "lazy_adam_rows_", "row_adagrad_rows_", "slot_usage_update_"]
+             "lazy_adam_rows_", "adamw_", "row_adagrad_rows_", "slot_usage_update_"]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # native: the cache key names the CPU
 
 _state: dict[str, ModuleType | None] = {}

@@ -169,7 +169,7 @@ class LazyAdam(_RowOptimizer):
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_fuses_multiply_adds() -> bool:
+def torch_fuses_multiply_adds() -> bool:
     """True when torch's CPU lerp and addcmul round as one fused multiply-add (its AVX2/AVX-512 kernels)."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
@@ -183,7 +183,7 @@ def _fused_rows_op(p: torch.Tensor, states: list[torch.Tensor], rows_U: torch.Te
     the optimizer creates (`states`, and `step_N` int32 counts), when torch's own kernels use fused
     multiply-adds (as the C++ updates do where torch does).
     """
-    if rows_U is None or not _torch_fuses_multiply_adds() or (step_N is not None and step_N.dtype != torch.int32):
+    if rows_U is None or not torch_fuses_multiply_adds() or (step_N is not None and step_N.dtype != torch.int32):
         return None
     tensors = [p, *states, *([] if step_N is None else [step_N])]
     if not all(t.is_contiguous() and t.device == p.device for t in tensors):

@@ -1,7 +1,8 @@
 """Optimizers and the learning-rate schedule of a training run.
 
 Two groups, as in the paper: AdamW for every non-value parameter (weight decay on matrices,
-none on norms, gains and sub-keys' 1-D tensors), and the value tables in their own optimizer
+none on norms, gains and sub-keys' 1-D tensors; `CpuAdamW`: torch's AdamW, its CPU step in one
+C++ call, the same numbers), and the value tables in their own optimizer
 (`memlayers.kernels.value_optim`: lazy Adam or row-wise Adagrad on row-sparse gradients, or the
 paper-faithful dense AdamW) with their own lr. Both follow one schedule: linear warmup, then
 cosine or linear decay to `min_lr_ratio` of the peak, or constant.
@@ -13,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from memlayers.kernels.dense_adamw import CpuAdamW
 from memlayers.kernels.value_optim import clip_value_grad_norm_, make_value_optimizer
 from memlayers.platform.train.run_config import TrainConfig
 from torch import nn
@@ -84,7 +86,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Op
     dense_params = [p for p in model.parameters() if id(p) not in value_ids and p.requires_grad]
     decay = [p for p in dense_params if p.ndim >= 2]
     no_decay = [p for p in dense_params if p.ndim < 2]
-    dense = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+    dense = CpuAdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=cfg.lr, betas=tuple(cfg.betas))
     values = make_value_optimizer(cfg.value_optimizer, value_params, lr=cfg.value_lr) if value_params else None

@@ -27,13 +27,14 @@ class CpuAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        groups = [self._ops_for(group) for group in self.param_groups]
-        if any(ops is None for ops in groups):
-            return super().step(closure)
         loss = None
-        if closure is not None:
+        if closure is not None:  # first, as torch's step: the closure may set the gradients
             with torch.enable_grad():
                 loss = closure()
+        groups = [self._ops_for(group) for group in self.param_groups]
+        if any(ops is None for ops in groups):
+            self._torch_step()
+            return loss
         for group, ops in zip(self.param_groups, groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -44,6 +45,12 @@ class CpuAdamW(torch.optim.AdamW):
                        [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
                        group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
         return loss
+
+    def _torch_step(self) -> None:
+        """torch's AdamW step, without a second run of the step hooks (this step already ran them)."""
+        step = torch.optim.AdamW.step
+        step = getattr(step, "__wrapped__", step) if getattr(step, "hooked", False) else step
+        step(self)
 
     def _ops_for(self, group: dict):
         """The C++ ops when this group's step can run as `adamw_`, else None (torch's step)."""

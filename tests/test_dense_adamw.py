@@ -104,3 +104,22 @@ def test_sparse_gradients_are_refused_as_torchs_adamw_refuses_them():
     p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (4, 3), check_invariants=True)
     with pytest.raises(RuntimeError, match="sparse"):
         CpuAdamW([p]).step()
+
+
+def test_a_closure_runs_first_and_step_hooks_once_on_either_path(monkeypatch):
+    monkeypatch.setenv(cpu_ops.ENV, "cpp")
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # torch's own AdamW patched its step's hooks
+    for options in ({}, {"amsgrad": True}):
+        ours, theirs = _params(torch.float32), _params(torch.float32)
+        opt_ours, opt_theirs = CpuAdamW(ours, **options), torch.optim.AdamW(theirs, **options)
+        calls = []
+        opt_ours.register_step_pre_hook(lambda *_: calls.append("pre"))
+        opt_ours.register_step_post_hook(lambda *_: calls.append("post"))
+
+        def closure(params):
+            loss = sum((p * p).sum() for p in params)
+            loss.backward()
+            return loss
+        assert float(opt_ours.step(lambda: closure(ours)).detach()) == float(opt_theirs.step(lambda: closure(theirs)).detach())
+        assert calls == ["pre", "post"]
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

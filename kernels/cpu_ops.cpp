@@ -42,6 +42,13 @@ namespace {
 
 constexpr int64_t kPad = 16;  // candidate buffers hold n + kPad entries: whole vectors past the last one
 
+#if defined(__AVX512F__)
+// The lanes of the 16-wide vector at position a of a row of n entries that lie inside the row
+inline __mmask16 lanes_within(int64_t a, int64_t n) {
+  return a + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - a)) - 1);
+}
+#endif
+
 template <typename scalar_t>
 inline int32_t count_at_least(const scalar_t* x, int64_t n, scalar_t bound) {
   int32_t count = 0;
@@ -56,7 +63,7 @@ inline int32_t count_at_least(const float* x, int64_t n, float bound) {
   const __m512 b = _mm512_set1_ps(bound);
   int32_t count = 0;
   for (int64_t a = 0; a < n; a += 16) {
-    const __mmask16 valid = a + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - a)) - 1);
+    const __mmask16 valid = lanes_within(a, n);
     count += __builtin_popcount(_mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, x + a), b, _CMP_GE_OQ));
   }
   return count;
@@ -67,7 +74,7 @@ inline int64_t compress_at_least(const float* s_n, int64_t n, float lo, float* c
   const __m512 bound = _mm512_set1_ps(lo);
   int64_t count = 0;
   for (int64_t a = 0; a < n; a += 16) {
-    const __mmask16 valid = a + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - a)) - 1);
+    const __mmask16 valid = lanes_within(a, n);
     const __m512 x = _mm512_maskz_loadu_ps(valid, s_n + a);
     const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, x, bound, _CMP_GE_OQ);
     const __m512i index = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(a)));
@@ -90,7 +97,7 @@ inline void rank_candidates(const float* cand_v, int64_t count, int64_t padded, 
     for (int64_t d = 0; d < count; ++d)
       r = _mm512_mask_add_epi32(r, _mm512_cmp_ps_mask(_mm512_set1_ps(cand_v[d]), cand, _CMP_GT_OQ), r, one);
     _mm512_storeu_si512(rank + b, r);
-    const __mmask16 real = count - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - b)) - 1);
+    const __mmask16 real = lanes_within(b, count);
     sum += _mm512_mask_reduce_add_epi32(real, r);
   }
   if (sum == count * (count - 1) / 2) return;
@@ -157,7 +164,7 @@ inline float topk_bound(const float* __restrict__ s_n, int64_t n, int64_t k, flo
   if (k > 16 || n < 16) return topk_bound<float>(s_n, n, k, top_k);
   __m512 lane_max = _mm512_loadu_ps(s_n);
   for (int64_t a = 16; a < n; a += 16) {
-    const __mmask16 valid = a + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - a)) - 1);
+    const __mmask16 valid = lanes_within(a, n);
     lane_max = _mm512_mask_max_ps(lane_max, valid, _mm512_maskz_loadu_ps(valid, s_n + a), lane_max);
   }
   const float lo = _mm512_reduce_min_ps(lane_max), span = _mm512_reduce_max_ps(lane_max) - lo;
@@ -165,7 +172,7 @@ inline float topk_bound(const float* __restrict__ s_n, int64_t n, int64_t k, flo
   const __m512 at_quarter = _mm512_set1_ps(quarter), at_half = _mm512_set1_ps(half);
   int32_t above_quarter = 0, above_half = 0;
   for (int64_t a = 0; a < n; a += 16) {
-    const __mmask16 valid = a + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - a)) - 1);
+    const __mmask16 valid = lanes_within(a, n);
     const __m512 x = _mm512_maskz_loadu_ps(valid, s_n + a);
     above_quarter += __builtin_popcount(_mm512_mask_cmp_ps_mask(valid, x, at_quarter, _CMP_GE_OQ));
     above_half += __builtin_popcount(_mm512_mask_cmp_ps_mask(valid, x, at_half, _CMP_GE_OQ));
@@ -817,12 +824,34 @@ inline void lerp_row(float* __restrict__ m, const float* __restrict__ g, float w
   const bool from_start = w < 0.5f;
   const __m512 a = _mm512_set1_ps(from_start ? w : w - 1);
   for (int64_t c = 0; c < v; c += 16) {
-    const __mmask16 valid = c + 16 <= v ? 0xFFFF : static_cast<__mmask16>((1u << (v - c)) - 1);
+    const __mmask16 valid = lanes_within(c, v);
     const __m512 mv = _mm512_maskz_loadu_ps(valid, m + c), gv = _mm512_maskz_loadu_ps(valid, g + c);
     _mm512_mask_storeu_ps(m + c, valid, _mm512_fmadd_ps(a, _mm512_sub_ps(gv, mv), from_start ? mv : gv));
   }
 }
 #endif
+
+// Adam's moments of one row of v entries, in place, in torch's arithmetic: the first moment
+// lerp(m, g, w1), the second sq * b2 then addcmul(g, g, c2) (one fused multiply-add, as torch's
+// vectorised kernel rounds it)
+template <typename scalar_t>
+inline void adam_moments_row(scalar_t* __restrict__ m, scalar_t* __restrict__ sq, const scalar_t* __restrict__ g,
+                             scalar_t w1, scalar_t b2, scalar_t c2, int64_t v) {
+  lerp_row(m, g, w1, v);
+  for (int64_t c = 0; c < v; ++c) sq[c] = std::fma(c2 * g[c], g[c], sq[c] * b2);
+}
+
+// Adam's parameter update of one row, in place: p (times `decay` when `decayed`: AdamW's decoupled
+// weight decay, applied first) + (neg_step * m) / (root / bc2_sqrt + e), root the square roots of
+// the second moment, in torch's order of operations (addcdiv's value * m / denom)
+template <typename scalar_t>
+inline void adam_update_row(scalar_t* __restrict__ p, const scalar_t* __restrict__ m, const scalar_t* __restrict__ root,
+                            scalar_t neg_step, scalar_t bc2_sqrt, scalar_t e, bool decayed, scalar_t decay, int64_t v) {
+  for (int64_t c = 0; c < v; ++c) {
+    const scalar_t update = m[c] * neg_step / (root[c] / bc2_sqrt + e);
+    p[c] = decayed ? p[c] * decay + update : p[c] + update;
+  }
+}
 
 // value_optim.LazyAdam's step on the rows rows_U (distinct) of param_NV, in place, with their
 // gradient grad_UV: the torch path's arithmetic op for op (fp32 ops on fp32 tables, bias
@@ -861,11 +890,8 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
         scalar_t* __restrict__ sr = sq + rows[u] * v;
         scalar_t* __restrict__ rr = root + u * v;
         const scalar_t* __restrict__ gr = g + u * v;
-        lerp_row(mr, gr, w1, v);
-        for (int64_t c = 0; c < v; ++c) {
-          sr[c] = std::fma(c2 * gr[c], gr[c], sr[c] * b2);
-          rr[c] = sr[c];
-        }
+        adam_moments_row(mr, sr, gr, w1, b2, c2, v);
+        std::memcpy(rr, sr, v * sizeof(scalar_t));
       }
     });
     root_UV.sqrt_();
@@ -877,13 +903,7 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
         if (u + kPrefetchAhead < hi) prefetch_row(p + rows[u + kPrefetchAhead] * v, v);
         const auto [neg_step_d, bc2_sqrt_d] = bias(++steps[rows[u]]);
         const scalar_t neg_step = static_cast<scalar_t>(neg_step_d), bc2_sqrt = static_cast<scalar_t>(bc2_sqrt_d);
-        scalar_t* __restrict__ pr = p + rows[u] * v;
-        const scalar_t* __restrict__ mr = m + rows[u] * v;
-        const scalar_t* __restrict__ rr = root + u * v;
-        for (int64_t c = 0; c < v; ++c) {
-          const scalar_t update = mr[c] * neg_step / (rr[c] / bc2_sqrt + e);
-          pr[c] = weight_decay != 0 ? pr[c] * decay + update : pr[c] + update;
-        }
+        adam_update_row(p + rows[u] * v, m + rows[u] * v, root + u * v, neg_step, bc2_sqrt, e, weight_decay != 0, decay, v);
       }
     });
   });
@@ -892,11 +912,10 @@ void lazy_adam_rows_(torch::Tensor param_NV, torch::Tensor exp_avg_NV, torch::Te
 
 // torch.optim.AdamW's step (its for-loop form, which torch takes on CPU; decoupled weight decay, no
 // amsgrad) on every parameter of one group, in place, in its arithmetic op for op: step += 1, the
-// bias corrections in fp64 as Python computes them (1 - beta ** step, lr / bc1, bc2 ** 0.5), then
-// per element p * (1 - lr * wd), lerp of the first moment and mul + addcmul of the second (the fused
-// multiply-adds of torch's vectorised kernels, as `lazy_adam_rows_`), torch's own sqrt, and
-// p + (-step_size * m) / (sqrt / bc2_sqrt + eps). One call for the group in place of ~10 torch
-// ops per parameter. steps: each parameter's 0-dim fp32 or fp64 step count.
+// bias corrections in fp64 as Python computes them (1 - beta ** step, lr / bc1, bc2 ** 0.5: where
+// LazyAdam's torch path takes a sqrt), then `lazy_adam_rows_`'s row arithmetic over the whole
+// parameter (`adam_moments_row`, torch's own sqrt, `adam_update_row` with the decay p * (1 - lr * wd)).
+// One call for the group in place of ~10 torch ops per parameter. steps: each parameter's 0-dim fp32 or fp64 step count.
 void adamw_(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads, std::vector<torch::Tensor> exp_avgs,
             std::vector<torch::Tensor> exp_avg_sqs, std::vector<torch::Tensor> steps, double lr, double beta1,
             double beta2, double eps, double weight_decay) {
@@ -927,18 +946,15 @@ void adamw_(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
       const scalar_t* gp = g.data_ptr<scalar_t>();
       const scalar_t w1 = static_cast<scalar_t>(1 - beta1), b2 = static_cast<scalar_t>(beta2);
       const scalar_t c2 = static_cast<scalar_t>(1 - beta2), decay = static_cast<scalar_t>(1 - lr * weight_decay);
-      at::parallel_for(0, n, 1 << 15, [&, w1, b2, c2, decay](int64_t lo, int64_t hi) {
-        if (weight_decay != 0)
-          for (int64_t c = lo; c < hi; ++c) pp[c] = pp[c] * decay;
-        lerp_row(mp + lo, gp + lo, w1, hi - lo);
-        for (int64_t c = lo; c < hi; ++c) sp[c] = std::fma(c2 * gp[c], gp[c], sp[c] * b2);
+      at::parallel_for(0, n, 1 << 15, [&, w1, b2, c2](int64_t lo, int64_t hi) {
+        adam_moments_row(mp + lo, sp + lo, gp + lo, w1, b2, c2, hi - lo);
       });
       const torch::Tensor root = sq.sqrt();  // torch's own square roots
       const scalar_t* rp = root.data_ptr<scalar_t>();
       const scalar_t neg_step = static_cast<scalar_t>(neg_step_d), bc2_sqrt = static_cast<scalar_t>(bc2_sqrt_d);
       const scalar_t e = static_cast<scalar_t>(eps);
-      at::parallel_for(0, n, 1 << 15, [&, neg_step, bc2_sqrt, e](int64_t lo, int64_t hi) {
-        for (int64_t c = lo; c < hi; ++c) pp[c] = pp[c] + neg_step * mp[c] / (rp[c] / bc2_sqrt + e);
+      at::parallel_for(0, n, 1 << 15, [&, neg_step, bc2_sqrt, e, decay](int64_t lo, int64_t hi) {
+        adam_update_row(pp + lo, mp + lo, rp + lo, neg_step, bc2_sqrt, e, weight_decay != 0, decay, hi - lo);
       });
     });
     for (const auto& t : {p, m, sq, step}) t.unsafeGetTensorImpl()->bump_version();

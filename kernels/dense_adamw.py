@@ -63,18 +63,17 @@ class CpuAdamW(torch.optim.AdamW):
             return cpu_ops.ops()
         if not torch_fuses_multiply_adds():
             return None
+        tensors = []
         for p in params:
-            if (p.grad.is_sparse or p.is_complex() or not p.is_contiguous()
-                    or p.grad.dtype != p.dtype or p.dtype not in (torch.float32, torch.float64)):
+            if p.grad.is_sparse or p.is_complex() or not p.is_contiguous() or p.grad.dtype != p.dtype:
                 return None
             state = self.state.get(p)
-            if state and any(not isinstance(state.get(key), torch.Tensor) or state[key].device != p.device
-                             for key in ("step", "exp_avg", "exp_avg_sq")):
+            moments = [state.get(key) for key in ("exp_avg", "exp_avg_sq")] if state else []
+            if state and not (isinstance(state.get("step"), torch.Tensor) and all(
+                    isinstance(t, torch.Tensor) and t.is_contiguous() and t.dtype == p.dtype for t in moments)):
                 return None
-            if state and not (state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous()
-                              and state["exp_avg"].dtype == p.dtype and state["exp_avg_sq"].dtype == p.dtype):
-                return None
-        return cpu_ops.applies(*params)
+            tensors += [p, *moments, *([state["step"]] if state else [])]
+        return cpu_ops.applies(*tensors)  # CPU fp32/fp64 tensors, the C++ ops on
 
     def _state_of(self, p: torch.Tensor) -> dict:
         """The parameter's state, created as torch's AdamW creates it at its first step."""

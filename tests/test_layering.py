@@ -1,4 +1,4 @@
-"""The direction of imports (DESIGN.md §2), held by parsing every module, function-level imports included.
+"""The direction of imports (docs/architecture.md), held by parsing every module, function-level imports included.
 
 - kernels/ imports nothing of memlayers; models/ imports only kernels/ (and the root config_schema);
   neither imports ray, mlflow, optuna or datasets;

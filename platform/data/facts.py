@@ -25,8 +25,8 @@ Corpus size: `renderings` renderings of every fact, in biographies or one docume
 (`documents_per_rendering`; rendering r of a fact uses template (offset + r) mod K, so every
 phrasing of every fact appears once renderings >= K), for prose biographies about
 people * renderings * (attributes * 6.3 + 1) word tokens (790k with the defaults). One pass shows
-every fact `renderings` times: exposures per fact = renderings * epochs (the ~85 exposures of
-DESIGN.md section 8 are e.g. renderings=10 and ~8.5 epochs).
+every fact `renderings` times: exposures per fact = renderings * epochs (e.g. ~85 exposures are
+renderings=10 and ~8.5 epochs).
 
 The validation split is extra renderings r >= renderings of the same facts: held-out orders and
 phrasings, because recall is the point, not generalisation. The QA split (`qa_pairs`) asks every

@@ -2,7 +2,10 @@
 
 `read_yaml(path)` is how every config file (study, run config, study reference) is read: safe
 loading, numbers like `1e12` read as numbers (YAML 1.2), duplicate keys refused; problems raise
-`ConfigError("FILE:LINE:COL", ...)`. `from_dict(Cls, data, path)` builds a (possibly nested)
+`ConfigError("FILE:LINE:COL", ...)`; a document whose aliases expand it beyond `MAX_YAML_NODES`
+values (a "billion laughs") is refused while it is read, before anything walks the expansion.
+`name_problem(name)` is the one rule for names that become folder names (studies, runs).
+`from_dict(Cls, data, path)` builds a (possibly nested)
 dataclass from a mapping: unknown keys, wrong types and failed `validate()` checks raise
 `ConfigError("model.dim: ...")`. Dataclasses may define `validate(self, path) -> None`.
 It sits at the package root so that models/, platform/ and dashboards/ all use it without
@@ -32,8 +35,59 @@ class ConfigError(ValueError):
         self.reason = reason
 
 
+# Config files are hand-written and small; aliases that expand a document past this many values can
+# only be an accident or an attack, and every later walk of the data (validation, fitting, logging)
+# would pay for the expansion.
+MAX_YAML_NODES = 100_000
+# Names become folder names, MLflow experiment and run names: one path component, portable, short
+# enough that the folders built from them stay within file-system limits.
+MAX_NAME_LEN = 100
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def name_problem(name: Any) -> str | None:
+    """Why `name` cannot name a study or run (a folder of its own), or None when it can."""
+    if not isinstance(name, str) or not name:
+        return f"expected a name of letters, digits, '_', '.', '-', got {name!r}"
+    if len(name) > MAX_NAME_LEN:
+        return f"at most {MAX_NAME_LEN} characters, got {len(name)}"
+    if not _NAME_RE.fullmatch(name):
+        return (f"must be one folder name: letters, digits, '_', '.', '-', starting with a letter or digit, "
+                f"got {name!r}")
+    return None
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `node` stands for once every alias is expanded (memoised: shared nodes are
+    counted per use without being walked again); refuses recursive and over-large expansions."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise yaml.composer.ComposerError(None, None, "recursive alias (a value that contains itself)",
+                                          node.start_mark)
+    open_nodes.add(key)
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    size = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(key)
+    if size > MAX_YAML_NODES:
+        raise yaml.composer.ComposerError(None, None, f"aliases expand this value to more than {MAX_YAML_NODES} "
+                                                      "values", node.start_mark)
+    sizes[key] = size
+    return size
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e12 as a number (YAML 1.2) and refuses duplicate keys."""
+    """SafeLoader that reads 1e12 as a number (YAML 1.2), refuses duplicate keys and alias bombs."""
+
+    def compose_document(self):  # noqa: D401 - PyYAML hook
+        node = super().compose_document()
+        if node is not None:
+            _expanded_size(node, {}, set())
+        return node
 
     def construct_mapping(self, node, deep=False):  # noqa: D401 - PyYAML hook
         seen = set()
@@ -53,6 +107,8 @@ def parse_yaml(text: str, where: str = "yaml") -> Any:
     """Parse YAML text safely (see `read_yaml`); errors name `where` and the line."""
     try:
         return yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise ConfigError(where, "invalid YAML: nested too deeply") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         place = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where

@@ -267,7 +267,7 @@ def test_other_seeds_make_their_own_study_and_bad_ones_exit_2(capsys):
     assert out[0].startswith("study smoke-seeds3-4: valid;") and "seeds [3, 4]" in out[0]
     assert "runs/smoke-seeds3-4" in out[1]
     assert {row.split()[1].rsplit("-seed", 1)[1] for row in out[3:]} == {"3", "4"}
-    for seeds, expected in (("3,x", "seeds[1]: (--seeds) expected an integer >= 0, got 'x'"),
+    for seeds, expected in (("3,x", "seeds[1]: (--seeds) expected an integer in [0, 2^63 - 1], got 'x'"),
                             ("5,5", "seeds[1]: (--seeds) duplicate seed 5")):
         assert main(["study", "validate", smoke, "--seeds", seeds]) == 2
         captured = capsys.readouterr()

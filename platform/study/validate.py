@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from memlayers.config_schema import ConfigError, from_dict, join, read_yaml
+from memlayers.config_schema import ConfigError, from_dict, join, name_problem, read_yaml
 from memlayers.platform.cluster.storage import uri_problem
 from memlayers.models.config import FAMILIES, MEMORY_FAMILIES, MEMORY_PARALLEL_FAMILIES, MemoryConfig, ModelConfig, MoEConfig
 from memlayers.models.presets import BASES, MEMORY_SIZES
@@ -31,9 +31,7 @@ from memlayers.platform.study.schema import (
     StudyError,
     StudyTracking,
 )
-from memlayers.platform.train.run_config import ResourcesConfig, TrainConfig
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+from memlayers.platform.train.run_config import MAX_SEED, ResourcesConfig, TrainConfig
 
 
 def load_study(path: str | Path) -> Study:
@@ -54,8 +52,10 @@ def study_from_dict(data: Any, file: Path | None = None) -> Study:
         if key not in TOP_KEYS:
             errors.append(ConfigError(str(key), f"unknown key (expected one of {', '.join(TOP_KEYS)})"))
     name = data.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        errors.append(ConfigError("name", f"a study needs a name of letters, digits, '_', '.', '-', got {name!r}"))
+    if name is None:
+        errors.append(ConfigError("name", "a study needs a name of letters, digits, '_', '.', '-'"))
+    elif name_problem(name):
+        errors.append(ConfigError("name", name_problem(name)))
     description = data.get("description") or ""
     if not isinstance(description, str):
         errors.append(ConfigError("description", f"expected a string, got {description!r}"))
@@ -82,6 +82,8 @@ def study_from_dict(data: Any, file: Path | None = None) -> Study:
                   workdir=workdir, storage=storage, report=report, eval=eval_cfg, file=file)
     if grid is not None:
         _check_grid(study, errors)
+    if grid is not None and fit is not None:
+        _check_claims(study, errors)
     if not errors:
         _check_models(study, errors)
     if errors:
@@ -162,8 +164,8 @@ def _seeds(data: Any, errors: list[ConfigError]) -> list[int]:
         errors.append(ConfigError("seeds", f"expected a non-empty list of integers, got {data!r}"))
         return []
     for i, seed in enumerate(data):
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            errors.append(ConfigError(f"seeds[{i}]", f"expected an integer >= 0, got {seed!r}"))
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            errors.append(ConfigError(f"seeds[{i}]", f"expected an integer in [0, 2^63 - 1], got {seed!r}"))
         elif seed in data[:i]:
             errors.append(ConfigError(f"seeds[{i}]", f"duplicate seed {seed}"))
     return list(data)
@@ -230,6 +232,19 @@ def _check_grid(study: Study, errors: list[ConfigError]) -> None:
                                           f"{family} cells would get it (set it under grid.overrides)"))
         except ConfigError as error:
             errors.append(error)
+
+
+def _check_claims(study: Study, errors: list[ConfigError]) -> None:
+    """Every claim's selectors pick at least one cell of the grid: a typo would otherwise validate and
+    the claim be reported as untestable only after the whole grid ran."""
+    points = [{"family": family, "base": base, "memory_slots": slots or 0, "experts": experts or 0}
+              for family, base, slots, experts, _ in grid_points(study)]
+    for i, claim in enumerate(study.fit.claims):
+        for part in ("subject", "reference"):
+            selector = getattr(claim, part)
+            if selector and not any(all(p.get(k) == v for k, v in selector.items()) for p in points):
+                hint = " (memory_slots counts slots, e.g. 4096)" if isinstance(selector.get("memory_slots"), str) else ""
+                errors.append(ConfigError(f"fit.claims[{i}].{part}", f"{selector} matches no cell of the grid{hint}"))
 
 
 def _check_family_lr(lr: Any, bases: list[str], study: Study, path: str, errors: list[ConfigError]) -> None:
@@ -322,6 +337,9 @@ def with_overrides(study: Study, *, storage: str | None = None, tracking_uri: st
         if errors:
             raise StudyError([ConfigError(e.path, f"(--seeds) {e.reason}") for e in errors])
         name = f"{study.name}-seeds{'-'.join(map(str, seeds))}"
+        if name_problem(name):
+            raise StudyError([ConfigError("seeds", f"(--seeds) the study they make cannot be named: "
+                                                   f"{name_problem(name)}")])
     tracking = dataclasses.replace(study.tracking, uri=tracking_uri) if tracking_uri else study.tracking
     return dataclasses.replace(study, name=name, seeds=seeds or study.seeds, storage=storage or study.storage,
                                tracking=tracking)

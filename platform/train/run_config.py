@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from memlayers.config_schema import ConfigError, from_dict, parse_yaml, read_yaml, require, to_dict
+from memlayers.config_schema import ConfigError, from_dict, name_problem, parse_yaml, read_yaml, require, to_dict
 from memlayers.platform.cluster.storage import uri_problem
 from memlayers.models.config import MEMORY_PARALLEL_FAMILIES, ModelConfig
 from memlayers.models.presets import BASES, build_config
@@ -26,6 +26,9 @@ RUNS_ROOT_ENV = "MEMLAYERS_RUNS_ROOT"  # overrides RUNS_ROOT (`study submit` set
 # Bounds on what a config may ask for, so that validating any file answers at once.
 MAX_BUDGET = {"steps": 1e9, "tokens": 1e15, "flops": 1e27}
 MAX_BATCH = 2**20
+# Seeds reach torch.manual_seed, numpy and the tracking store's integer columns: a signed 64-bit
+# integer fits all of them.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -100,6 +103,7 @@ class TrainConfig:
         require(0 <= self.warmup < 1, f"{path}.warmup", f"must be a fraction in [0, 1), got {self.warmup}")
         require(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(self.qa_eval_items >= 0, f"{path}.qa_eval_items", f"must be >= 0, got {self.qa_eval_items}")
+        require(0 <= self.seed <= MAX_SEED, f"{path}.seed", f"must be in [0, 2^63 - 1], got {self.seed}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas",
                 f"must be two numbers in [0, 1), got {list(self.betas)}")
 
@@ -157,7 +161,7 @@ class RunConfig:
     storage: Optional[str] = None       # s3://bucket/prefix, gs://..., or a shared path: checkpoints in <storage>/<name>/
 
     def validate(self, path: str = "") -> None:
-        require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        require(name_problem(self.name) is None, "name", str(name_problem(self.name)))
         if self.storage is not None:
             require(uri_problem(self.storage) is None, "storage", str(uri_problem(self.storage)))
         if self.resources.memory_parallel > 1:
@@ -187,10 +191,20 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if not isinstance(data, dict):
         raise ConfigError(str(path), f"expected a mapping of run config sections, got {type(data).__name__}")
     for item in overrides or []:
-        key, _, value = item.partition("=")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = parse_yaml(value, f"--set {key}")
+        _set(data, item)
     return run_config_from_dict(data)
+
+
+def _set(data: dict, item: str) -> None:
+    """Apply one `--set key.sub=value` to `data`; ConfigError naming the key when it cannot apply."""
+    key, equals, value = item.partition("=")
+    *parents, leaf = key.split(".")
+    if not equals or not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"--set {item}", "expected KEY=VALUE with a dotted key, e.g. train.steps=50")
+    node = data
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            section = ".".join(parents[:i + 1])
+            raise ConfigError(f"--set {key}", f"{section} is {node!r}, not a section with keys")
+    node[leaf] = parse_yaml(value, f"--set {key}")

@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("memlayers.platform.bench.train", "training-loop tokens/s for tiny dense and Memory+ models"),
     "study": ("memlayers.platform.bench.study", "a small study on local Ray: wall time, time in steps, start-up per cell"),
     "decode": ("memlayers.platform.bench.decode", "decoding tokens/s and ms/token, dense / MoE / PKM / Memory+ at equal FLOPs"),
+    "baseline": ("memlayers.platform.bench.baseline", "reference per-step losses of every family, compared with tests/assets"),
     "parallel": ("memlayers.platform.bench.parallel", "memory-parallel bytes/token and step time for P = 1, 2, 4"),
 }
 

@@ -15,21 +15,23 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
+# pip's and the build backend's chatter goes to .venv/install.log, shown only when the install fails.
 $(STAMP): pyproject.toml requirements.lock
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements.lock -e '.[test,bench]'
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing the pinned set into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install -c requirements.lock -e '.[test,bench]'; } \
+		> $(VENV)/install.log 2>&1 || { tail -n 40 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/memlayers study run studies/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) tests/run_suite.py -q tests
 
 # The edit-test loop: everything but the tests that start Ray, drive Chromium or run a study.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests -m "not ray and not browser and not slow"
+	$(PY) tests/run_suite.py -q tests -m "not ray and not browser and not slow"
 
 bench: $(STAMP)
 	$(VENV)/bin/memlayers bench memory

@@ -17,6 +17,14 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 RAY_FIXTURES = {"ray_local", "ray_head", "ray_two_nodes"}
 
 
+def pytest_runtest_logreport(report):
+    """Each test phase's outcome, appended as it happens, for tests/run_suite.py's verdict."""
+    path = os.environ.get("MEMLAYERS_TEST_OUTCOMES")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(f"{report.nodeid}\t{report.when}\t{report.outcome}\n")
+
+
 def pytest_collection_modifyitems(items):
     """A test that takes a Ray cluster fixture is a `ray` test (markers: see pyproject.toml)."""
     for item in items:

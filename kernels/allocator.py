@@ -3,16 +3,15 @@
 A memory-layer step on CPU creates a few tensors of hundreds of MB (the value-gradient rows,
 optimizer chunks, autograd buffers) and frees them again. glibc serves such sizes with fresh
 `mmap`s and returns them with `munmap`, so every step page-faults all of that memory in again;
-on virtual machines a page fault is expensive (measured here: allocating and filling 250 MB took
-~600 ms, against ~80 ms to refill memory already owned; with the settings below ~60 ms).
+on virtual machines a page fault is expensive, several times the cost of refilling memory the
+process already owns (measurements: docs/bench/performance-2026-12-02.md).
 
 - `keep_freed_memory()`: glibc `mallopt`s so that large blocks come from the heap and freed
   memory stays in the process (M_MMAP_MAX = 0, trim threshold 2 GB, top pad 64 MB). Peak RSS is
   unchanged (it is the high-water mark); the memory is reused instead of faulted in again.
   `RunLoop` calls it when it is built (every training process: Ray Train workers, in-trial
   cells, benchmarks); it applies the settings once per process. No-op (returns False) without glibc.
-  Measured (`memlayers bench train`, nano, 32 x 64 tokens, 1 thread): a dense step 30.5 -> 24.0
-  ms, its IQR 5.1 -> 1.0 ms; the logits (T x vocab) and their gradients are the large blocks there.
+  In a small dense step the logits (T x vocab) and their gradients are the large blocks.
 - `HUGE_PAGES_ENV`: torch's own switch (read once, when torch first allocates): with
   THP_MEM_ALLOC_ENABLE=1 large tensors are 2 MB aligned and advised for transparent huge pages,
   which cuts page faults and TLB misses on random row reads from a large table. It must be in the

@@ -57,10 +57,9 @@ def _value_pass(grad_y_TV: torch.Tensor, weights_TR: torch.Tensor, slots_TR: tor
     return ops.bag_value_grad(slots_TR, weights_TR, grad_y_TV.to(acc), n_slots, values_NV)
 
 
-# The one-pass backward is a single-threaded walk over the slots: it pays for short rows on one thread
-# (nano, V = 32, 1 thread: the bag's backward 2.0 -> 1.6 ms a step), not for wide rows or several
-# threads, where the weight gradient's own pass runs in parallel over tokens (V = 512, 2 threads,
-# 1M slots: 51.7 ms fused against 13.8 + 14.5 ms apart).
+# The one-pass backward is a single-threaded walk over the slots: it pays for short rows on one thread,
+# not for wide rows or several threads, where the weight gradient's own pass runs in parallel over
+# tokens (side-by-side timings: docs/bench/performance-2026-12-02.md).
 FUSED_MAX_VALUE_DIM = 64
 
 

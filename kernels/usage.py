@@ -14,11 +14,11 @@ the window, in one C++ pass (`cpu_ops.slot_usage_update_`; `index_add_` where th
 apply). The window keeps each step as its slots (int32, 4 bytes per read: O(reads), never O(N))
 or, when the step read at least N slots, as a histogram over the N slots (4 bytes per slot,
 fewer than its reads): a 16k-slot memory read 131k times a step keeps 64 KB a step instead of
-512 KB, and the update touches that much memory instead of a megabyte (in a training step, where
-the window's old steps are out of cache, measured side by side: 0.27 ms against 0.41).
+512 KB, and the update touches that much less memory (which matters in a training step, where
+the window's old steps are out of cache).
 `metrics()` is O(N) for the fraction and KL and O(U log U) for the Gini over the U slots read
-(the unread ones are all zeros; sorted by numpy: torch's CPU sort of 16k counts takes ~0.8 ms,
-numpy's ~0.03); call it at logging time, not every step.
+(the unread ones are all zeros; sorted by numpy, whose sort of small int arrays is far cheaper than
+torch's CPU sort); call it at logging time, not every step.
 
 Shape suffixes: see docs/shapes.md (L reads of a step, U distinct slots read).
 """

@@ -183,6 +183,66 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_logged(facts_run, tmp_path,
     assert _eval_metrics(uri, run_id) == {}
 
 
+NQ_LINE = json.dumps({"question": "who wrote hamlet", "answer": ["Shakespeare"]})
+
+
+@pytest.mark.parametrize("task, text, words", [
+    ("nq_open", '{"question": "q", "answer": "Paris"}\n', ":1: answer: expected a non-empty list of strings"),
+    ("nq_open", NQ_LINE + "\n{not json\n", ":2: not JSON"),
+    ("nq_open", '{"answer": ["x"]}\n', ":1: question: expected a non-empty string"),
+    ("nq_open", "", ": no questions"),
+    ("triviaqa", '{"question": "q", "answer": ["Mars"]}\n', ':1: answer: expected {"value": str'),
+    ("triviaqa", '{"question": "q", "answer": {"value": "Mars"}}\n', ":1: answer.aliases: expected"),
+])
+def test_a_malformed_data_file_is_one_line_naming_file_line_and_field(facts_run, tmp_path, capsys, task, text, words):
+    _, _, uri, run_id = facts_run
+    (tmp_path / task).mkdir()
+    (tmp_path / task / "validation.jsonl").write_text(text)
+    assert main(["eval", run_id, "--tracking-uri", uri, "--tasks", task, "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{task}/validation.jsonl{words}" in err[0], err
+    assert _eval_metrics(uri, run_id) == {}
+
+
+def test_generation_fits_a_context_no_longer_than_the_tasks_budget(facts_run, qa_dir, capsys):
+    """The facts run's context is 32 tokens, nq_open's generation budget 32: the budget shrinks and
+    the prompt keeps its end instead of the key/value cache overflowing."""
+    from memlayers.platform.eval.lm_adapter import DEFAULT_MAX_GEN_TOKS, fit_context
+
+    checkpoint, _, uri, run_id = facts_run
+    assert json.loads((checkpoint / "meta.json").read_text())["run"]["data"]["seq_len"] <= DEFAULT_MAX_GEN_TOKS
+    assert main(["eval", run_id, "--tracking-uri", uri, "--tasks", "nq_open", "--data-dir", str(qa_dir),
+                 "--no-log", "--json"]) == 0
+    rows = {(r["task"], r["metric"]): r["value"] for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {("nq_open", "exact_match"), ("nq_open", "answer_nll")} and 0 <= rows[("nq_open", "exact_match")] <= 1
+    assert fit_context([list(range(40)), [7]], 32, 32) == ([list(range(24, 40)), [7]], 16)
+    assert fit_context([[1, 2, 3]], 8, 32) == ([[1, 2, 3]], 8)   # what fits is left alone
+
+
+def test_the_eval_stage_waits_at_most_its_timeout_for_the_next_scores(facts_run, ray_local, tmp_path):
+    import time
+
+    from memlayers.platform.eval.stage import run_eval_stage
+    from memlayers.platform.study.schema import EvalConfig
+    from memlayers.platform.tracking import client as tracking
+    from memlayers.platform.tracking.conventions import run_tags
+
+    checkpoint = facts_run[0]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(uri, "stagewait", tmp_path / "mlartifacts")
+    run_id = tracking.create_run(uri, experiment, "cell0", {**run_tags("cell", "stagewait"), "cell": "c0",
+                                                            "checkpoint": str(checkpoint)})
+    tracking.set_status(uri, run_id, "FINISHED")
+    lines: list[str] = []
+    started = time.time()
+    # no evaluation loads its checkpoint and the harness within 0.05 s: the wait ends, the cell is named
+    assert run_eval_stage("stagewait", uri, EvalConfig(tasks=["facts_qa"], limit=8, timeout_s=0.05), lines.append) == 0
+    assert time.time() - started < 20, lines
+    assert any("no scores came in 0.05 s (eval.timeout_s); cancelled the evaluation of cell0" in line
+               for line in lines), lines
+    assert _eval_metrics(uri, run_id) == {}
+
+
 def test_a_target_that_names_nothing_is_refused(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nowhere"), "--tasks", "facts_qa"]) == 2
     assert "TARGET" in capsys.readouterr().err

@@ -8,7 +8,10 @@ the continuation is what follows the context's tokens. `is_greedy` says whether 
 every continuation position is the continuation's token, i.e. whether greedy decoding of
 len(continuation) tokens produces it. Contexts too long for the model lose their oldest tokens.
 `generate_until` decodes greedily (or samples, with `do_sample`) through `models.generate`
-with the key/value cache and cuts the text at the first stop string.
+with the key/value cache and cuts the text at the first stop string. Prompt and generation share
+the model's context: when the task's generation budget leaves too little room for the prompt, the
+budget shrinks (the prompt keeps at least half the context) and the prompt keeps its end, where
+the question is (`fit_context`).
 """
 
 from __future__ import annotations
@@ -100,10 +103,9 @@ class MemlayersLM(LM):
     def _generate(self, contexts: list[str], options: dict[str, Any]) -> list[str]:
         until = options.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new = int(options.get("max_gen_toks", self.max_gen_toks))
         sample = bool(options.get("do_sample", False)) and float(options.get("temperature", 1.0)) > 0
-        keep = max(1, self.max_length - max_new)
-        prompts = [[self.tokenizer.eos_id, *self.tokenizer.encode(c)][-keep:] for c in contexts]
+        prompts, max_new = fit_context([[self.tokenizer.eos_id, *self.tokenizer.encode(c)] for c in contexts],
+                                       int(options.get("max_gen_toks", self.max_gen_toks)), self.max_length)
 
         def stop(row: int, new: list[int]) -> bool:
             text = self.tokenizer.decode(new)
@@ -113,6 +115,16 @@ class MemlayersLM(LM):
                            seed=self.seed, stop_ids=[self.tokenizer.eos_id], stop=stop if until else None,
                            pad_id=self.tokenizer.pad_id, use_cache=self.use_cache)
         return [cut_at_stop(self.tokenizer.decode(ids), until) for ids in new_ids]
+
+
+def fit_context(prompts: Sequence[list[int]], max_new: int, context: int) -> tuple[list[list[int]], int]:
+    """Prompts (their last tokens) and a generation budget that fit the model's `context` together,
+    prompts left-padded to the longest: the budget shrinks only as far as the prompts need, and
+    the prompts keep at least half the context (at least one token) whatever the budget asked."""
+    keep = max(context - max_new, context // 2, 1)
+    prompts = [list(p[-keep:]) for p in prompts]
+    longest = max((len(p) for p in prompts), default=0)
+    return prompts, max(0, min(max_new, context - longest))
 
 
 def cut_at_stop(text: str, until: Sequence[str]) -> str:

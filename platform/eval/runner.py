@@ -1,7 +1,7 @@
 """Run tasks on one trained model through `lm_eval.simple_evaluate`; scores as plain rows.
 
 `check_tasks(names, data_dir)` refuses, before any model is loaded or anything is logged, an
-unknown task, a missing data file, or a harness task whose data cannot be reached (offline:
+unknown task, a missing or malformed data file, or a harness task whose data cannot be reached (offline:
 neither in the datasets cache nor readable from --data-dir). `evaluate_model(trained, names, ...)`
 builds the harness tasks (tasks.py), runs them with `MemlayersLM`, and maps the harness's
 results onto `Score(task, metric, value)`: our metric names for our tasks, the harness's own
@@ -20,7 +20,8 @@ from lm_eval.tasks import TaskManager
 from memlayers.platform.data.qa import select_items
 from memlayers.platform.eval.lm_adapter import MemlayersLM
 from memlayers.platform.eval.loading import TrainedModel
-from memlayers.platform.eval.tasks import OWN_TASKS, EvalInputError, HarnessTask, data_file, facts_task, factual_tasks
+from memlayers.platform.eval.tasks import (OWN_TASKS, EvalInputError, HarnessTask, check_data_file, data_file, facts_task,
+                                           factual_tasks)
 
 logging.getLogger("lm_eval").setLevel(logging.WARNING)
 SKIPPED_RESULT_KEYS = ("alias", "name", "sample_len", " ")
@@ -46,7 +47,7 @@ def check_tasks(names: Sequence[str], data_dir: str | Path | None, manager: Task
     manager = manager or task_manager(names)
     for name in names:
         if name in DATA_TASKS:
-            data_file(name, data_dir)
+            check_data_file(name, data_file(name, data_dir))
         elif name != "facts_qa":
             if name not in manager.all_tasks:
                 raise EvalInputError(f"unknown task {name} (ours: {', '.join(OWN_TASKS)}; or an installed lm_eval task, "

@@ -5,7 +5,9 @@ a model is loaded (tasks, data files, checkpoints, facts_qa on a run without fac
 target is evaluated, and only when all succeeded are the scores logged, to each target's MLflow
 run as `eval/<task>/<metric>`. `run_eval_stage` is the stage a study's `eval` section adds: one
 Ray task per finished cell whose run does not yet have a score of every task (so a resumed
-study evaluates only what is missing), on the cell's final checkpoint; the driver logs.
+study evaluates only what is missing), on the cell's final checkpoint; the driver logs. The
+driver waits at most `eval.timeout_s` for the next cell's scores; past it the evaluations still
+running are cancelled and named, and the study goes on (a resumed study evaluates them again).
 """
 
 from __future__ import annotations
@@ -87,11 +89,19 @@ def run_eval_stage(study: str, tracking_uri: str, eval_cfg, out: Callable[[str],
         return 0
     started = time.time()
     task = ray.remote(num_cpus=EVAL_TASK_CPUS)(_remote_evaluate)
-    refs = {target.run_id: (target, task.remote(target, names, options)) for target in todo}
+    running = {task.remote(target, names, options): target for target in todo}
     done = 0
-    for target, ref in refs.values():
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=eval_cfg.timeout_s)
+        if not ready:
+            for ref in running:
+                ray.cancel(ref, force=True)
+            out(f"  eval: no scores came in {eval_cfg.timeout_s:g} s (eval.timeout_s); cancelled the evaluation of "
+                + ", ".join(str(t.name) for t in running.values()))
+            break
+        target = running.pop(ready[0])
         try:
-            scores = ray.get(ref)
+            scores = ray.get(ready[0])
         except Exception as error:  # a task that failed: reported, the other cells go on
             out(f"  eval {target.name}: FAILED: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
             continue

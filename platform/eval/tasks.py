@@ -9,7 +9,9 @@ triviaqa YAMLs), read from `--data-dir DIR`:
 
 Each is two harness tasks: a `generate_until` one (exact match; for triviaqa also token F1, the
 paper's metric) and a `loglikelihood` one, `<task>_nll`, scoring the first gold answer after the
-same prompt (answer NLL: minus its summed log-likelihood, averaged over questions). `facts_qa` is
+same prompt (answer NLL: minus its summed log-likelihood, averaged over questions). A data file
+is checked line by line before the harness reads it (`check_data_file`): a malformed line is one
+error naming the file, the line and the field, not a dataset-builder or template traceback. `facts_qa` is
 the synthetic world's QA split as ONE loglikelihood task: `is_greedy` is exactly the training
 loop's exact match (greedy decoding of the answer's tokens gives them) and minus the
 log-likelihood its answer NLL. Any other name is looked up in the harness's task index.
@@ -17,6 +19,7 @@ log-likelihood its answer NLL. Any other name is looked up in the harness's task
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -101,6 +104,52 @@ def data_file(task: str, data_dir: str | Path | None) -> Path:
     if not path.is_file():
         raise EvalInputError(f"task {task}: data file {path} not found (--data-dir {data_dir})")
     return path.resolve()
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def _doc_problem(task: str, doc: Any) -> str | None:
+    """What is wrong with one question of `task`'s data file (the fields its prompts and metrics read)."""
+    if not isinstance(doc, dict):
+        return f"expected a JSON object, got {type(doc).__name__}"
+    if not isinstance(doc.get("question"), str) or not doc["question"].strip():
+        return f"question: expected a non-empty string, got {doc.get('question')!r:.60}"
+    answer = doc.get("answer")
+    if task == "nq_open" and not _strings(answer):
+        return f"answer: expected a non-empty list of strings, got {answer!r:.60}"
+    if task == "triviaqa":
+        if not isinstance(answer, dict):
+            return f'answer: expected {{"value": str, "aliases": [str, ...]}}, got {answer!r:.60}'
+        if not isinstance(answer.get("value"), str) or not answer["value"]:
+            return f"answer.value: expected a non-empty string, got {answer.get('value')!r:.60}"
+        if not _strings(answer.get("aliases")):
+            return f"answer.aliases: expected a non-empty list of strings, got {answer.get('aliases')!r:.60}"
+    return None
+
+
+def check_data_file(task: str, path: Path) -> None:
+    """EvalInputError naming the file, line and field of the first malformed line of `task`'s data."""
+    questions = 0
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                where = f"task {task}: {path}:{number}"
+                if not line.strip():
+                    raise EvalInputError(f"{where}: empty line (one JSON object per line)")
+                try:
+                    doc = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise EvalInputError(f"{where}: not JSON ({error.msg})") from None
+                problem = _doc_problem(task, doc)
+                if problem:
+                    raise EvalInputError(f"{where}: {problem}")
+                questions += 1
+    except (OSError, UnicodeDecodeError) as error:
+        raise EvalInputError(f"task {task}: {path}: cannot read ({error})") from None
+    if not questions:
+        raise EvalInputError(f"task {task}: {path}: no questions")
 
 
 def factual_tasks(task: str, data_dir: str | Path | None) -> list[HarnessTask]:

@@ -205,6 +205,7 @@ class EvalConfig:
     limit: Optional[int] = None         # items per task (None: all; facts_qa: the training loop's rule)
     num_fewshot: Optional[int] = None   # None: each task's default (0 for ours)
     batch_size: int = 32                # sequences per forward pass
+    timeout_s: float = 7200.0           # the longest the stage waits for the next cell's scores
 
     def validate(self, path: str = "eval") -> None:
         if not self.tasks:
@@ -222,6 +223,8 @@ class EvalConfig:
             raise ConfigError(f"{path}.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
         if self.batch_size < 1:
             raise ConfigError(f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
+        if not 0 < self.timeout_s < float("inf"):
+            raise ConfigError(f"{path}.timeout_s", f"must be a number of seconds > 0, got {self.timeout_s}")
 
     def options(self) -> dict[str, Any]:
         """The keyword options of an evaluation (eval.stage.evaluate_target)."""

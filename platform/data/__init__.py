@@ -1,7 +1,9 @@
 """The data pipeline: corpora -> tokenizer -> cached token streams -> packed, sharded batches.
 
     cfg = DataConfig.from_dict(run["data"], path="data")      # config.py
-    data = prepare_data(cfg, cache_dir)                        # prepare.py (cached by fingerprint)
+    data = prepare_data(cfg, cache_dir)                        # prepare.py: a local set, int32 arrays
+    prepare_set(cfg, storage_data_root, need)                  # build.py: shards in storage (Ray Data)
+    data = open_prepared(cfg, storage_data_root, need, cache)  # prepare.py: streams via a shard cache
     loader = TokenLoader(data.train_ids, cfg.seq_len, batch_size, rank=r, world_size=w, seed=s)
     inputs_BT, targets_BT = loader.next_batch()                # loader.py; state_dict() to resume
 
@@ -21,11 +23,13 @@ _EXPORTS = {
     "FactsConfig": "memlayers.platform.data.config",
     "PreparedData": "memlayers.platform.data.prepare",
     "prepare_data": "memlayers.platform.data.prepare",
-    "fingerprint": "memlayers.platform.data.prepare",
+    "fingerprint": "memlayers.platform.data.identity",
+    "open_prepared": "memlayers.platform.data.prepare",
+    "prepare_set": "memlayers.platform.data.build",
     "TokenLoader": "memlayers.platform.data.loader",
     "QAItem": "memlayers.platform.data.qa",
     "FACTS_VERSION": "memlayers.platform.data.facts",
-    "DATA_VERSION": "memlayers.platform.data.prepare",
+    "DATA_VERSION": "memlayers.platform.data.identity",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -114,6 +114,7 @@ class DataConfig:
     seed: int = 0                   # renderings, document order, train/val split
     streaming: bool = False         # read sources without materialising them in the HF cache
     max_tokens: Optional[int] = None  # stop after this many training tokens (large corpora)
+    shard_tokens: int = 4_000_000   # about this many tokens per shard of the prepared set (storage/cache unit)
     facts: FactsConfig = field(default_factory=FactsConfig)
 
     def __post_init__(self) -> None:
@@ -159,6 +160,7 @@ class DataConfig:
                 f"must be true or false, got {self.streaming!r}")
         if self.max_tokens is not None:
             _positive_int(self.max_tokens, f"{path}.max_tokens")
+        _positive_int(self.shard_tokens, f"{path}.shard_tokens")
         require(isinstance(self.facts, FactsConfig), f"{path}.facts",
                 f"must be a facts section, got {type(self.facts).__name__}")
         if self.source == "facts":

@@ -36,6 +36,7 @@ prompt = the sentence up to the value, answer = the value.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -178,6 +179,27 @@ def _composite_names(cfg: "FactsConfig", fresh) -> tuple[str, ...]:
     pairs = sorted(((i, j) for i in range(len(firsts)) for j in range(len(lasts))),
                    key=lambda ij: draw(cfg.seed, "name", *ij))
     return tuple(f"{firsts[i]} {lasts[j]}" for i, j in pairs[:cfg.people])
+
+
+def new_population(world: World, people: int, seed: int) -> World:
+    """`people` people who are not in `world` and hold the same relations: "Last First" names (a last
+    and a first name word of `world` in swapped order, so every word is in the pretraining
+    vocabulary and no name equals one of `world`'s), pairs in a seeded order, values drawn afresh
+    from the same value lists. Needs two-word names: one-word names would be words the
+    pretraining text never showed."""
+    if " " not in world.names[0]:
+        raise ValueError("data.facts.name_words: a new population reuses the name words of pretraining: needs 2")
+    firsts = sorted({name.split(" ")[0] for name in world.names})
+    lasts = sorted({name.split(" ")[1] for name in world.names})
+    if people > len(firsts) * len(lasts):
+        raise ValueError(f"finetune.new_people: at most {len(firsts) * len(lasts)} for this world, got {people}")
+    pairs = sorted(((j, i) for j in range(len(lasts)) for i in range(len(firsts))),
+                   key=lambda ji: draw(seed, "new-name", *ji))[:people]
+    names = tuple(f"{lasts[j]} {firsts[i]}" for j, i in pairs)
+    n_values = len(next(iter(world.values.values())))
+    facts = {name: tuple(draw(seed, "new-fact", name, p) % n_values for p in range(people))
+             for name in world.attributes}
+    return dataclasses.replace(world, names=names, facts=facts)
 
 
 def _template(world: World, seed: int, person: int, attribute: str, rendering: int) -> str:

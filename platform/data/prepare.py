@@ -1,106 +1,135 @@
-"""prepare_data: the one entry point from a DataConfig to tokens, tokenizer and QA split.
+"""Prepared data for a run: the set's token streams, tokenizer and QA split, and the reference.
 
-`prepare_data(cfg, cache_dir)` opens the corpus (sources.py), fits the tokenizer on the
-training documents (at most TOKENIZER_TRAIN_CHARS characters of them), writes the token streams
-(each document followed by EOS) and the QA items, and publishes them atomically under
-`cache_dir/<fingerprint>/`:
+`prepare_data(cfg, cache_dir)` prepares the whole corpus in this process into the local set
+`cache_dir/<fingerprint>/` (build.py: the same shards as a cluster preparation) and returns its
+streams as int32 arrays: for tools, tests and small corpora. `open_prepared(cfg, data_root, need,
+cache_dir)` opens a prepared set anywhere (a path or a bucket) as streams read through a bounded
+local cache (shard_loader.py): what training reads. Both cut the same streams from the manifest
+(`select`): the shortest prefix of shards holding `need` training tokens (all when None), the
+training stream cut at `max_tokens`; when that leaves validation empty (e.g. a single text file),
+the last `ceil(val_fraction * n)` training tokens become the validation stream instead (meta
+`val_split` says which rule applied).
 
-    meta.json   counts, config identity, versions      train.bin / val.bin   int32 tokens
-    qa.json     QA items (facts only)                  words.json | tokenizer.json (word | bpe)
-
-Later calls with the same fingerprint (any process, e.g. every Ray worker) only read that
-directory. The fingerprint hashes what decides the data: the relevant config fields, the facts
-generator version, DATA_VERSION and, for local files, their names, sizes and sampled contents;
-`seq_len` and `streaming` are left out because they do not change the tokens.
-
-If the document split leaves validation empty (e.g. a single text file), the last
-`ceil(val_fraction * n)` training tokens become the validation stream instead (meta `val_split`
-says which rule applied). `max_tokens` truncates the training stream.
+`reference_streams(cfg, folder)` is the single-process path the shards must equal bit for bit:
+one reader over the whole corpus (sources.py), the tokenizer fitted to its first training
+documents, every piece encoded in order into one train and one val stream.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional, Union
 
 import numpy as np
-from memlayers.config_schema import to_dict
-from memlayers.platform.data.cache import TokenWriter, cached_build, move_tail, read_tokens, truncate_tokens
-from memlayers.platform.data.config import FILE_SOURCES, DataConfig
-from memlayers.platform.data.qa import QAItem, load_qa, save_qa, tokenize_pairs
-from memlayers.platform.data.sources import Corpus, files_digest, open_corpus, resolve_files
-from memlayers.platform.data.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from memlayers.platform.cluster.storage import join, local_path, read_bytes
+from memlayers.platform.data.build import Need, TOKENIZER_TRAIN_CHARS, fetch_tokenizer, prepare_set
+from memlayers.platform.data.cache import TokenWriter, read_tokens
+from memlayers.platform.data.config import DataConfig
+from memlayers.platform.data.identity import DATA_VERSION, fingerprint
+from memlayers.platform.data.qa import QAItem, load_qa
+from memlayers.platform.data.shard_loader import Segment, ShardCache, ShardStream
+from memlayers.platform.data.shards import read_manifest, set_uri, shard_infos
+from memlayers.platform.data.sources import Corpus, open_corpus
+from memlayers.platform.data.tokenizers import Tokenizer, train_tokenizer
 
-DATA_VERSION = 1
-TOKENIZER_TRAIN_CHARS = 200_000_000
-ENCODE_BATCH_PIECES = 1000
+__all__ = ["DATA_VERSION", "PreparedData", "fingerprint", "open_prepared", "prepare_data", "reference_streams",
+           "select"]
 
 
 @dataclass
 class PreparedData:
-    """What a training worker needs; `train_ids`/`val_ids` are int32 (memory-mapped) arrays."""
+    """What a training worker needs: the token streams (int32 arrays or `ShardStream`s), tokenizer, QA."""
 
     tokenizer: Tokenizer
-    train_ids: np.ndarray
-    val_ids: np.ndarray
+    train_ids: Union[np.ndarray, ShardStream]
+    val_ids: Union[np.ndarray, ShardStream]
     qa: list[QAItem]
     fingerprint: str
-    directory: Path
+    directory: Path | str                 # the set's folder (a path, or its URI in a bucket)
     meta: dict = field(default_factory=dict)
 
 
-def identity(cfg: DataConfig) -> dict:
-    """The config fields (and file digests) that decide the prepared data."""
-    out: dict = {"data_version": DATA_VERSION, "source": cfg.source, "tokenizer": cfg.tokenizer,
-                 "val_fraction": cfg.val_fraction, "seed": cfg.seed, "max_tokens": cfg.max_tokens}
-    if cfg.tokenizer == "bpe":
-        out["vocab_size"] = cfg.vocab_size
-    if cfg.source == "facts":
-        out["facts"] = to_dict(cfg.facts)
-    if cfg.source in FILE_SOURCES:
-        out["files"] = files_digest(resolve_files(cfg))
-    if cfg.source in ("jsonl", "parquet", "hub"):
-        out["text_field"] = cfg.text_field
-    if cfg.source == "hub":
-        out["name"], out["subset"] = cfg.name, cfg.subset
+def _cut(segments: list[Segment], lo: int, hi: int) -> list[Segment]:
+    """The segments covering tokens [lo, hi) of the stream they make."""
+    out, at = [], 0
+    for seg in segments:
+        a, b = max(lo, at), min(hi, at + len(seg))
+        if a < b:
+            out.append(Segment(seg.shard, seg.base, seg.start + a - at, seg.start + b - at))
+        at += len(seg)
     return out
 
 
-def fingerprint(cfg: DataConfig) -> str:
-    """A stable id of the prepared data: `<source>-<tokenizer>-<16 hex digits>`."""
-    cfg.validate()
-    return _fingerprint(identity(cfg))
+def select(manifest: dict, need: Optional[int], max_tokens: Optional[int], val_fraction: float
+           ) -> tuple[list[Segment], list[Segment], dict]:
+    """(train segments, val segments, counts) of the streams a run reads (see the module docstring)."""
+    infos = shard_infos(manifest)
+    if need is not None:
+        total = 0
+        for k, info in enumerate(infos):
+            total += info.train_tokens
+            if total >= need:
+                infos = infos[:k + 1]
+                break
+    train = [Segment(i.index, 0, 0, i.train_tokens) for i in infos]
+    val = [Segment(i.index, i.train_tokens, 0, i.val_tokens) for i in infos]
+    n_train = sum(i.train_tokens for i in infos)
+    if max_tokens is not None and n_train > max_tokens:
+        train, n_train = _cut(train, 0, max_tokens), max_tokens
+    n_val = sum(i.val_tokens for i in infos)
+    counts = {"train_tokens": n_train, "val_tokens": n_val, "shards_read": len(infos), "val_split": "documents",
+              "train_documents": sum(i.train_documents for i in infos),
+              "val_documents": sum(i.val_documents for i in infos)}
+    if val_fraction > 0 and n_val == 0 and n_train > 1:
+        tail = max(1, math.ceil(val_fraction * n_train))
+        train, val = _cut(train, 0, n_train - tail), _cut(train, n_train - tail, n_train)
+        counts.update(train_tokens=n_train - tail, val_tokens=tail, val_split="tail")
+    return train, val, counts
 
 
-def _fingerprint(ident: dict) -> str:
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{ident['source']}-{ident['tokenizer']}-{digest}"
+def _qa(set_root: str) -> list[QAItem]:
+    raw = read_bytes(join(set_root, "qa.json"))
+    if raw is None:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "qa.json").write_bytes(raw)
+        return load_qa(Path(tmp) / "qa.json")
 
 
-def prepare_data(cfg: DataConfig, cache_dir: Path) -> PreparedData:
-    """Tokens, tokenizer and QA split for `cfg`, built once per fingerprint under `cache_dir`."""
-    cfg.validate()
-    cache_dir = Path(cache_dir)
-    ident = identity(cfg)
-    key = _fingerprint(ident)
-    directory = cached_build(cache_dir, key, lambda out: _build(cfg, cache_dir, ident, key, out))
-    return load_prepared(directory)
+def open_prepared(cfg: DataConfig, data_root: str, need: Optional[int], cache_dir: Path,
+                  manifest: Optional[dict] = None, cache_bytes: Optional[int] = None) -> PreparedData:
+    """The streams of the prepared set of `cfg` under `data_root` that a run needing `need` training
+    tokens reads, through a shard cache in `cache_dir` (bounded by `cache_bytes`)."""
+    key = manifest["fingerprint"] if manifest else fingerprint(cfg)
+    set_root = set_uri(str(data_root), key)
+    manifest = manifest or read_manifest(set_root)
+    if manifest is None:
+        raise FileNotFoundError(f"data: no prepared set at {set_root} (run `memlayers data prepare`)")
+    train, val, counts = select(manifest, need, cfg.max_tokens, cfg.val_fraction)
+    cache = ShardCache(set_root, np.dtype(manifest["dtype"]), shard_infos(manifest),
+                       Path(cache_dir) / key if local_path(set_root) is None else None, cache_bytes)
+    tokenizer = fetch_tokenizer(manifest["tokenizer"], set_root, Path(cache_dir) / key / "tokenizer")
+    assert tokenizer is not None, f"data: the tokenizer of {set_root} is missing"
+    meta = {**{k: v for k, v in manifest.items() if k != "shards"}, **counts}
+    return PreparedData(tokenizer, ShardStream(cache, train), ShardStream(cache, val), _qa(set_root), key,
+                        local_path(set_root) or set_root, meta)
 
 
-def load_prepared(directory: Path) -> PreparedData:
-    """Read a directory that `prepare_data` published."""
-    meta = json.loads((directory / "meta.json").read_text())
-    return PreparedData(tokenizer=load_tokenizer(meta["tokenizer"], directory),
-                        train_ids=read_tokens(directory / "train.bin"), val_ids=read_tokens(directory / "val.bin"),
-                        qa=load_qa(directory / "qa.json"), fingerprint=meta["fingerprint"],
-                        directory=directory, meta=meta)
+def prepare_data(cfg: DataConfig, cache_dir: Path, need: Need = None) -> PreparedData:
+    """Prepare the corpus of `cfg` in this process into `cache_dir` and read its streams into int32 arrays."""
+    manifest = prepare_set(cfg, str(Path(cache_dir).resolve()), need, out=lambda _: None, hf_cache=Path(cache_dir) / "hf")
+    need_tokens = need(manifest["vocab_size"]) if callable(need) else need
+    data = open_prepared(cfg, str(Path(cache_dir).resolve()), need_tokens, Path(cache_dir), manifest)
+    data.train_ids = np.asarray(data.train_ids, dtype=np.int32)
+    data.val_ids = np.asarray(data.val_ids, dtype=np.int32)
+    return data
 
 
+# ---- the single-process reference ---------------------------------------------------------------
 def _training_texts(corpus: Corpus) -> Iterator[str]:
     budget = TOKENIZER_TRAIN_CHARS
     for doc, text in corpus.pieces():
@@ -119,65 +148,41 @@ class _SplitStreams:
         self.train, self.val = TokenWriter(out / "train.bin"), TokenWriter(out / "val.bin")
         self.is_val, self.eos_id = corpus.is_val, eos_id
         self.pending: dict[bool, list[int]] = {False: [], True: []}
-        self.documents = {False: 0, True: 0}
         self.current: int | None = None
         self.current_val = False
 
     def add(self, doc: int, ids: list[int]) -> None:
         if doc != self.current:
-            self._end_document()
+            if self.current is not None:
+                self.pending[self.current_val].append(self.eos_id)
             self.current, self.current_val = doc, self.is_val(doc)
-            self.documents[self.current_val] += 1
         self.pending[self.current_val].extend(ids)
-
-    def _end_document(self) -> None:
-        if self.current is not None:
-            self.pending[self.current_val].append(self.eos_id)
 
     def flush(self) -> None:
         for split, writer in ((False, self.train), (True, self.val)):
             writer.write(self.pending[split])
             self.pending[split] = []
 
-    def close(self) -> dict:
-        self._end_document()
+    def close(self) -> None:
+        if self.current is not None:
+            self.pending[self.current_val].append(self.eos_id)
         self.flush()
         self.train.close()
         self.val.close()
-        return {"train_tokens": self.train.count, "val_tokens": self.val.count,
-                "train_documents": self.documents[False], "val_documents": self.documents[True],
-                "val_split": "documents"}
 
 
-def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, out: Path, max_tokens: int | None) -> dict:
-    """Encode all pieces into train.bin / val.bin in batches; returns the counts."""
-    streams = _SplitStreams(out, corpus, tokenizer.eos_id)
+def reference_streams(cfg: DataConfig, folder: Path, batch_pieces: int = 1000
+                      ) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+    """(tokenizer, train ids, val ids) of the whole corpus by one process (see the module docstring)."""
+    cfg.validate()
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = open_corpus(cfg, folder)
+    tokenizer = train_tokenizer(cfg.tokenizer, _training_texts(corpus), cfg.vocab_size)
+    streams = _SplitStreams(folder, corpus, tokenizer.eos_id)
     pieces = corpus.pieces()
-    while batch := list(itertools.islice(pieces, ENCODE_BATCH_PIECES)):
+    while batch := list(itertools.islice(pieces, batch_pieces)):
         for (doc, _), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch])):
             streams.add(doc, ids)
         streams.flush()
-        if max_tokens is not None and streams.train.count >= max_tokens:
-            break
-    counts = streams.close()
-    if max_tokens is not None and counts["train_tokens"] > max_tokens:
-        truncate_tokens(out / "train.bin", max_tokens)
-        counts["train_tokens"] = max_tokens
-    return counts
-
-
-def _build(cfg: DataConfig, cache_dir: Path, ident: dict, key: str, out: Path) -> None:
-    corpus = open_corpus(cfg, cache_dir)
-    tokenizer = train_tokenizer(cfg.tokenizer, _training_texts(corpus), cfg.vocab_size)
-    tokenizer.save(out)
-    counts = _write_tokens(corpus, tokenizer, out, cfg.max_tokens)
-    if cfg.val_fraction > 0 and counts["val_tokens"] == 0 and counts["train_tokens"] > 1:
-        tail = max(1, math.ceil(cfg.val_fraction * counts["train_tokens"]))
-        move_tail(out / "train.bin", out / "val.bin", tail)
-        counts.update(train_tokens=counts["train_tokens"] - tail, val_tokens=tail, val_split="tail")
-    qa = tokenize_pairs(corpus.qa, tokenizer)
-    save_qa(qa, out / "qa.json")
-    meta = {"fingerprint": key, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "qa_items": len(qa), **counts,
-            "identity": ident}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    streams.close()
+    return tokenizer, read_tokens(folder / "train.bin"), read_tokens(folder / "val.bin")

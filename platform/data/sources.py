@@ -22,7 +22,6 @@ For these four a document goes to validation when a seeded hash of its number fa
 from __future__ import annotations
 
 import glob
-import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,20 +69,6 @@ def resolve_files(cfg: DataConfig) -> list[Path]:
     if not files:
         raise ConfigError("data.path", f"no {cfg.source} files match {cfg.path!r}")
     return files
-
-
-def files_digest(files: list[Path]) -> list[list]:
-    """Per file: name, size and a hash of its first, middle and last MiB (fast, path-free)."""
-    out = []
-    for path in files:
-        size = path.stat().st_size
-        digest = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            for start in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
-                f.seek(start)
-                digest.update(f.read(SAMPLE_BYTES))
-        out.append([path.name, size, digest.hexdigest()])
-    return out
 
 
 @contextmanager

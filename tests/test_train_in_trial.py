@@ -2,6 +2,7 @@
 checkpoints in a folder of its own, restarts within the cell's own max_failures, attempts counted."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from memlayers.platform.tracking.client import client_for, create_run, ensure_ex
 from memlayers.platform.tracking.conventions import ATTEMPT_TAG, ATTEMPTS_TAG
 from memlayers.platform.train import loop as loop_module
 from memlayers.platform.train.checkpoint_folder import CheckpointFolder
+from memlayers.platform.train.commit import write_commit_marker
 from memlayers.platform.train.in_trial import FolderSession, run_in_trial
 from memlayers.platform.train.launcher import run_training
 from memlayers.platform.train.run_config import ConfigError, load_run_config
@@ -31,25 +33,33 @@ def write_checkpoint(directory, step: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "state-rank0.pt").write_bytes(b"x" * step)
     (directory / "meta.json").write_text(json.dumps({"step": step}))
+    write_commit_marker(directory)
+
+
+def newest(session: FolderSession):
+    """The newest committed checkpoint (what a resume tries first), or None."""
+    candidate = next(session.checkpoints(), None)
+    return None if candidate is None else candidate
 
 
 def test_checkpoint_folder_keeps_the_newest_complete_checkpoints(tmp_path):
     folder = CheckpointFolder(str(tmp_path / "ckpt"), keep=2)
     session = FolderSession(folder, torch.device("cpu"))
-    with session.latest_checkpoint() as directory:
-        assert directory is None and session.checkpoint is None
+    assert newest(session) is None and session.checkpoint is None
     for step in (3, 6, 9):
         write_checkpoint(tmp_path / f"src{step}", step)
         assert folder.add(step, tmp_path / f"src{step}") == str(tmp_path / "ckpt" / f"checkpoint_{step:08d}")
     assert folder.steps() == [6, 9]
-    (tmp_path / "ckpt" / "checkpoint_00000012").mkdir()  # a checkpoint without meta.json is not complete
+    (tmp_path / "ckpt" / "checkpoint_00000012").mkdir()  # a checkpoint without its commit marker does not count
     (tmp_path / "ckpt" / "checkpoint_00000012" / "state-rank0.pt").write_bytes(b"partial")
-    with session.latest_checkpoint() as directory:
+    (tmp_path / "ckpt" / "checkpoint_00000012" / "meta.json").write_text(json.dumps({"step": 12}))
+    with newest(session).open() as directory:
         assert json.loads((directory / "meta.json").read_text())["step"] == 9
     assert session.checkpoint == str(tmp_path / "ckpt" / "checkpoint_00000009")
-    stale = tmp_path / "ckpt" / ".staging-killed"  # a writer killed mid-copy left its staging folder
+    stale = tmp_path / "ckpt" / ".staging-4194999-1-abc-nowhere"  # a writer on another host, gone long ago
     stale.mkdir()
     (stale / "state-rank0.pt").write_bytes(b"partial")
+    os.utime(stale, (1.0, 1.0))
     write_checkpoint(tmp_path / "again", 10)  # a replayed step replaces the earlier copy
     folder.add(9, tmp_path / "again")
     assert json.loads((tmp_path / "ckpt" / "checkpoint_00000009" / "meta.json").read_text())["step"] == 10

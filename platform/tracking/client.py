@@ -2,22 +2,22 @@
 
 The driver creates the run (or continues an existing one: a study resuming a cell, a restarted
 worker group), logs the flattened config as params and the accounting as tags; rank 0 of the
-workers logs metrics. Metrics are buffered and flushed right after each checkpoint, so a worker
+workers logs metrics. Metrics are buffered and flushed right before each checkpoint, so a worker
 that dies replays exactly the steps after the last checkpoint and every step is logged once.
-Writes retry briefly on SQLite's "database is locked".
+Every call goes through one retry layer (`retry.py`), which waits out a tracking-server outage;
+a training run's metrics and live tags are spooled on disk meanwhile (`MetricBuffer`).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional
 
 from memlayers.config_schema import flatten
 from memlayers.platform.tracking.conventions import PARENT_TAG, RUN_NAME_TAG, store_exists
-
-T = TypeVar("T")
-
+from memlayers.platform.tracking.retry import RETRY_DEADLINE_S, RETRY_MAX_DELAY_S, transient, with_retry
+from memlayers.platform.tracking.spool import MAX_SPOOLED, Record, Spool
 
 def client_for(uri: str):
     from mlflow.tracking import MlflowClient  # deferred: mlflow is heavy and only this path needs it
@@ -28,7 +28,8 @@ def search_all_runs(client, experiment_id: str, filter_string: str) -> list:
     """Every run of the experiment matching `filter_string`, across result pages."""
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        page = with_retry(lambda: client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                                     page_token=token))
         runs.extend(page)
         token = page.token
         if not token:
@@ -41,34 +42,22 @@ def search_runs(uri: str, experiment: str, filter_string: str) -> list:
     if not store_exists(uri):
         return []
     client = client_for(uri)
-    found = client.get_experiment_by_name(experiment)
+    found = with_retry(lambda: client.get_experiment_by_name(experiment))
     return [] if found is None else search_all_runs(client, found.experiment_id, filter_string)
-
-
-def with_retry(call: Callable[[], T], attempts: int = 20, delay: float = 0.25) -> T:
-    """Retry `call` while SQLite reports a locked database."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except Exception as error:  # MlflowException wraps sqlalchemy's OperationalError
-            if "locked" not in str(error) or attempt == attempts - 1:
-                raise
-            time.sleep(delay * (1 + attempt))
-    raise AssertionError("unreachable")
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path | str | None = None) -> str:
     """The id of experiment `name`, created (with artifacts under `artifact_root`: a local folder or
     a URI; None for the store's default) if missing."""
     client = client_for(uri)
-    experiment = client.get_experiment_by_name(name)
+    experiment = with_retry(lambda: client.get_experiment_by_name(name))
     if experiment is not None:
         return experiment.experiment_id
     location = artifact_root.resolve().as_uri() if isinstance(artifact_root, Path) else artifact_root
     try:
         return with_retry(lambda: client.create_experiment(name, artifact_location=location))
     except Exception:
-        experiment = client.get_experiment_by_name(name)  # created concurrently
+        experiment = with_retry(lambda: client.get_experiment_by_name(name))  # created concurrently
         if experiment is None:
             raise
         return experiment.experiment_id
@@ -88,17 +77,17 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     """Log a (nested) config as flat params; keys already logged are left as they are."""
     from mlflow.entities import Param  # deferred: mlflow is heavy and only this path needs it
     client = client_for(uri)
-    existing = client.get_run(run_id).data.params
+    existing = with_retry(lambda: client.get_run(run_id)).data.params
     flat = {k: str(v)[:6000] for k, v in flatten(params).items() if k not in existing}
     items = [Param(k, v) for k, v in flat.items()]
     for start in range(0, len(items), 100):
         with_retry(lambda: client.log_batch(run_id, params=items[start:start + 100]))
 
 
-def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+def set_tags(uri: str, run_id: str, tags: dict[str, Any], deadline_s: float = RETRY_DEADLINE_S) -> None:
     from mlflow.entities import RunTag  # deferred: mlflow is heavy and only this path needs it
     client = client_for(uri)
-    with_retry(lambda: client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+    with_retry(lambda: client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]), deadline_s)
 
 
 def set_status(uri: str, run_id: str, status: str) -> None:
@@ -120,34 +109,90 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
         with_retry(lambda: client.log_batch(run_id, metrics=batch[start:start + 500]))
 
 
-class MetricBuffer:
-    """Step metrics held until `flush` (right before a checkpoint). A worker restarted from a
-    checkpoint calls `skip_logged`: the steps it replays that were logged before it died are
-    dropped, so every step is logged exactly once."""
+def _metrics(records: list[Record]) -> list:
+    from mlflow.entities import Metric  # deferred: mlflow is heavy and only this path needs it
+    return [Metric(key, value, stamp, step) for key, value, stamp, step in records]
 
-    def __init__(self, uri: str, run_id: str) -> None:
+
+class MetricBuffer:
+    """A training run's metrics and live tags, sent so that every step is logged exactly once.
+
+    Step metrics are held until `flush` (right before a checkpoint): a worker restarted from that
+    checkpoint calls `skip_logged`, and the steps it replays that were flushed before it died are
+    dropped. With a `spool_dir`, a flush the store does not acknowledge (server down) is kept on
+    disk (`spool.py`) and training goes on; the next flushes resend it, at most once per backoff
+    delay, so a long outage costs no time per step. `drain` (the run's end) waits for the store.
+    """
+
+    def __init__(self, uri: str, run_id: str, spool_dir: Optional[Path] = None) -> None:
         self.uri, self.run_id = uri, run_id
-        self.pending: list[tuple[int, dict[str, float]]] = []
-        self.logged_through = -1        # steps up to this one are in the store already
+        self.pending: list[Record] = []
+        self.logged_through = -1        # steps up to this one are in the store (or owed to it, spooled)
+        self.spool = Spool(Path(spool_dir) / "tracking-spool", run_id) if spool_dir is not None else None
+        self.next_try, self.backoff = 0.0, 0.0
 
     def skip_logged(self) -> None:
-        """Read the newest training step the run has logged; later `add`s up to it are dropped."""
+        """Read the newest training step the run has logged or spooled; later `add`s up to it are dropped."""
         client = client_for(self.uri)
-        keys = [k for k in client.get_run(self.run_id).data.metrics if not k.startswith("system/")]  # own steps
-        steps = [m.step for key in keys for m in client.get_metric_history(self.run_id, key)]
-        self.logged_through = max(steps, default=-1)
+        run = with_retry(lambda: client.get_run(self.run_id))
+        keys = [k for k in run.data.metrics if not k.startswith("system/")]  # own steps
+        steps = [m.step for key in keys for m in with_retry(lambda: client.get_metric_history(self.run_id, key))]
+        self.logged_through = max([*steps, self.spool.max_step() if self.spool else -1], default=-1)
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         if step > self.logged_through:
-            self.pending.append((step, dict(metrics)))
+            stamp = int(time.time() * 1000)
+            self.pending.extend((k, float(v), stamp, step) for k, v in metrics.items())
 
-    def flush(self) -> None:
-        if not self.pending:
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Live tags (progress): sent now if the store answers, else spooled (the newest value per key)."""
+        tags = {k: str(v) for k, v in tags.items()}
+        if self.spool is None:
+            set_tags(self.uri, self.run_id, tags)
             return
-        from mlflow.entities import Metric  # deferred: mlflow is heavy and only this path needs it
-        stamp = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), stamp, step) for step, values in self.pending for k, v in values.items()]
-        client = client_for(self.uri)
-        for start in range(0, len(metrics), 500):
-            with_retry(lambda: client.log_batch(self.run_id, metrics=metrics[start:start + 500]))
+        self.spool.put_tags(tags)
+        self._send(wait=False)
+
+    def flush(self) -> bool:
+        """Send the held metrics (and anything spooled); False when the store is unreachable and they wait on disk."""
+        if self.spool is None:
+            self._send_metrics(self.pending, RETRY_DEADLINE_S)
+            self.pending.clear()
+            return True
+        self.spool.append_metrics(self.pending)
         self.pending.clear()
+        return self._send(wait=len(self.spool.metrics()) > MAX_SPOOLED)
+
+    def drain(self) -> None:
+        """Send everything held or spooled, waiting out an outage (up to RETRY_DEADLINE_S)."""
+        self.flush()
+        if self.spool is not None:
+            self._send(wait=True)
+
+    def _send(self, wait: bool) -> bool:
+        if not wait and time.monotonic() < self.next_try:
+            return False
+        try:
+            records = self.spool.metrics()
+            self._send_metrics(records, RETRY_DEADLINE_S if wait else 0.0, acknowledge=self.spool.acknowledge_metrics)
+            tags = self.spool.tags()
+            if tags:
+                set_tags(self.uri, self.run_id, tags, deadline_s=RETRY_DEADLINE_S if wait else 0.0)
+                self.spool.acknowledge_tags(tags)
+        except Exception as error:
+            if wait or not transient(error):
+                raise
+            self.backoff = min(max(2 * self.backoff, 1.0), RETRY_MAX_DELAY_S)
+            self.next_try = time.monotonic() + self.backoff
+            return False
+        self.next_try, self.backoff = 0.0, 0.0
+        return True
+
+    def _send_metrics(self, records: list[Record], deadline_s: float,
+                      acknowledge: Optional[Callable[[int], None]] = None) -> None:
+        client = client_for(self.uri)
+        for start in range(0, len(records), 500):
+            batch = _metrics(records[start:start + 500])
+            with_retry(lambda: client.log_batch(self.run_id, metrics=batch), deadline_s=deadline_s)
+            if acknowledge is not None:
+                acknowledge(len(batch))

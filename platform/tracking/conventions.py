@@ -27,6 +27,8 @@ SQLITE_PREFIX = "sqlite:///"
 CHECKPOINT_TAG = "checkpoint"  # a finished run's final checkpoint folder
 EVAL_PREFIX = "eval/"  # downstream scores of a run's final checkpoint: eval/<task>/<metric>
 CELLS_FILE = "cells.json"  # a study's current cells: in its workdir, its storage folder and on its parent run
+CONTROLLER_TAG = "memlayers.controller"  # on a study's parent run: the lease of the controller running it (JSON)
+SET_ASIDE_PREFIX = "memlayers.set_aside/"  # + a refused checkpoint's new folder name: why it was not loaded
 
 
 def run_tags(role: str, study: Optional[str] = None) -> dict[str, str]:
@@ -67,6 +69,11 @@ def progress_tags(step: int, loss: float, tokens_per_s: float) -> dict[str, str]
     """The live progress of a run as one tag: a tag is overwritten, so the run's metrics (logged
     once each, after checkpoints) stay exactly-once while the progress line moves every log_every."""
     return {PROGRESS_TAG: f"{step} {loss:.6g} {tokens_per_s:.6g}"}
+
+
+def set_aside_tags(where: str, reason: str) -> dict[str, str]:
+    """The tag that records a checkpoint moved aside (`.../checkpoint_00000020.bad-checksum`) and why."""
+    return {SET_ASIDE_PREFIX + where.rstrip("/").rsplit("/", 1)[-1]: reason[:500]}
 
 
 def read_progress(tags: dict[str, str]) -> Optional[tuple[int, float, float]]:

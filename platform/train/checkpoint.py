@@ -2,8 +2,9 @@
 
 A checkpoint directory holds `state-rank{r}.pt` files (rank 0 always; other ranks only when
 they own state of their own, e.g. value-table shards) and `meta.json` (step, world size).
-Writes go to a temporary file in the same directory and are renamed into place, so a worker
-killed mid-write never leaves a truncated checkpoint.
+Writes go to a temporary file in the same directory, fsynced and renamed into place, so a worker
+killed mid-write never leaves a truncated file; the folder counts once its commit marker is written
+(`commit.py`), and `load_state` is what a resume, an evaluation or a finetune reads it with.
 """
 
 from __future__ import annotations
@@ -15,31 +16,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from memlayers.platform.train.commit import fsync_dir
 
 
 def state_file(directory: Path, rank: int = 0) -> Path:
     return Path(directory) / f"state-rank{rank}.pt"
 
 
-def save_state(state: dict[str, Any], directory: Path, rank: int = 0, meta: dict | None = None) -> Path:
-    """Atomically write `state` (tensors, numbers, strings, nested dicts/lists) for `rank`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = state_file(directory, rank)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+def atomic_save(payload: Any, target: Path) -> Path:
+    """torch.save `payload` to `target` through a temporary file beside it, fsynced, then renamed."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            if isinstance(payload, bytes):
+                handle.write(payload)
+            else:
+                torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(target.parent)
+    return target
+
+
+def save_state(state: dict[str, Any], directory: Path, rank: int = 0, meta: dict | None = None) -> Path:
+    """Atomically write `state` (tensors, numbers, strings, nested dicts/lists) for `rank`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = atomic_save(state, state_file(directory, rank))
     if meta is not None and rank == 0:
-        meta_tmp = directory / ".meta.json.tmp"
-        meta_tmp.write_text(json.dumps(meta))
-        os.replace(meta_tmp, directory / "meta.json")
+        atomic_save(json.dumps(meta).encode(), directory / "meta.json")
     return target
 
 

@@ -8,25 +8,26 @@ checkpoints live in `<storage folder>/checkpoints/<run name>-<run id[:12]>/check
 (`checkpoint_folder.py`: a path, or a bucket on a cluster without a shared disk).
 
 Fault tolerance stays: an exception in the loop restarts it in the same trial from the newest
-checkpoint, and a trial whose process died (a killed worker, a lost node) is retried by Tune
-(the study's Tuner allows its cells' largest `resources.max_failures`) and resumes the same
-way; the run records its attempts (`memlayers.attempt`/`memlayers.attempts` tags), so each
-cell is restarted at most its own `resources.max_failures` times and then recorded FAILED.
+checkpoint that verifies and loads (`resume.py`: a bad one is set aside, the one before it used),
+and a trial whose process died (a killed worker, a lost node) is retried by Tune (the study's
+Tuner allows its cells' largest `resources.max_failures`) and resumes the same way; the run
+records its attempts (`memlayers.attempt`/`memlayers.attempts` tags), so each cell is restarted
+at most its own `resources.max_failures` times and then recorded FAILED.
 A run re-launched with the same MLflow run id (a killed controller) resumes from the same folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from memlayers.platform.cluster.storage import join
-from memlayers.platform.tracking.client import client_for
+from memlayers.platform.tracking.client import client_for, with_retry
 from memlayers.platform.tracking.conventions import ATTEMPT_TAG, ATTEMPTS_TAG
 from memlayers.platform.train.checkpoint_folder import CheckpointFolder
 from memlayers.platform.train.launcher import OpenedRun, TrainResult, open_run
+from memlayers.platform.train.resume import Candidate
 from memlayers.platform.train.run_config import RunConfig
 from memlayers.platform.train.worker import drive
 
@@ -40,15 +41,14 @@ class FolderSession:
         self.metrics: dict[str, float] = {}
         self.checkpoint: Optional[str] = None
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        steps = self.folder.steps()
-        if not steps:
-            yield None
-            return
-        self.checkpoint = self.folder.location(steps[-1])
-        with self.folder.open(steps[-1]) as directory:
-            yield directory
+    def checkpoints(self) -> Iterator[Candidate]:
+        """Committed checkpoints, newest first; `checkpoint` follows the one being tried, so it names
+        the one resumed from once `resume_loop` stops asking (None when every one was refused)."""
+        for step in reversed(self.folder.steps()):
+            self.checkpoint = self.folder.location(step)
+            yield Candidate(self.checkpoint, lambda step=step: self.folder.open(step),
+                            lambda reason, step=step: self.folder.set_aside(step, reason))
+        self.checkpoint = None
 
     def report(self, metrics: dict[str, float], directory: Optional[Path]) -> None:
         self.metrics = dict(metrics)
@@ -69,7 +69,7 @@ def earlier_attempts(uri: str, run_id: Optional[str], job: str) -> int:
     """How many times this job's trials already started run `run_id` (0 for a new run or job)."""
     if run_id is None:
         return 0
-    tags = client_for(uri).get_run(run_id).data.tags
+    tags = with_retry(lambda: client_for(uri).get_run(run_id)).data.tags
     return int(tags.get(ATTEMPTS_TAG, 0)) if tags.get(ATTEMPT_TAG) == job else 0
 
 
@@ -81,7 +81,12 @@ def run_in_trial(cfg: RunConfig, *, workdir: Path, job: str) -> TrainResult:
     while True:
         attempts += 1
         cfg.tracking.tags.update({ATTEMPT_TAG: job, ATTEMPTS_TAG: str(attempts)})
-        run = open_run(cfg, workdir)
+        try:  # the tracking layer waits out a short outage; a longer one costs this attempt
+            run = open_run(cfg, workdir)
+        except Exception:
+            if attempts >= allowed or cfg.tracking.run_id is None:
+                raise
+            continue
         cfg.tracking.run_id = run.run_id
         if attempts > allowed:  # the earlier attempts' processes died
             return run.fail(f"the cell's trial process died {attempts - 1} times "

@@ -33,6 +33,7 @@ from memlayers.platform.data.prepare import PreparedData
 from memlayers.platform.data.qa import select_items
 from memlayers.platform.train.budget import budget_steps
 from memlayers.platform.train.checkpoint import load_state, save_state
+from memlayers.platform.train.commit import write_commit_marker
 from memlayers.platform.train.evaluate import qa_metrics, validation_loss
 from memlayers.platform.train.mesh import ParallelPlan, setup_parallel, value_param_names
 from memlayers.platform.train.optim import build_optimizers
@@ -206,6 +207,8 @@ class RunLoop:
             wrote = True
         if self.sharded:
             wrote = bool(self.parallel.save_values(self.model, directory, self.optimizers.values)) or wrote
+        if wrote:  # last: the marker vouches for the files above (a checkpoint without it is never loaded)
+            write_commit_marker(Path(directory), writer=self.rank)
         return wrote
 
     def load(self, directory: Path) -> None:

@@ -8,13 +8,12 @@ one shard at a time, with `weights_only=True`.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from memlayers.kernels.sharded_values import ShardedValueTable
+from memlayers.platform.train.checkpoint import atomic_save
 from torch import nn
 
 FORMAT = 1
@@ -25,17 +24,6 @@ def _layout(table: nn.Module) -> tuple[int, int, tuple[int, int]]:
     if isinstance(table, ShardedValueTable):
         return table.shards, table.shard_rank, table.columns
     return 1, 0, (0, table.value_dim)
-
-
-def _atomic_save(payload: dict, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_sharded_values(model: nn.Module, directory: str | Path,
@@ -52,7 +40,7 @@ def save_sharded_values(model: nn.Module, directory: str | Path,
                    "optimizer_state": {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
                    if state else None}
         target = directory / f"values-t{index}-p{p}-r{rank}.pt"
-        _atomic_save(payload, target)
+        atomic_save(payload, target)
         written.append(target)
     return written
 

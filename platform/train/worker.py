@@ -17,13 +17,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import ContextManager, Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
 from memlayers.platform.data.prepare import PreparedData, prepare_data
-from memlayers.platform.tracking.client import MetricBuffer, set_tags
-from memlayers.platform.tracking.conventions import FIRST_STEP_TAG, progress_tags
+from memlayers.platform.tracking.client import MetricBuffer
+from memlayers.platform.tracking.conventions import FIRST_STEP_TAG, progress_tags, set_aside_tags
 from memlayers.platform.train.loop import NonFiniteLoss, RunLoop
+from memlayers.platform.train.resume import Candidate, resume_loop, sibling_candidates
 from memlayers.platform.train.run_config import run_config_from_dict
 
 
@@ -33,8 +34,8 @@ class Session(Protocol):
     world_size: int
     device: torch.device
 
-    def latest_checkpoint(self) -> ContextManager[Optional[Path]]:
-        """A local folder holding the latest checkpoint (None when there is none), while open."""
+    def checkpoints(self) -> Iterator[Candidate]:
+        """The run's checkpoints, newest first (`resume.py` verifies, loads or sets them aside)."""
 
     def report(self, metrics: dict[str, float], directory: Optional[Path]) -> None:
         """Report `metrics`, with the checkpoint written into `directory` (None: this rank wrote none)."""
@@ -51,14 +52,12 @@ class RayTrainSession:
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
+    def checkpoints(self) -> Iterator[Candidate]:
         checkpoint = self.train.get_checkpoint()
         if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+            return iter(())
+        fs = checkpoint.filesystem
+        return sibling_candidates(fs, checkpoint.path, lambda path: _as_directory(self.train.Checkpoint(path, fs)))
 
     def report(self, metrics: dict[str, float], directory: Optional[Path]) -> None:
         self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(directory) if directory else None)
@@ -84,12 +83,12 @@ def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -
     rank = session.rank
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     data = data or prepare_data(cfg.data, Path(config["cache_dir"]))
-    loop = RunLoop(cfg, data, rank=rank, world_size=session.world_size, device=session.device)
-    with session.latest_checkpoint() as directory:
-        resumed = directory is not None
-        if resumed:
-            loop.load(directory)
-    metrics_out = MetricBuffer(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    metrics_out = MetricBuffer(config["tracking_uri"], config["run_id"], Path(config["workdir"])) if rank == 0 else None
+    build = RunLoop
+    loop, resumed_from = resume_loop(
+        session.checkpoints(), lambda: build(cfg, data, rank=rank, world_size=session.world_size, device=session.device),
+        rank, lambda where, why: _log_set_aside(metrics_out, where, why))
+    resumed = resumed_from is not None
     if metrics_out is not None and resumed:  # a restart replays steps logged before it died
         metrics_out.skip_logged()
     monitor = _system_monitor(config) if rank == 0 else None
@@ -102,10 +101,10 @@ def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -
             try:
                 metrics = loop.train_step()
                 if loop.step == 1 and metrics_out is not None:
-                    _tag_first_step(config)
+                    _tag_first_step(metrics_out)
             except NonFiniteLoss as error:
                 if metrics_out is not None:
-                    metrics_out.flush()
+                    metrics_out.drain()
                 session.report({"step": loop.step, "failed": str(error)}, None)
                 return
             last = loop.done
@@ -113,7 +112,7 @@ def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -
                 metrics["tokens_per_s"] = loop.throughput()
                 if metrics_out is not None:
                     metrics_out.add(loop.step, metrics)
-                    _show_progress(config, loop.step, metrics)
+                    _show_progress(metrics_out, loop.step, metrics)
             if loop.step % train.eval_every == 0 or last:
                 evaluation = loop.evaluate()
                 metrics.update(evaluation)
@@ -123,24 +122,38 @@ def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -
                 if metrics_out is not None:  # before the checkpoint: a replay after it is skipped, never lost
                     metrics_out.flush()
                 _report(loop, metrics, session)
+        if metrics_out is not None:  # what an outage held back is sent before the run is recorded finished
+            metrics_out.drain()
     finally:
         if monitor is not None:
             monitor.finish()
 
 
-def _tag_first_step(config: dict) -> None:
+@contextlib.contextmanager
+def _as_directory(checkpoint) -> Iterator[Path]:
+    with checkpoint.as_directory() as directory:
+        yield Path(directory)
+
+
+def _log_set_aside(metrics_out: Optional[MetricBuffer], where: str, why: str) -> None:
+    """A checkpoint that failed to verify or load: said in the worker's log and, from rank 0, on the run."""
+    print(f"checkpoint {where} set aside: {why}", flush=True)
+    if metrics_out is not None:
+        metrics_out.set_tags(set_aside_tags(where, why))
+
+
+def _tag_first_step(metrics_out: MetricBuffer) -> None:
     """When the run's first step finished: a cell's start-up is the time up to here."""
     try:
-        set_tags(config["tracking_uri"], config["run_id"], {FIRST_STEP_TAG: f"{time.time():.3f}"})
+        metrics_out.set_tags({FIRST_STEP_TAG: f"{time.time():.3f}"})
     except Exception:  # a busy store loses the measurement, nothing else
         pass
 
 
-def _show_progress(config: dict, step: int, metrics: dict) -> None:
+def _show_progress(metrics_out: MetricBuffer, step: int, metrics: dict) -> None:
     """Rank 0's live progress (a tag the study's progress line reads); best effort, never fatal."""
     try:
-        set_tags(config["tracking_uri"], config["run_id"],
-                 progress_tags(step, float(metrics["loss"]), float(metrics["tokens_per_s"])))
+        metrics_out.set_tags(progress_tags(step, float(metrics["loss"]), float(metrics["tokens_per_s"])))
     except Exception:  # a busy store loses one progress update, nothing else
         pass
 

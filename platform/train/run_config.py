@@ -19,6 +19,7 @@ from memlayers.platform.cluster.storage import uri_problem
 from memlayers.models.config import MEMORY_PARALLEL_FAMILIES, ModelConfig
 from memlayers.models.presets import BASES, build_config
 from memlayers.platform.data.config import DataConfig
+from memlayers.platform.finetune.config import FinetuneRun
 
 RUNS_ROOT = Path("runs")  # the embedded default: everything of run or study NAME under ./runs/NAME/
 RUNS_ROOT_ENV = "MEMLAYERS_RUNS_ROOT"  # overrides RUNS_ROOT (`study submit` sets it: never Ray's session folder)
@@ -159,6 +160,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     workdir: Optional[str] = None       # None -> ./runs/<name>
     storage: Optional[str] = None       # s3://bucket/prefix, gs://..., or a shared path: checkpoints in <storage>/<name>/
+    finetune: Optional[FinetuneRun] = None  # a finetuning cell: start from a checkpoint, learn new facts
 
     def validate(self, path: str = "") -> None:
         require(name_problem(self.name) is None, "name", str(name_problem(self.name)))

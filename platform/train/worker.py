@@ -25,7 +25,7 @@ from memlayers.platform.tracking.client import MetricBuffer
 from memlayers.platform.tracking.conventions import FIRST_STEP_TAG, progress_tags, set_aside_tags
 from memlayers.platform.train.loop import NonFiniteLoss, RunLoop
 from memlayers.platform.train.resume import Candidate, resume_loop, sibling_candidates
-from memlayers.platform.train.run_config import run_config_from_dict
+from memlayers.platform.train.run_config import RunConfig, run_config_from_dict
 
 
 class Session(Protocol):
@@ -76,6 +76,14 @@ def _maybe_fail(step: int, fail_at_step: int | None, marker: Path) -> None:
         os._exit(17)
 
 
+def loop_class(cfg: RunConfig) -> type[RunLoop]:
+    """The loop of a run: a finetuning cell's starts from its source checkpoint (`platform/finetune/loop.py`)."""
+    if cfg.finetune is None:
+        return RunLoop
+    from memlayers.platform.finetune.loop import FinetuneLoop  # deferred: the finetune package imports this layer
+    return FinetuneLoop
+
+
 def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -> None:
     """Train the run of `config` to its last step under `session` (see the module docstring);
     `data`: the run's prepared data when the caller has it, else read from the cache."""
@@ -84,7 +92,7 @@ def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     data = data or prepare_data(cfg.data, Path(config["cache_dir"]))
     metrics_out = MetricBuffer(config["tracking_uri"], config["run_id"], Path(config["workdir"])) if rank == 0 else None
-    build = RunLoop
+    build = loop_class(cfg)
     loop, resumed_from = resume_loop(
         session.checkpoints(), lambda: build(cfg, data, rank=rank, world_size=session.world_size, device=session.device),
         rank, lambda where, why: _log_set_aside(metrics_out, where, why))

@@ -46,6 +46,7 @@ from memlayers.platform.study.schema import Study, StudyError
 from memlayers.platform.study.trials import run_jobs
 from memlayers.platform.study.tuning import tune_learning_rates
 from memlayers.platform.tracking import client as tracking
+from memlayers.platform.tracking.retry import wait_for_tracking
 from memlayers.platform.tracking.runs import load_study_rows, log_laws_artifact
 
 # The report writer is handed in by the CLI (dashboards sit above platform): StudyRef -> path or None.
@@ -84,6 +85,7 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
         if problems:
             raise StudyError(problems)
     workdir.mkdir(parents=True, exist_ok=True)
+    wait_for_tracking(uri, out=out)  # a tracking server restarting: wait (bounded) rather than fail the study
     out(f"study {study.name}: memlayers {memlayers.__version__} from {Path(memlayers.__file__).parent}")
     parent = open_parent_run(study, uri, workdir)
     log_definition(study, cells, uri, parent, workdir)
@@ -117,6 +119,7 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
                 except Exception as error:  # Tune itself failed: every cell still ends finished or failed
                     lost = f"the trials ended early: {type(error).__name__}: {error}".splitlines()[0][:500]
                     out(f"warning: {lost}")
+            wait_for_tracking(uri, out=out)  # cells are judged by the store: never while it is down
             after = cell_states([c.id for c in todo], cell_runs(uri, study.name))
             for cell in todo:  # MLflow decides: a cell whose run did not finish is failed, never left pending
                 if after[cell.id] != "done":

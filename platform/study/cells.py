@@ -22,6 +22,7 @@ from memlayers.models.config import MEMORY_FAMILIES
 from memlayers.models.presets import MEMORY_SIZES, memory_size_name
 from memlayers.platform.data.config import DataConfig
 from memlayers.platform.data.vocab import vocab_size_of
+from memlayers.platform.finetune.config import FinetuneRun
 from memlayers.platform.study.schema import FamilyGrid, Study, StudyError
 from memlayers.platform.tracking.conventions import cell_run_name, run_tags
 from memlayers.platform.train.budget import budget_steps
@@ -78,6 +79,7 @@ class Cell:
     params: Optional[int] = None
     active_params: Optional[int] = None
     train_flops: Optional[float] = None     # planned total training FLOPs
+    finetune: Optional[FinetuneRun] = None  # a finetuning cell: its method and source checkpoint
 
     @property
     def variant(self) -> str:
@@ -89,6 +91,8 @@ class Cell:
         tags = {**run_tags(role, self.study), "seed": str(self.seed)}
         if role == "cell":
             tags.update(cell=self.id, budget_kind=self.budget["kind"], budget=f"{self.budget['value']:g}")
+        if self.finetune is not None:
+            tags["method"] = self.finetune.method
         return tags
 
     def run_config(self, *, workdir: Path, tracking_uri: str, parent_run_id: str | None = None,
@@ -106,7 +110,8 @@ class Cell:
         tracking = TrackingConfig(uri=tracking_uri, experiment=self.study, run_name=name, parent_run_id=parent_run_id,
                                   run_id=run_id, tags=self.tags(role), system_metrics=system_metrics)
         cfg = RunConfig(name=name, model=self.model, data=self.data, train=train, resources=self.resources,
-                        tracking=tracking, storage=storage, workdir=str(workdir / "cells" / f"{self.name}-{self.id}" if role == "cell" else workdir / role / name))
+                        tracking=tracking, storage=storage, finetune=self.finetune,
+                        workdir=str(workdir / "cells" / f"{self.name}-{self.id}" if role == "cell" else workdir / role / name))
         train.validate("train")
         cfg.validate()
         return cfg
@@ -117,6 +122,9 @@ def expand(study: Study, *, vocab_size: int | None = None, account_budgets: bool
     """Every cell of the study, in grid order. With `account_budgets` (the default) each cell's
     tokens, steps and FLOPs are computed for the tokenizer's vocabulary (`vocab_size`, found
     with `vocab_size_of` when not given); raises StudyError if a budget gives no step."""
+    if study.finetune is not None:  # deferred: the finetuning cells build on this module
+        from memlayers.platform.finetune.cells import expand_finetune
+        return expand_finetune(study, vocab_size, cache_dir)
     cells = []
     for family, base, slots, experts, fg in grid_points(study):
         spec = model_spec(family, base, slots, experts, fg)

@@ -38,6 +38,7 @@ from memlayers.platform.cluster.visibility import shared_problems
 from memlayers.platform.laws.claims import check_claims, claim_line
 from memlayers.platform.laws.io import dumps
 from memlayers.platform.laws.study import fit_study
+from memlayers.platform.finetune.cells import pretrain_sources
 from memlayers.platform.study.bookkeeping import log_definition, open_parent_run, record_failure
 from memlayers.platform.study.cells import Cell, expand
 from memlayers.platform.study.progress import ProgressPrinter, cell_runs, cell_states, latest, summary_line
@@ -79,6 +80,8 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
         study = dataclasses.replace(study, workdir=str(Path(workdir).resolve()))
     workdir = study.workdir_path()
     uri = study.tracking_uri()
+    if study.finetune is not None:  # a source cell of a study that has not trained it yet is pretrained first
+        pretrain_sources(study, lambda source: run_study(source, address, num_cpus=num_cpus, out=out, fit=False), out)
     cells = expand(study)  # a budget that buys no step raises here, before anything is created
     if ray.is_initialized():  # joined a cluster (the CLI joins first): refuse what some node cannot reach
         problems = shared_problems(uri, study.storage_root())

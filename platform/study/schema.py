@@ -16,12 +16,14 @@ from memlayers.config_schema import ConfigError, to_dict
 from memlayers.models.config import MEMORY_FAMILIES
 from memlayers.platform.cluster.storage import study_root
 from memlayers.platform.data.config import DataConfig
+from memlayers.platform.finetune.config import FinetuneConfig
 from memlayers.platform.tracking.conventions import sqlite_uri
 from memlayers.platform.train.budget import BUDGET_KINDS
 from memlayers.platform.train.run_config import ResourcesConfig, TrainConfig, default_workdir
 
 LAWS: tuple[str, ...] = ("compute", "memory", "recall")  # sections of laws.study.fit_study
-CLAIM_METRICS: tuple[str, ...] = ("val_loss", "qa_exact_match", "qa_answer_nll")
+CLAIM_METRICS: tuple[str, ...] = ("val_loss", "qa_exact_match", "qa_answer_nll",
+                                  "new_qa_exact_match", "old_qa_exact_match", "forgetting")  # the last 3: finetuning
 
 
 class StudyError(ValueError):
@@ -147,7 +149,7 @@ class StudyTracking:
     system_metrics: bool = True
 
 
-SELECTOR_KEYS: tuple[str, ...] = ("family", "base", "memory_slots", "experts")
+SELECTOR_KEYS: tuple[str, ...] = ("family", "base", "memory_slots", "experts", "method")  # method: finetuning cells
 
 
 @dataclass
@@ -249,6 +251,7 @@ class Study:
     description: str = ""
     report: bool = True                 # write the HTML report after the grid
     eval: Optional[EvalConfig] = None   # downstream tasks after each cell (None: no evaluation stage)
+    finetune: Optional[FinetuneConfig] = None  # a finetuning study: cells start from source checkpoints
     file: Optional[Path] = None         # the YAML it came from
 
     @property
@@ -279,5 +282,5 @@ class Study:
 
 TOP_KEYS: tuple[str, ...] = ("name", "description", "data", "tokenizer", "seq_len", "grid", "budget", "seeds",
                              "lr", "train", "resources", "tracking", "fit", "report", "workdir",
-                             "storage", "eval")
+                             "storage", "eval", "finetune")
 

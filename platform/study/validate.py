@@ -18,6 +18,7 @@ from memlayers.platform.cluster.storage import uri_problem
 from memlayers.models.config import FAMILIES, MEMORY_FAMILIES, MEMORY_PARALLEL_FAMILIES, MemoryConfig, ModelConfig, MoEConfig
 from memlayers.models.presets import BASES, MEMORY_SIZES
 from memlayers.platform.data.config import TOKENIZERS, DataConfig
+from memlayers.platform.finetune.config import FinetuneConfig
 from memlayers.platform.study.cells import grid_points, model_spec, parse_memory_size
 from memlayers.platform.study.schema import (
     TOP_KEYS,
@@ -69,7 +70,10 @@ def study_from_dict(data: Any, file: Path | None = None) -> Study:
     if not isinstance(report, bool):
         errors.append(ConfigError("report", f"expected true or false, got {report!r}"))
     data_cfg = _data_section(data, errors)
-    grid = _grid_section(data.get("grid"), errors)
+    finetune = (_section(FinetuneConfig, data["finetune"], "finetune", errors)
+                if data.get("finetune") is not None else None)
+    # a finetuning study's cells come from its sources: it has no grid of its own
+    grid = GridConfig() if "finetune" in data and "grid" not in data else _grid_section(data.get("grid"), errors)
     budget = _section(BudgetConfig, data.get("budget"), "budget", errors)
     seeds = _seeds(data.get("seeds", [0]), errors)
     train, lr = _train_and_lr(data.get("train"), data.get("lr"), errors)
@@ -79,10 +83,10 @@ def study_from_dict(data: Any, file: Path | None = None) -> Study:
     eval_cfg = _section(EvalConfig, data["eval"], "eval", errors) if data.get("eval") is not None else None
     study = Study(name=name, description=description, data=data_cfg or DataConfig(), grid=grid, budget=budget,
                   seeds=seeds, lr=lr, train=train, resources=resources or ResourcesConfig(), tracking=tracking, fit=fit,
-                  workdir=workdir, storage=storage, report=report, eval=eval_cfg, file=file)
-    if grid is not None:
+                  workdir=workdir, storage=storage, report=report, eval=eval_cfg, finetune=finetune, file=file)
+    if grid is not None and finetune is None:
         _check_grid(study, errors)
-    if grid is not None and fit is not None:
+    if grid is not None and fit is not None and finetune is None:  # finetuning cells: known once sources resolve
         _check_claims(study, errors)
     if not errors:
         _check_models(study, errors)

@@ -17,10 +17,11 @@ from pathlib import Path
 from memlayers.platform.tracking.client import client_for, search_all_runs
 from memlayers.platform.tracking.conventions import CELLS_FILE, EVAL_PREFIX, role_filter
 
-METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll")
+METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll",
+           "new_qa_exact_match", "old_qa_exact_match", "forgetting")  # the last 3: finetuning cells
 INT_TAGS = ("memory_slots", "experts", "seed")
 FLOAT_TAGS = ("train_flops", "total_params", "active_params")
-TEXT_TAGS = ("study", "cell", "family", "base", "budget")
+TEXT_TAGS = ("study", "cell", "family", "base", "budget", "method")  # method: finetuning cells
 
 
 def _experiment_id(client, experiment_name: str, tracking_uri: str) -> str:

@@ -7,8 +7,10 @@
 - `_value_grad_kernel`: a program owns one segment of the slot-sorted reads (one unique row,
   see `memlayers.kernels.segments`) x BLOCK_V columns and sums weight * grad_y[token] over the
   segment in sorted order: deterministic, no atomics (atomics on bf16 are not available).
-- `_weight_grad_kernel`: a program owns BLOCK_T tokens and all R reads (BLOCK_R >= R) and loops
-  over V in BLOCK_V chunks, accumulating <grad_y[t], values[slot]> without materialising rows.
+- `_weight_grad_kernel`: a program owns BLOCK_T tokens x BLOCK_R reads (one of READS_BLOCKS, so the
+  set of tiles it is launched with is finite and each compiles ahead of time, see
+  `memlayers.kernels.aot`) and loops over V in BLOCK_V chunks, accumulating <grad_y[t], values[slot]>
+  without materialising rows.
 
 Tiles: on a GPU the kernels are autotuned over a few tile configurations (keyed on R and V);
 under TRITON_INTERPRET=1 autotuning with several configs fails and every program instance costs
@@ -31,6 +33,9 @@ from memlayers.kernels.bag_torch import accumulate_dtype
 from memlayers.kernels.segments import Segments
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The weight gradient's read tiles: wider R is split over the grid's second axis; narrower R is masked
+# in a 16-wide tile, which keeps the set of tiles (and their ahead-of-time compiles) small.
+READS_BLOCKS = (16, 32, 64, 128)
 
 
 @triton.jit
@@ -70,7 +75,7 @@ def _value_grad_kernel(grad_ptr, token_ptr, weight_ptr, start_ptr, out_ptr, V,
 def _weight_grad_kernel(values_ptr, slots_ptr, grad_ptr, out_ptr, T, R, V,
                         ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    r = tl.arange(0, BLOCK_R)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     t_ok = t < T
     tr_ok = t_ok[:, None] & (r < R)[None, :]
     slot = tl.load(slots_ptr + t[:, None] * R + r[None, :], mask=tr_ok, other=0).to(tl.int64)
@@ -143,8 +148,8 @@ def weight_grad(values_NV: torch.Tensor, slots_TR: torch.Tensor, grad_y_TV: torc
     (T, R), V = slots_TR.shape, values_NV.shape[1]
     grad_TR = torch.empty(T, R, dtype=accumulate_dtype(values_NV.dtype), device=slots_TR.device) if out is None else out
     if T:
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
         _weight_grad[grid](values_NV, slots_TR, grad_y_TV.contiguous(), grad_TR, T, R, V,
-                           ACC=_acc(values_NV.dtype), BLOCK_R=triton.next_power_of_2(R),
+                           ACC=_acc(values_NV.dtype), BLOCK_R=max(_block(R, READS_BLOCKS[-1]), READS_BLOCKS[0]),
                            **_tiles(BLOCK_T=_block(T, 16), BLOCK_V=_block(V, 64)))
     return grad_TR

@@ -6,6 +6,7 @@ bytes each must move (rows read, outputs written); CUDA events, median of `--ite
 Without a GPU: says so, and runs the Triton kernels under TRITON_INTERPRET=1 (in a child process,
 since the flag must be set before triton is imported) at a tiny size against the torch
 reference, printing the max relative error of each part for fp32, bf16 and fp64.
+`--compile-only`: every kernel launch compiled ahead of time for sm_80 and sm_90 (`memlayers.kernels.aot`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reads", type=int, default=128, help="K rows read per token (GPU)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile every kernel launch for sm_80 and sm_90 ahead of time (no GPU needed) and print "
+                             "kernel, dtype, arch, shared bytes, warps, stages")
     parser.add_argument("--interpret-child", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
@@ -32,6 +36,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.interpret_child:
         return _interpreter_check()
+    if args.compile_only:
+        return _compile_only()
     # deferred: a bench target imports what it measures only when it runs
     import torch
 
@@ -41,6 +47,18 @@ def run(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "memlayers.platform.bench.kernels", "--interpret-child"]
         return subprocess.run(cmd, env=env).returncode
     return _gpu_bandwidth(args)
+
+
+def _compile_only() -> int:
+    # deferred: a bench target imports what it measures only when it runs
+    from memlayers.kernels import aot
+
+    compiled, problems = aot.compile_all()
+    print(aot.table(compiled))
+    for problem in problems:
+        print(f"FAILED {problem}")
+    print(f"{len(compiled)} launches compiled for {', '.join(f'sm_{a}' for a in aot.ARCHS)}, {len(problems)} problems")
+    return 1 if problems else 0
 
 
 def _interpreter_check() -> int:

@@ -227,8 +227,7 @@ def test_the_eval_stage_waits_at_most_its_timeout_for_the_next_scores(facts_run,
     from memlayers.platform.tracking import client as tracking
     from memlayers.platform.tracking.conventions import run_tags
 
-    checkpoint = facts_run[0]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    checkpoint, _, uri, _ = facts_run  # the module's store, another experiment: no store to create
     experiment = tracking.ensure_experiment(uri, "stagewait", tmp_path / "mlartifacts")
     run_id = tracking.create_run(uri, experiment, "cell0", {**run_tags("cell", "stagewait"), "cell": "c0",
                                                             "checkpoint": str(checkpoint)})

@@ -86,6 +86,22 @@ MALFORMED = [
      "grid.overrides.dense.lr.nano: a fixed learning rate must be a number in (0, 1), got 0"),
     ("family-lr-with-tuning", mutate("lr", {"tune": True}, mutate("grid.overrides", {"dense": {"lr": 1e-2}})),
      "grid.overrides.dense.lr: a family's fixed learning rate cannot be combined with lr.tune"),
+    # names become folders (runs/<name>, <storage>/<name>): one safe path component, short
+    *[(f"name-{case}", mutate("name", name), f"name: must be one folder name: letters, digits, '_', '.', '-', "
+                                             f"starting with a letter or digit, got {name!r}")
+      for case, name in (("newline", "tiny\n"), ("dotdot", ".."), ("hidden", ".tiny"), ("slash", "a/b"),
+                         ("backslash", "a\\b"), ("control", "ti\x07ny"))],
+    ("name-300-characters", mutate("name", "a" * 300), "name: at most 100 characters, got 300"),
+    ("seed-past-64-bits", mutate("seeds", [0, 2**70]), "seeds[1]: expected an integer in [0, 2^63 - 1], got 1180591"),
+    ("claim-selector-typo", mutate("fit", {"claims": [{"id": "c", "claim": "Memory+ beats dense", "metric": "val_loss",
+                                                       "subject": {"family": "memory_plsu"},
+                                                       "reference": {"family": "dense"}}]}),
+     "fit.claims[0].subject: {'family': 'memory_plsu'} matches no cell of the grid"),
+    ("claim-size-name", mutate("fit", {"claims": [{"id": "c", "claim": "Memory+ 4k beats dense", "metric": "val_loss",
+                                                   "subject": {"family": "memory_plus", "memory_slots": "4k"},
+                                                   "reference": {"family": "dense"}}]}),
+     "fit.claims[0].subject: {'family': 'memory_plus', 'memory_slots': '4k'} matches no cell of the grid "
+     "(memory_slots counts slots, e.g. 4096)"),
 ]
 
 

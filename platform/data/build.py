@@ -9,7 +9,7 @@ training tokens (all of them when `need` is None) are tokenized into one shard e
 shards that already exist (a killed preparation resumes; a larger need extends the set), and the
 manifest is published last. File corpora (text, jsonl, parquet) are tokenized by Ray Data tasks
 across the cluster when Ray is initialised (ray_prepare.py), else in this process; the facts,
-Shakespeare and hub corpora stream through this process into a few shards. `progress(record)`
+Shakespeare and hub corpora stream through this process into a few shards. `progress(key, record)`
 sees one record per written shard (shards, tokens, tokens/s, ETA).
 """
 
@@ -40,6 +40,13 @@ TOKENIZER_FILES = {"byte": (), "word": ("words.json",), "bpe": ("tokenizer.json"
 Need = Union[None, int, Callable[[int], Optional[int]]]   # training tokens, or vocab size -> training tokens
 
 
+def run_need(source: str, planned_tokens: int) -> Optional[int]:
+    """The training tokens a run must find prepared: what it trains on, plus the last sequence's target,
+    for a corpus read from files or the hub; all of a synthetic or built-in corpus (a facts run must
+    see every fact, whatever its budget)."""
+    return planned_tokens + 1 if source in FILE_SOURCES or source == "hub" else None
+
+
 def covers(manifest: Optional[dict], need: Optional[int]) -> bool:
     """Whether the published set holds `need` training tokens (the whole corpus when None)."""
     if manifest is None:
@@ -57,7 +64,7 @@ def _need_tokens(need: Need, vocab_size: int, max_tokens: Optional[int]) -> Opti
 class Progress:
     """Shards written, tokens, tokens/s and ETA, printed and handed to `sink` once per shard."""
 
-    def __init__(self, key: str, out: Callable[[str], None], sink: Optional[Callable[[dict], None]]) -> None:
+    def __init__(self, key: str, out: Callable[[str], None], sink: Optional[Callable[[str, dict], None]]) -> None:
         self.key, self.out, self.sink = key, out, sink
         self.started = time.monotonic()
         self.written = self.tokens = 0
@@ -72,7 +79,7 @@ class Progress:
         self.out(f"data {self.key}: shard {info.index} written{where} ({self.written}/{planned} this run), "
                  f"{self.tokens:,} tokens, {rate / 1e6:.2f} M tokens/s" + (f", ETA {eta:.0f} s" if eta is not None else ""))
         if self.sink is not None:
-            self.sink({"shards_written": self.written, "tokens": self.tokens, "tokens_per_s": rate,
+            self.sink(self.key, {"shards_written": self.written, "tokens": self.tokens, "tokens_per_s": rate,
                        **({"eta_s": eta} if eta is not None else {})})
 
 
@@ -200,7 +207,7 @@ def _stream_shards(cfg: DataConfig, set_root: str, corpus: Corpus, tokenizer: To
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
+    import importlib.metadata as md  # deferred: only a manifest records versions
 
     out = {"data_version": str(DATA_VERSION)}
     for name in ("memlayers", "tokenizers", "pyarrow", "ray"):
@@ -212,7 +219,7 @@ def _versions() -> dict[str, str]:
 
 
 def prepare_set(cfg: DataConfig, data_root: str, need: Need = None, *, out: Callable[[str], None] = print,
-                progress: Optional[Callable[[dict], None]] = None, hf_cache: Optional[Path] = None) -> dict:
+                progress: Optional[Callable[[str, dict], None]] = None, hf_cache: Optional[Path] = None) -> dict:
     """Prepare (or extend) the set of `cfg` under `data_root` to hold `need` training tokens; returns
     its manifest (see the module docstring)."""
     cfg.validate()

@@ -1,6 +1,8 @@
 """`run_training`: one training run on Ray Train, tracked as one MLflow run.
 
-The driver prepares the data once (workers then read the cache), plans the run (steps, tokens,
+The driver prepares the data once into token shards (`<storage>/data/`, or the workdir's cache
+without storage; data/build.py), as far as the run needs it, and workers read those shards
+through a bounded local cache; it plans the run (steps, tokens,
 FLOPs from the accounting), creates or continues the MLflow run, and fits a `TorchTrainer`
 whose workers run `worker.train_loop_per_worker`. Ray Train restarts the worker group on a
 failure (`resources.max_failures`) and the workers resume from the latest checkpoint. A run
@@ -18,7 +20,9 @@ from pathlib import Path
 
 from memlayers.models.presets import memory_size_name
 from memlayers.platform.cluster.storage import join, study_root
-from memlayers.platform.data.prepare import PreparedData, prepare_data
+from memlayers.platform.data.build import run_need
+from memlayers.platform.data.prepare import PreparedData, open_prepared
+from memlayers.platform.data.tracked import prepare_tracked
 from memlayers.platform.tracking import client as tracking
 from memlayers.platform.tracking.conventions import (CHECKPOINT_TAG, FAILURE_TAG, ROLE_TAG, artifact_location,
                                                      cell_run_name, sqlite_uri)
@@ -64,6 +68,16 @@ def resolve_workdir(cfg: RunConfig, workdir: Path | None) -> Path:
     return Path(workdir or cfg.workdir or default_workdir(cfg.name)).resolve()
 
 
+def data_root(cfg: RunConfig, workdir: Path) -> str:
+    """Where prepared sets live: `<storage>/data` (every node and study reads them), else the workdir's cache."""
+    return join(cfg.storage, "data") if cfg.storage else str(workdir / "data-cache")
+
+
+def data_need(cfg: RunConfig, vocab_size: int) -> int | None:
+    """The training tokens the run reads (None: the whole corpus); see `build.run_need`."""
+    return run_need(cfg.data.source, plan_run(cfg, vocab_size).tokens)
+
+
 def storage_root(cfg: RunConfig, workdir: Path) -> str:
     """The run's folder for durable files: `<storage>/<experiment or name>`, or its workdir."""
     return study_root(cfg.storage, cfg.tracking.experiment or cfg.name) if cfg.storage else str(workdir)
@@ -76,6 +90,7 @@ class OpenedRun:
     workdir: Path
     uri: str                          # the tracking URI
     cache_dir: Path
+    data_root: str                    # where the prepared set lives
     plan: Plan
     name: str
     root: str                         # the storage folder of durable files
@@ -86,6 +101,7 @@ class OpenedRun:
         """What the training loop needs besides the run config (`worker.drive`)."""
         return {"run": self.cfg.to_dict(), "run_id": self.run_id, "tracking_uri": self.uri,
                 "cache_dir": str(self.cache_dir), "workdir": str(self.workdir), "threads": threads,
+                "data_root": self.data_root, "data_need": data_need(self.cfg, self.data.tokenizer.vocab_size),
                 "system_metrics": self.cfg.tracking.system_metrics}
 
     def fail(self, reason: str) -> TrainResult:
@@ -107,17 +123,21 @@ class OpenedRun:
 
 
 def open_run(cfg: RunConfig, workdir: Path | None = None) -> OpenedRun:
-    """Prepare the data once (the loop then reads the cache), plan the run and create its MLflow
-    run, or continue `cfg.tracking.run_id`; the run's tags and params are (re)logged."""
+    """Prepare the data the run needs (logged as a `data` run when shards are written; workers then
+    read the shards), plan the run and create its MLflow run, or continue `cfg.tracking.run_id`;
+    the run's tags and params are (re)logged."""
     workdir = resolve_workdir(cfg, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     uri = cfg.tracking.uri or sqlite_uri(workdir)
     cache_dir = workdir / "data-cache"
-    data = prepare_data(cfg.data, cache_dir)
-    plan = plan_run(cfg, data.tokenizer.vocab_size)
-    name = run_name(cfg, plan)
     root = storage_root(cfg, workdir)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment or cfg.name, artifact_location(uri, root))
+    prepared_in = data_root(cfg, workdir)
+    manifest = prepare_tracked(cfg.data, prepared_in, lambda vocab: data_need(cfg, vocab), uri=uri,
+                               experiment_id=experiment_id, study=cfg.tracking.tags.get("study"))
+    data = open_prepared(cfg.data, prepared_in, data_need(cfg, manifest["vocab_size"]), cache_dir, manifest)
+    plan = plan_run(cfg, data.tokenizer.vocab_size)
+    name = run_name(cfg, plan)
     run_id = cfg.tracking.run_id
     if run_id is None:
         run_id = tracking.create_run(uri, experiment_id, name, {**run_tags(cfg, plan), **cfg.tracking.tags},
@@ -126,7 +146,7 @@ def open_run(cfg: RunConfig, workdir: Path | None = None) -> OpenedRun:
         tracking.set_status(uri, run_id, "RUNNING")
         tracking.set_tags(uri, run_id, {**run_tags(cfg, plan), **cfg.tracking.tags})
     tracking.log_params(uri, run_id, cfg.to_dict())
-    return OpenedRun(cfg, workdir, uri, cache_dir, plan, name, root, run_id, data)
+    return OpenedRun(cfg, workdir, uri, cache_dir, prepared_in, plan, name, root, run_id, data)
 
 
 def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_worker: int | None = None) -> TrainResult:

@@ -13,6 +13,7 @@ flushes the buffered metrics to MLflow, so a replay after a restart is skipped, 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -20,9 +21,12 @@ from pathlib import Path
 from typing import Iterator, Optional, Protocol
 
 import torch
-from memlayers.platform.data.prepare import PreparedData, prepare_data
+from memlayers.platform.data.prepare import PreparedData, open_prepared
+from memlayers.platform.data.shard_loader import ShardStream
 from memlayers.platform.tracking.client import MetricBuffer
 from memlayers.platform.tracking.conventions import FIRST_STEP_TAG, progress_tags, set_aside_tags
+
+DATA_CACHE_TAG = "memlayers.data_cache"  # rank 0's shard cache at the run's end: bound, peak, downloads (JSON)
 from memlayers.platform.train.loop import NonFiniteLoss, RunLoop
 from memlayers.platform.train.resume import Candidate, resume_loop, sibling_candidates
 from memlayers.platform.train.run_config import RunConfig, run_config_from_dict
@@ -86,11 +90,11 @@ def loop_class(cfg: RunConfig) -> type[RunLoop]:
 
 def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -> None:
     """Train the run of `config` to its last step under `session` (see the module docstring);
-    `data`: the run's prepared data when the caller has it, else read from the cache."""
+    `data`: the run's prepared data when the caller has it, else opened from its shards."""
     cfg = run_config_from_dict(config["run"])
     rank = session.rank
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    data = data or prepare_data(cfg.data, Path(config["cache_dir"]))
+    data = data or open_prepared(cfg.data, config["data_root"], config["data_need"], Path(config["cache_dir"]))
     metrics_out = MetricBuffer(config["tracking_uri"], config["run_id"], Path(config["workdir"])) if rank == 0 else None
     build = loop_class(cfg)
     loop, resumed_from = resume_loop(
@@ -135,6 +139,21 @@ def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -
     finally:
         if monitor is not None:
             monitor.finish()
+        if rank == 0:
+            _tag_data_cache(config, data)
+
+
+def _tag_data_cache(config: dict, data: PreparedData) -> None:
+    """What the shard cache held at most, beside its bound and the stream's size (best effort)."""
+    if not isinstance(data.train_ids, ShardStream):
+        return
+    cache = data.train_ids.cache
+    record = {"peak_bytes": cache.peak_bytes, "limit_bytes": cache.limit_bytes, "downloads": cache.downloads,
+              "set_bytes": sum(cache.sizes.values()), "stream_tokens": len(data.train_ids)}
+    try:
+        set_tags(config["tracking_uri"], config["run_id"], {DATA_CACHE_TAG: json.dumps(record)})
+    except Exception:  # a busy store loses the measurement, nothing else
+        pass
 
 
 @contextlib.contextmanager

@@ -20,8 +20,8 @@ from lm_eval.tasks import TaskManager
 from memlayers.platform.data.qa import select_items
 from memlayers.platform.eval.lm_adapter import MemlayersLM
 from memlayers.platform.eval.loading import TrainedModel
-from memlayers.platform.eval.tasks import (OWN_TASKS, EvalInputError, HarnessTask, check_data_file, data_file, facts_task,
-                                           factual_tasks)
+from memlayers.platform.eval.tasks import (OWN_TASKS, EvalInputError, HarnessTask, check_data_file, data_file,
+                                           facts_task, factual_tasks)
 
 logging.getLogger("lm_eval").setLevel(logging.WARNING)
 SKIPPED_RESULT_KEYS = ("alias", "name", "sample_len", " ")

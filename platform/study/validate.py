@@ -247,7 +247,8 @@ def _check_claims(study: Study, errors: list[ConfigError]) -> None:
         for part in ("subject", "reference"):
             selector = getattr(claim, part)
             if selector and not any(all(p.get(k) == v for k, v in selector.items()) for p in points):
-                hint = " (memory_slots counts slots, e.g. 4096)" if isinstance(selector.get("memory_slots"), str) else ""
+                named = isinstance(selector.get("memory_slots"), str)
+                hint = " (memory_slots counts slots, e.g. 4096)" if named else ""
                 errors.append(ConfigError(f"fit.claims[{i}].{part}", f"{selector} matches no cell of the grid{hint}"))
 
 

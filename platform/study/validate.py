@@ -84,9 +84,9 @@ def study_from_dict(data: Any, file: Path | None = None) -> Study:
     study = Study(name=name, description=description, data=data_cfg or DataConfig(), grid=grid, budget=budget,
                   seeds=seeds, lr=lr, train=train, resources=resources or ResourcesConfig(), tracking=tracking, fit=fit,
                   workdir=workdir, storage=storage, report=report, eval=eval_cfg, finetune=finetune, file=file)
-    if grid is not None and finetune is None:
+    if grid is not None and data.get("finetune") is None:
         _check_grid(study, errors)
-    if grid is not None and fit is not None and finetune is None:  # finetuning cells: known once sources resolve
+    if grid is not None and fit is not None and data.get("finetune") is None:  # finetuning cells: known once sources resolve
         _check_claims(study, errors)
     if not errors:
         _check_models(study, errors)

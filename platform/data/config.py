@@ -115,7 +115,7 @@ class DataConfig:
     streaming: bool = False         # read sources without materialising them in the HF cache
     max_tokens: Optional[int] = None  # stop after this many training tokens (large corpora)
     shard_tokens: int = 4_000_000   # about this many tokens per shard of the prepared set (storage/cache unit)
-    facts: FactsConfig = field(default_factory=FactsConfig)
+    facts: FactsConfig = field(default_factory=FactsConfig)  # source facts: the synthetic world
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:

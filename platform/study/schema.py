@@ -43,9 +43,9 @@ class StudyError(ValueError):
 class FamilyGrid:
     """Per-family overrides of the grid (e.g. a different base list for memory_plus)."""
 
-    bases: Optional[list[str]] = None
-    memory_sizes: Optional[list[Any]] = None
-    experts: Optional[list[int]] = None
+    bases: Optional[list[str]] = None           # this family's bases (None: the grid's)
+    memory_sizes: Optional[list[Any]] = None    # this family's memory sizes (None: the grid's)
+    experts: Optional[list[int]] = None         # this family's expert counts (None: the grid's)
     memory: dict[str, Any] = field(default_factory=dict)     # MemoryConfig options
     moe: dict[str, Any] = field(default_factory=dict)        # MoEConfig options
     model: dict[str, Any] = field(default_factory=dict)      # ModelConfig overrides
@@ -73,10 +73,10 @@ class GridConfig:
 class BudgetConfig:
     """Exactly one of: tokens, steps, flops (FLOP-matched cells), iso_flops (a sweep)."""
 
-    tokens: Optional[float] = None
-    steps: Optional[int] = None
-    flops: Optional[float] = None
-    iso_flops: Optional[list[float]] = None
+    tokens: Optional[float] = None      # training tokens of every cell
+    steps: Optional[int] = None         # optimizer steps of every cell
+    flops: Optional[float] = None       # training FLOPs of every cell (steps from each cell's FLOPs/token)
+    iso_flops: Optional[list[float]] = None  # several FLOP budgets: every cell of the grid at each
 
     def validate(self, path: str = "budget") -> None:
         given = [k for k in BUDGET_KINDS if getattr(self, k) is not None]
@@ -110,8 +110,8 @@ class BudgetConfig:
 class LrConfig:
     """A fixed learning rate (`lr: 3e-3`) or Optuna tuning per (base, family)."""
 
-    value: Optional[float] = None
-    tune: bool = False
+    value: Optional[float] = None       # the fixed learning rate (without tune)
+    tune: bool = False                  # choose it with Optuna per (base, family) before the grid
     trials: int = 4                     # Optuna trials per (base, family)
     range: tuple[float, float] = (1e-4, 3e-2)   # log-uniform search range
     steps: Optional[int] = None         # steps per trial; None -> a tenth of the cell's, at least 10
@@ -146,7 +146,7 @@ class LrConfig:
 @dataclass
 class StudyTracking:
     uri: Optional[str] = None           # None -> sqlite:///<workdir>/mlflow.db
-    system_metrics: bool = True
+    system_metrics: bool = True         # log each run's CPU, memory and GPU use (MLflow system metrics)
 
 
 SELECTOR_KEYS: tuple[str, ...] = ("family", "base", "memory_slots", "experts", "method")  # method: finetuning cells
@@ -181,8 +181,8 @@ class ClaimConfig:
 
 @dataclass
 class FitConfig:
-    enabled: bool = True
-    laws: list[str] = field(default_factory=lambda: list(LAWS))
+    enabled: bool = True                # fit the laws and check the claims after the grid
+    laws: list[str] = field(default_factory=lambda: list(LAWS))  # which of LAWS to fit
     bootstrap: int = 200                # resamples for the confidence intervals (0: none)
     claims: list[ClaimConfig] = field(default_factory=list)  # checked after the grid, reported first
 
@@ -236,19 +236,19 @@ class EvalConfig:
 
 @dataclass
 class Study:
-    name: str
-    data: DataConfig
-    grid: GridConfig
-    budget: BudgetConfig
-    seeds: list[int]
-    lr: LrConfig
+    name: str                           # the MLflow experiment and the folder ./runs/<name>
+    data: DataConfig                    # the corpus and tokenizer of every cell
+    grid: GridConfig                    # bases x families x memory sizes x expert counts
+    budget: BudgetConfig                # what each cell trains for
+    seeds: list[int]                    # every grid point is trained once per seed
+    lr: LrConfig                        # fixed or tuned learning rate
     train: TrainConfig                  # defaults; the budget, seed and lr are set per cell
-    resources: ResourcesConfig
-    tracking: StudyTracking
-    fit: FitConfig
+    resources: ResourcesConfig          # per cell: workers, CPUs/GPUs, memory parallelism, runner
+    tracking: StudyTracking             # the MLflow store of the study
+    fit: FitConfig                      # laws and claims after the grid
     workdir: Optional[str] = None       # None -> ./runs/<name>
     storage: Optional[str] = None       # s3://bucket/prefix, gs://..., or a shared path; files go to <storage>/<name>/
-    description: str = ""
+    description: str = ""               # free text about the study
     report: bool = True                 # write the HTML report after the grid
     eval: Optional[EvalConfig] = None   # downstream tasks after each cell (None: no evaluation stage)
     finetune: Optional[FinetuneConfig] = None  # a finetuning study: cells start from source checkpoints

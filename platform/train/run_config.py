@@ -67,11 +67,11 @@ class TrainConfig:
     flops: Optional[float] = None       # ... or this many training FLOPs (from the accounting)
     lr: float = 3e-3                    # AdamW for every non-value parameter
     value_lr: float = 1e-3              # the value tables' own group (paper default)
-    value_optimizer: Literal["lazy_adam", "row_adagrad", "adamw"] = "lazy_adam"
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
+    value_optimizer: Literal["lazy_adam", "row_adagrad", "adamw"] = "lazy_adam"  # the value tables' optimizer
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's moment decays
+    weight_decay: float = 0.1           # AdamW's, on matrices only (not norms or biases)
     warmup: float = 0.05                # fraction of the steps spent in linear warmup
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after the warmup
     min_lr_ratio: float = 0.1           # final lr / peak lr
     grad_clip: float = 1.0              # global norm of the non-value gradients
     value_grad_clip: float = 1.0        # norm of the value gradients, clipped separately
@@ -80,7 +80,7 @@ class TrainConfig:
     qa_eval_items: int = 512            # QA pairs scored per evaluation (0: none)
     checkpoint_every: int = 100         # steps between checkpoints (and at the end)
     log_every: int = 10                 # steps between metric logs
-    seed: int = 0
+    seed: int = 0                       # initialisation and data order
     dtype: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
     fail_at_step: Optional[int] = None  # fault-injection hook: rank 0 dies once at this step
 
@@ -117,8 +117,8 @@ RUNNERS: tuple[str, ...] = ("auto", "trial", "train")
 @dataclass
 class ResourcesConfig:
     workers: int = 1                    # Ray Train workers (data-parallel x memory-parallel)
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0        # CPUs Ray reserves for each worker
+    gpus_per_worker: float = 0.0        # > 0: CUDA, bf16 autocast and NCCL
     memory_parallel: int = 1            # ranks sharing one value table (divides workers)
     max_failures: int = 2               # worker-group restarts before the run fails
     runner: str = "auto"                # a study cell's: trial (in its Tune trial), train (Ray Train), auto

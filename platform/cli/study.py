@@ -1,10 +1,11 @@
-"""`memlayers study validate|run|submit|status`: the study commands.
+"""`memlayers study validate|run|submit|status|reference`: the study commands.
 
     memlayers study validate FILE                   every problem, one per line (exit 2), or the cells
     memlayers study run FILE [--address auto|ray://HOST:10001] [--workdir DIR] [--num-cpus N] [--storage URI]
                              [--tracking-uri URI]
     memlayers study submit FILE --address http://HEAD:8265 [--storage URI] [--tracking-uri URI] [--workdir DIR] [--wait]
     memlayers study status FILE|NAME [--tracking-uri URI] [--storage URI]
+    memlayers study reference [--write PATH]        the study-file reference, generated from the schema
 
 A study that does not validate is refused before anything starts (no Ray, no MLflow, no files).
 """
@@ -50,6 +51,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     status.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's)")
     status.add_argument("--storage", help="the study's storage root (s3://bucket/prefix), for its table of cells")
     status.set_defaults(func=run_status)
+
+    reference = actions.add_parser("reference", help="the study-file reference (Markdown), generated from the schema")
+    reference.add_argument("--write", metavar="PATH", help="write it to PATH (docs/study-file.md) instead of printing")
+    reference.set_defaults(func=run_reference)
 
 
 def _add_cluster_settings(parser: argparse.ArgumentParser) -> None:
@@ -237,4 +242,15 @@ def run_status(args: argparse.Namespace) -> int:
                 detail = f"{detail}  reason: {run.tags.get('failure_reason', '?')}".strip()
         print(f"  {states[cell_id]:<8} {run_name:<40} {cell_id}  {detail}".rstrip())
     print(summary_line(states))
+    return 0
+
+
+def run_reference(args: argparse.Namespace) -> int:
+    from memlayers.platform.study.reference import render, write
+
+    if args.write:
+        write(Path(args.write))
+        print(f"wrote {args.write}")
+    else:
+        print(render(), end="")
     return 0

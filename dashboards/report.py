@@ -16,6 +16,7 @@ from pathlib import Path
 from memlayers.config_schema import ConfigError, parse_yaml
 from memlayers.dashboards.html_parts import esc, fmt, interval, page, png_data_uri, table
 from memlayers.dashboards.laws_view import REPORT_BOOTSTRAP, StudyLaws, load_laws
+from memlayers.dashboards.plot_continual import continual_plots
 from memlayers.dashboards.plots import Plot, all_plots, family_label
 from memlayers.dashboards.study_data import FAMILY_ORDER, StudyData, load_study
 from memlayers.platform.laws.result import fit_warning
@@ -277,7 +278,7 @@ def write_report(ref: StudyRef, out_dir: Path | None = None, *, log_artifacts: b
     enabled, study_bootstrap = fit_settings(data.definition)
     replicates = next(b for b in (bootstrap, study_bootstrap, REPORT_BOOTSTRAP) if b is not None)
     laws = load_laws(ref, bootstrap=replicates, refit=enabled)
-    plots = all_plots(data, laws)
+    plots = all_plots(data, laws) + continual_plots(data)
     plots_dir = out_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     for plot in plots:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from memlayers.models.lora import LoRALinear, merge_lora
 from memlayers.platform.data.prepare import prepare_data
 from memlayers.platform.finetune.loop import FinetuneLoop
@@ -10,7 +11,8 @@ from memlayers.platform.finetune.slots import tfidf_scores, top_slots
 from memlayers.platform.train.loop import RunLoop
 from memlayers.platform.train.run_config import run_config_from_dict
 
-DATA = {"source": "facts", "seq_len": 16, "facts": {"people": 64, "renderings": 2, "name_words": 2, "values_per_attribute": 8,
+DATA = {"source": "facts", "seq_len": 16, "facts": {"people": 64, "renderings": 2, "name_words": 2,
+                                                    "values_per_attribute": 8,
                                                     "phrasing": "terse", "templates_per_attribute": 1}}
 VALUES = "memory_values.weight"
 MODEL = {"base": "femto", "family": "memory_plus", "memory_slots": 256, "memory": {"heads": 2, "topk": 4}}

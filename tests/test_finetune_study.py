@@ -2,13 +2,14 @@
 
 import pytest
 import yaml
+from test_finetune_methods import run_dict
+
 from memlayers.platform.cli.main import main
 from memlayers.platform.data.prepare import prepare_data
 from memlayers.platform.study.progress import cell_runs
 from memlayers.platform.study.validate import load_study
 from memlayers.platform.train.loop import RunLoop
 from memlayers.platform.train.run_config import run_config_from_dict
-from test_finetune_methods import run_dict
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,12 @@ def test_a_killed_finetuning_cell_resumes_and_the_study_is_not_rerun(tmp_path, c
     assert {r[0].tags["method"] for r in runs.values()} == {"full", "sparse_memory"}
     again = run_study(study, poll_interval=0.5)
     assert again.results == {} and cell_runs(first.tracking_uri, "ft").keys() == runs.keys()
+
+    from memlayers.dashboards.plot_continual import continual_plots, continual_table
+    from memlayers.dashboards.study_data import load_study as load_study_data
+    from memlayers.platform.study.ref import StudyRef
+    data = load_study_data(StudyRef("ft", first.workdir, first.tracking_uri, None))
+    plots = continual_plots(data)
+    assert [p.key for p in plots] == ["continual"] and plots[0].png.startswith(b"\x89PNG")
+    table = continual_table(data)
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| full", "| sparse_memory"]

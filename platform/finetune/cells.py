@@ -160,7 +160,8 @@ def _cell(study: Study, source: Source, method: str, seed: int, slots: Optional[
     train = dataclasses.replace(study.train, value_lr=ft.value_lr.get(method, study.train.value_lr))
     budget = {"kind": study.budget.kind, "value": study.budget.values()[0]}
     content = {"source": source.identity, "finetune": {**to_dict(run), "checkpoint": None}, "seed": seed, "lr": lr,
-               "train": {k: v for k, v in to_dict(train).items() if k not in ("steps", "tokens", "flops", "seed", "lr")},
+               "train": {k: v for k, v in to_dict(train).items()
+                         if k not in ("steps", "tokens", "flops", "seed", "lr")},
                "budget": budget}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:10]
     experts = source.model.experts

@@ -54,7 +54,8 @@ class SourceConfig:
 
     def validate(self, path: str = "finetune.sources[0]") -> None:
         given = [k for k in ("study", "run_id", "checkpoint") if getattr(self, k) is not None]
-        require(len(given) == 1, path, f"give exactly one of study, run_id, checkpoint (got {', '.join(given) or 'none'})")
+        require(len(given) == 1, path,
+                f"give exactly one of study, run_id, checkpoint (got {', '.join(given) or 'none'})")
         if self.study is not None:
             require(bool(self.cell), f"{path}.cell", "name the source cell (e.g. family: memory_plus, base: nano)")
         elif self.cell:
@@ -94,7 +95,8 @@ class FinetuneConfig:
                     f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
         for part in ("lr", "value_lr"):
             for method, value in getattr(self, part).items():
-                require(method in METHODS, f"{path}.{part}.{method}", f"unknown method (expected one of {', '.join(METHODS)})")
+                require(method in METHODS, f"{path}.{part}.{method}",
+                        f"unknown method (expected one of {', '.join(METHODS)})")
                 require(isinstance(value, (int, float)) and 0 < value < 1, f"{path}.{part}.{method}",
                         f"must be a number in (0, 1), got {value!r}")
         for name in ("new_people", "renderings", "top_t", "background"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from memlayers.platform.data import facts as facts_mod
 from memlayers.platform.data.config import DataConfig
 from memlayers.platform.data.qa import QAItem, tokenize_pairs

@@ -18,6 +18,7 @@ value rows changed since the source, how many of them the old facts use, how man
 from __future__ import annotations
 
 import torch
+
 from memlayers.platform.data.loader import TokenLoader
 from memlayers.platform.data.prepare import PreparedData
 from memlayers.platform.data.qa import select_items

@@ -11,6 +11,8 @@ value rows train, their optimizer takes the loop's first slot, whose lr the loop
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from memlayers.kernels.dense_adamw import CpuAdamW
 from memlayers.kernels.value_optim import make_value_optimizer
 from memlayers.models.lora import add_lora
@@ -18,7 +20,6 @@ from memlayers.models.transformer import Transformer
 from memlayers.platform.finetune.config import MEMORY_METHODS, FinetuneRun
 from memlayers.platform.train.optim import Optimizers, lr_factor
 from memlayers.platform.train.run_config import TrainConfig
-from torch import nn
 
 
 def apply_method(model: Transformer, run: FinetuneRun) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

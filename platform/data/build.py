@@ -230,12 +230,13 @@ def prepare_set(cfg: DataConfig, data_root: str, need: Need = None, *, out: Call
     manifest = read_manifest(set_root)
     if manifest is not None and covers(manifest, _need_tokens(need, manifest["vocab_size"], cfg.max_tokens)):
         return manifest
+    if files is not None:  # before the claim: a source without the text field fails with nothing written
+        parts = plan_parts(cfg, int(cfg.shard_tokens * BYTES_PER_TOKEN[cfg.tokenizer]), files)
     with claimed(set_root, out):
         manifest = read_manifest(set_root)
         if manifest is not None and covers(manifest, _need_tokens(need, manifest["vocab_size"], cfg.max_tokens)):
             return manifest
         if files is not None:
-            parts = plan_parts(cfg, int(cfg.shard_tokens * BYTES_PER_TOKEN[cfg.tokenizer]), files)
             is_val = hashed_split(cfg.seed, cfg.val_fraction)
             corpus = Corpus(lambda: _file_corpus_pieces(cfg, parts), is_val)
         else:

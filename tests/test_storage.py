@@ -73,9 +73,11 @@ def test_artifacts_go_through_a_server_or_to_storage():
 def test_submit_ships_settings_and_never_works_in_rays_session_folder(monkeypatch, tmp_path):
     command = job_command("smoke.yaml", storage="s3://b/p", tracking_uri="http://h:5000")
     assert command[-4:] == ["--storage", "s3://b/p", "--tracking-uri", "http://h:5000"]
+    # only what the user named travels (see tests/test_secrets.py); credentials come from the nodes
     env = job_env({"AWS_ENDPOINT_URL": "http://s3", "AWS_SECRET_ACCESS_KEY": "k", "MLFLOW_TRACKING_TOKEN": "t",
-                   "HOME": "/root", "SECRET": "no"})
-    assert env["AWS_ENDPOINT_URL"] == "http://s3" and env["MLFLOW_TRACKING_TOKEN"] == "t" and "SECRET" not in env
+                   "HOME": "/root"}, shipped={"AWS_ENDPOINT_URL": "http://s3"})
+    assert env["AWS_ENDPOINT_URL"] == "http://s3"
+    assert not {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN", "HOME", "HF_HUB_OFFLINE"} & set(env)
     assert env["MEMLAYERS_RUNS_ROOT"] == "~/memlayers/runs"
     assert "MEMLAYERS_RUNS_ROOT" not in job_env({}, workdir="/shared/wd")
     monkeypatch.setenv("MEMLAYERS_RUNS_ROOT", str(tmp_path / "runs"))

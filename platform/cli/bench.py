@@ -14,6 +14,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "study": ("memlayers.platform.bench.study", "a small study on local Ray: wall time, time in steps, start-up per cell"),
     "decode": ("memlayers.platform.bench.decode", "decoding tokens/s and ms/token, dense / MoE / PKM / Memory+ at equal FLOPs"),
     "baseline": ("memlayers.platform.bench.baseline", "reference per-step losses of every family, compared with tests/assets"),
+    "data": ("memlayers.platform.bench.data", "data preparation tokens/s (Ray Data at 1 and 2 CPUs vs one process), "
+                                              "loader tokens/s, worker RSS at 1x and 8x the corpus"),
     "parallel": ("memlayers.platform.bench.parallel", "memory-parallel bytes/token and step time for P = 1, 2, 4"),
 }
 

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("memlayers.platform.cli.models", "parameter and FLOP accounting of the presets"),
     "train": ("memlayers.platform.cli.train", "run one training run on Ray Train"),
     "study": ("memlayers.platform.cli.study", "validate, run, submit and inspect studies"),
+    "data": ("memlayers.platform.cli.data", "tokenize a study's corpus once into shards in storage (Ray Data)"),
     "fit": ("memlayers.platform.cli.fit", "fit scaling laws to a CSV or a study's runs"),
     "report": ("memlayers.platform.cli.report", "write a study's HTML report"),
     "dashboard": ("memlayers.platform.cli.dashboard", "serve the MLflow UI over a study's store"),

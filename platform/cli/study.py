@@ -4,6 +4,7 @@
     memlayers study run FILE [--address auto|ray://HOST:10001] [--workdir DIR] [--num-cpus N] [--storage URI]
                              [--tracking-uri URI]
     memlayers study submit FILE --address http://HEAD:8265 [--storage URI] [--tracking-uri URI] [--workdir DIR] [--wait]
+                                [--wait-timeout S] [--env NAME ...] [--ship-secret NAME ...]
     memlayers study status FILE|NAME [--tracking-uri URI] [--storage URI]
     memlayers study reference [--write PATH]        the study-file reference, generated from the schema
 
@@ -44,6 +45,15 @@ def register(parser: argparse.ArgumentParser) -> None:
                                           "default ~/memlayers/runs/NAME on the head node)")
     _add_cluster_settings(submit)
     submit.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    submit.add_argument("--wait-timeout", type=float, default=WAIT_TIMEOUT_S, metavar="S",
+                        help=f"with --wait: stop following after S seconds (the job goes on; default "
+                             f"{WAIT_TIMEOUT_S:.0f}, 0 = no limit)")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME",
+                        help="ship this variable's value from here to the job (repeatable); by default the job "
+                             "carries none: the nodes' own environment holds endpoints and credentials")
+    submit.add_argument("--ship-secret", action="append", default=[], metavar="NAME",
+                        help="ship a variable that looks like a secret (a job's variables are shown by the Ray "
+                             "dashboard and `ray job list`)")
     submit.set_defaults(func=run_submit)
 
     status = actions.add_parser("status", help="cells done / running / failed / pending, from MLflow")
@@ -55,6 +65,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     reference = actions.add_parser("reference", help="the study-file reference (Markdown), generated from the schema")
     reference.add_argument("--write", metavar="PATH", help="write it to PATH (docs/study-file.md) instead of printing")
     reference.set_defaults(func=run_reference)
+
+
+WAIT_TIMEOUT_S = 7 * 24 * 3600.0  # `submit --wait` follows a job at most a week unless told otherwise
 
 
 def _add_cluster_settings(parser: argparse.ArgumentParser) -> None:
@@ -81,13 +94,26 @@ def _with_overrides(study, args: argparse.Namespace, file: str):
     from memlayers.platform.study.validate import with_overrides
 
     try:
-        return with_overrides(study, storage=getattr(args, "storage", None),
-                              tracking_uri=getattr(args, "tracking_uri", None),
-                              seeds=_seed_list(getattr(args, "seeds", None)))
+        study = with_overrides(study, storage=getattr(args, "storage", None),
+                               tracking_uri=getattr(args, "tracking_uri", None),
+                               seeds=_seed_list(getattr(args, "seeds", None)))
     except StudyError as error:
         for line in error.lines():
             print(f"{file}: {line}", file=sys.stderr)
         return None
+    return study if _no_credentials(study, file) else None
+
+
+def _no_credentials(study, file: str) -> bool:
+    """False, after one line per field, when a URI of the study carries credentials (they would be written
+    to MLflow, checkpoints and printed lines)."""
+    from memlayers.platform.cluster.secrets import credential_problems
+
+    problems = credential_problems({"storage": study.storage, "tracking.uri": study.tracking.uri,
+                                    "data.path": study.data.path})
+    for field, reason in problems:
+        print(f"{file}: {field}: {reason}", file=sys.stderr)
+    return not problems
 
 
 def _load(file: str):
@@ -155,9 +181,15 @@ def run_run(args: argparse.Namespace) -> int:
     import contextlib
 
     from memlayers.dashboards.report import write_report
-    from memlayers.platform.cluster.session import ray_cluster
+    from memlayers.platform.cluster.session import UnsafeSessionDir, ray_cluster, session_dir
     from memlayers.platform.study.controller import run_study
 
+    try:
+        if not args.address:  # the local cluster's private folder, checked before anything starts
+            session_dir()
+    except UnsafeSessionDir as error:
+        print(f"memlayers study run: {error}", file=sys.stderr)
+        return 2
     try:
         # joining a cluster first lets the controller check, before anything starts, that every node
         # reaches the study's tracking store and storage
@@ -177,10 +209,26 @@ def run_submit(args: argparse.Namespace) -> int:
     study = _load(args.file)
     if study is None or _with_overrides(study, args, args.file) is None:
         return 2
-    from memlayers.platform.study.submit import follow_job, job_exit_code, last_error_line, submit_study
+    import os
 
-    job_id, client = submit_study(Path(args.file), args.address, workdir=args.workdir, storage=args.storage,
-                                  tracking_uri=args.tracking_uri)
+    from memlayers.platform.cluster.secrets import ShipRefused, shipped_env, uri_credentials_problem
+    from memlayers.platform.study.submit import (FollowStopped, follow_job, job_exit_code, last_error_line,
+                                                 submit_study)
+
+    try:
+        problem = uri_credentials_problem(args.address)
+        if problem:
+            raise ShipRefused(f"--address: {problem}")
+        shipped = shipped_env(os.environ, args.env, args.ship_secret)
+    except ShipRefused as error:
+        print(f"memlayers study submit: {error}", file=sys.stderr)
+        return 2
+    try:
+        job_id, client = submit_study(Path(args.file), args.address, workdir=args.workdir, storage=args.storage,
+                                      tracking_uri=args.tracking_uri, shipped=shipped)
+    except TimeoutError as error:
+        print(f"memlayers study submit: {error}", file=sys.stderr)
+        return 1
     print(job_id, flush=True)
     if not args.wait:
         tracking, where = args.tracking_uri or study.tracking.uri, args.storage or study.storage
@@ -188,7 +236,12 @@ def run_submit(args: argparse.Namespace) -> int:
               f"  or: memlayers study status {study.name}" + (f" --tracking-uri {tracking}" if tracking else "")
               + (f" --storage {where}" if where else ""))
         return 0
-    status = follow_job(client, job_id)
+    try:
+        status = follow_job(client, job_id, timeout_s=args.wait_timeout or None)
+    except FollowStopped as error:
+        print(f"memlayers study submit: {error}; follow it with: ray job logs --follow --address {args.address} "
+              f"{job_id}", file=sys.stderr)
+        return 1
     if status == "SUCCEEDED":
         print(f"job {job_id}: {status}")
         return 0
@@ -198,6 +251,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    from memlayers.platform.data.tracked import data_status
     from memlayers.platform.study.cells import expand
     from memlayers.platform.study.progress import cell_runs, cell_states, latest, summary_line
     from memlayers.platform.tracking.conventions import CELLS_FILE, read_progress
@@ -228,6 +282,7 @@ def run_status(args: argparse.Namespace) -> int:
         return 0
     states = cell_states(names, runs)
     print(f"study {name} ({uri})")
+    print(f"  {data_status(uri, name)}")
     for cell_id, run_name in names.items():
         run = latest(runs.get(cell_id, []))
         detail = ""

@@ -1,11 +1,14 @@
 """`run_local(fn, world_size)`: run `fn(rank, world_size, ...)` in processes joined by gloo on 127.0.0.1.
 
-For tests and benchmarks of the distributed code paths on one machine.
+For tests and benchmarks of the distributed code paths on one machine. The ranks meet through a file
+store in a private temporary folder rather than a TCP store (which would listen on every interface),
+and gloo binds the loopback interface.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import tempfile
 from pathlib import Path
@@ -14,12 +17,16 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from memlayers.platform.cluster.ports import free_port
+from memlayers.platform.cluster.ports import loopback_interface
 
 
-def _entry(rank: int, fn: Callable, world_size: int, port: int, backend: str, results: str, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world_size: int, backend: str, results: str, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    interface = loopback_interface()
+    if interface:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+    dist.init_process_group(backend, init_method=(Path(results) / "store").as_uri(), rank=rank,
+                            world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         with open(Path(results) / f"rank{rank}.pkl", "wb") as handle:
@@ -38,7 +45,7 @@ def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo") 
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed", __name__])
     with tempfile.TemporaryDirectory() as results:
-        mp.start_processes(_entry, args=(fn, world_size, free_port(), backend, results, args), nprocs=world_size,
+        mp.start_processes(_entry, args=(fn, world_size, backend, results, args), nprocs=world_size,
                            join=True, start_method=method)
         out = []
         for rank in range(world_size):

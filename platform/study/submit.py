@@ -8,10 +8,13 @@ client; nothing is fetched from a package index, so it works offline) and the st
 the cluster must already have memlayers' dependencies (torch, ray, mlflow, ...).
 
 What the job is given: the study's `--storage` and `--tracking-uri` (as command-line overrides), the
-driver's own endpoint and credential variables (`AWS_*`, `MLFLOW_TRACKING_*`, `MLFLOW_S3_*`: the
-standard way pyarrow, boto3 and MLflow read them) as job environment variables, and, unless
-`--workdir` names one, a work directory under `~/memlayers/runs` on the head node (`MEMLAYERS_RUNS_ROOT`)
-rather than Ray's per-session folder the job runs in.
+variables the user names with `--env NAME` (and `--ship-secret NAME` for one that looks like a secret:
+see platform/cluster/secrets.py), and, unless `--workdir` names one, a work directory under
+`~/memlayers/runs` on the head node (`MEMLAYERS_RUNS_ROOT`) rather than Ray's per-session folder the
+job runs in. Nothing else of the driver's environment: a job's `runtime_env` is shown by the Ray
+dashboard and `ray job list` and logged on every node, so credentials reach the workers the cluster's
+own way (the nodes' environment, instance or pod identity, a credentials file named by path), and
+offline switches such as `HF_HUB_OFFLINE` are the cluster's to set, not forced on every job.
 
 Token authentication (Ray 2.60 enables it for local clusters): the client needs `RAY_AUTH_MODE=token`
 and the cluster's token (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`); when a
@@ -26,16 +29,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import tomllib
 
-JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+T = TypeVar("T")
+
+JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0",
+           "TOKENIZERS_PARALLELISM": "false"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-FORWARDED_ENV = ("AWS_", "MLFLOW_TRACKING_", "MLFLOW_S3_")  # prefixes of what the job carries from the driver
+SUBMIT_TIMEOUT_S = 300.0  # connecting, uploading the wheel and the study, and the job's creation
+REQUEST_TIMEOUT_S = 60.0  # one status or logs request while following a job
+UNREACHABLE_S = 300.0  # how long following a job rides out a job server that does not answer
 CLUSTER_RUNS_ROOT = "~/memlayers/runs"  # the job's default runs root, on the head node (never Ray's session folder)
 
 
@@ -103,20 +112,22 @@ def job_command(file_name: str, *, workdir: str | None = None, storage: str | No
     return command + list(extra_args or [])
 
 
-def job_env(environ: dict[str, str] | None = None, *, workdir: str | None = None) -> dict[str, str]:
-    """The job's environment variables: JOB_ENV, the driver's forwarded endpoint/credential variables,
-    and the runs root on the cluster when no workdir is given."""
+def job_env(environ: dict[str, str] | None = None, *, workdir: str | None = None,
+            shipped: dict[str, str] | None = None) -> dict[str, str]:
+    """The job's environment variables: JOB_ENV, the variables the user chose to ship (`shipped_env`), and
+    the runs root on the cluster when no workdir is given. Nothing else of `environ` travels."""
     environ = dict(os.environ if environ is None else environ)
-    env = dict(JOB_ENV)
-    env.update({k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV)})
+    env = {**JOB_ENV, **(shipped or {})}
     if not workdir:
         env["MEMLAYERS_RUNS_ROOT"] = environ.get("MEMLAYERS_RUNS_ROOT", CLUSTER_RUNS_ROOT)
     return env
 
 
 def submit_study(file: Path, address: str, *, workdir: str | None = None, storage: str | None = None,
-                 tracking_uri: str | None = None, python: str = "python", extra_args: list[str] | None = None):
-    """Submit `file` as a Ray Job at `address`; returns (job id, JobSubmissionClient)."""
+                 tracking_uri: str | None = None, python: str = "python", extra_args: list[str] | None = None,
+                 shipped: dict[str, str] | None = None):
+    """Submit `file` as a Ray Job at `address` carrying the `shipped` variables; returns (job id,
+    JobSubmissionClient)."""
     enable_token_auth_if_available()
     from ray.job_submission import JobSubmissionClient  # deferred: ray is heavy and only this path needs it
 
@@ -130,27 +141,72 @@ def submit_study(file: Path, address: str, *, workdir: str | None = None, storag
         shutil.copyfile(file, job_dir / file.name)
         command = job_command(file.name, workdir=workdir, storage=storage, tracking_uri=tracking_uri,
                               python=python, extra_args=extra_args)
-        client = JobSubmissionClient(address)
-        job_id = client.submit_job(
-            entrypoint=" ".join(shlex.quote(part) for part in command),
-            runtime_env={"working_dir": str(job_dir), "py_modules": [str(module_dir)], "env_vars": job_env(workdir=workdir)},
-            submission_id=f"memlayers-{file.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            metadata={"study_file": file.name, "wheel": wheel.name},
-        )
+        runtime_env = {"working_dir": str(job_dir), "py_modules": [str(module_dir)],
+                       "env_vars": job_env(workdir=workdir, shipped=shipped)}
+
+        def submit():
+            client = JobSubmissionClient(address)
+            return client.submit_job(
+                entrypoint=" ".join(shlex.quote(part) for part in command), runtime_env=runtime_env,
+                submission_id=f"memlayers-{file.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                metadata={"study_file": file.name, "wheel": wheel.name}), client
+
+        # the job client's requests carry no timeout of their own: a head that accepts and never answers
+        job_id, client = bounded(submit, SUBMIT_TIMEOUT_S, f"submitting to {address}")
     return job_id, client
 
 
-def follow_job(client, job_id: str, interval: float = 1.0, out=print) -> str:
-    """Print the job's logs as they grow until it ends; returns its final status."""
+class FollowStopped(RuntimeError):
+    """Following a job stopped before it ended (the job itself goes on); the message says why, in one line."""
+
+
+def bounded(call: Callable[[], T], timeout_s: float, what: str) -> T:
+    """`call()`, or TimeoutError naming `what` when it has not returned within `timeout_s` (it is left to
+    finish in a daemon thread: an HTTP request without a timeout cannot be interrupted)."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the caller's thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"{what}: no answer within {timeout_s:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
+def follow_job(client, job_id: str, interval: float = 1.0, out=print, timeout_s: float | None = None,
+               unreachable_s: float = UNREACHABLE_S) -> str:
+    """Print the job's logs as they grow until it ends; returns its final status. FollowStopped when the
+    job has not ended within `timeout_s` (None: no limit) or the job server has not answered for
+    `unreachable_s`; each request to the server is bounded too."""
     shown = 0
+    started = answered = time.monotonic()
     while True:
-        status = str(client.get_job_status(job_id)).split(".")[-1]
-        logs = client.get_job_logs(job_id)
+        try:
+            status, logs = bounded(lambda: (str(client.get_job_status(job_id)).split(".")[-1],
+                                            client.get_job_logs(job_id)), REQUEST_TIMEOUT_S, f"job {job_id}")
+            answered = time.monotonic()
+        except (OSError, RuntimeError) as error:  # requests' errors are OSErrors; TimeoutError is one too
+            if time.monotonic() - answered > unreachable_s:
+                raise FollowStopped(f"job {job_id}: the job server has not answered for {unreachable_s:.0f} s "
+                                    f"(last: {error}); the job may still be running") from error
+            time.sleep(interval)
+            continue
         if len(logs) > shown:
             out(logs[shown:].rstrip("\n"))
             shown = len(logs)
         if status in TERMINAL:
             return status
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            raise FollowStopped(f"job {job_id}: still {status} after {timeout_s:.0f} s (--wait-timeout); it keeps "
+                                f"running, stopped following it")
         time.sleep(interval)
 
 

@@ -218,3 +218,55 @@ def test_resume_continues_the_order_across_shards_at_another_world_size(tmp_path
     assert (np.diff(shard_of) != 0).sum() == len(ids.spans) - 1  # one shard's sequences after another
     assert ids.cache.downloads == 0  # a set on a local disk is read in place, never copied
     assert ids.cache.peak_bytes <= ids.cache.limit_bytes < sum(ids.cache.sizes.values())  # never all mapped at once
+
+
+RUN = """
+name: data-cli
+model: {{base: nano, family: dense}}
+data: {{source: parquet, path: "{path}", text_field: {field}, tokenizer: byte, seq_len: 16, shard_tokens: 3000}}
+train: {{steps: 4, batch_size: 4}}
+"""
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from memlayers.platform.cli.main import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_data_prepare_command_records_a_data_run_and_refuses_bad_sources(tmp_path, capsys):
+    import yaml
+
+    from memlayers.platform.data.tracked import data_status
+    from memlayers.platform.tracking.client import client_for, search_runs
+    from memlayers.platform.tracking.conventions import role_filter
+
+    corpus = write_corpus(tmp_path / "corpus", files=2, docs=100)
+    bad = {"missing": (str(tmp_path / "nothing" / "*.parquet"), "body", "data.path"),
+           "no-field": (str(corpus), "text", "data.text_field")}
+    for name, (path, field, named) in bad.items():
+        file = tmp_path / f"{name}.yaml"
+        file.write_text(RUN.format(path=path, field=field))
+        code, out, err = _cli(["data", "prepare", str(file), "--no-ray", "--workdir", str(tmp_path / name)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and f": {named}: " in err, err
+        assert not (tmp_path / name).exists()  # nothing started, nothing written
+    study = yaml.safe_load((Path(__file__).parents[1] / "studies" / "smoke.yaml").read_text())
+    study["data"], study["tokenizer"] = {"source": "parquet", "path": str(corpus), "text_field": "text"}, "byte"
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    code, out, err = _cli(["study", "run", str(tmp_path / "study.yaml"), "--workdir", str(tmp_path / "sw")], capsys)
+    assert code == 2 and "data.text_field: column 'text' not in" in err.strip().splitlines()[-1], err
+    assert not list((tmp_path / "sw").glob("cells/*"))  # no cell started
+
+    good = tmp_path / "good.yaml"
+    good.write_text(RUN.format(path=corpus, field="body"))
+    workdir = tmp_path / "wd"
+    code, out, err = _cli(["data", "prepare", str(good), "--no-ray", "--all", "--workdir", str(workdir)], capsys)
+    assert code == 0, err
+    assert " written" in out and "data: fingerprint parquet-byte-" in out
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    (run,) = search_runs(uri, "data-cli", role_filter("data"))
+    assert run.info.status == "FINISHED" and run.data.metrics["shards_written"] >= 3
+    assert [a.path for a in client_for(uri).list_artifacts(run.info.run_id)] == ["manifest.json"]
+    assert data_status(uri, "data-cli").startswith("data: prepared parquet-byte-")

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
-from memlayers.platform.cluster.storage import join, local_path, read_bytes
+import pyarrow.fs as pafs
+from memlayers.config_schema import ConfigError
+from memlayers.platform.cluster.storage import join, local_path, open_fs, read_bytes
 from memlayers.platform.data.claim import claimed
 from memlayers.platform.data.config import FILE_SOURCES, DataConfig
 from memlayers.platform.data.identity import DATA_VERSION, identity, key_of
@@ -206,6 +208,30 @@ def _stream_shards(cfg: DataConfig, set_root: str, corpus: Corpus, tokenizer: To
     return infos, True
 
 
+def check_storage(data_root: str) -> None:
+    """A `storage` error when the data root's bucket (or folder's disk) cannot be reached or does not exist."""
+    if local_path(data_root) is not None:
+        return
+    try:
+        fs, path = open_fs(data_root)
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise ConfigError("storage", f"bucket {bucket!r} of {data_root} does not exist")
+    except OSError as error:
+        raise ConfigError("storage", f"cannot reach {data_root}: {error}".splitlines()[0]) from error
+
+
+def check_source(cfg: DataConfig, data_root: str) -> tuple[Optional[list[str]], list[Part]]:
+    """(files, parts) of a file corpus ((None, []) for the others) once its config, storage and files
+    check out; else the `ConfigError` naming data.path, data.text_field or storage. Writes nothing."""
+    cfg.validate()
+    check_storage(data_root)
+    if cfg.source not in FILE_SOURCES:
+        return None, []
+    files = source_files(cfg)
+    return files, plan_parts(cfg, int(cfg.shard_tokens * BYTES_PER_TOKEN[cfg.tokenizer]), files)
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md  # deferred: only a manifest records versions
 
@@ -222,16 +248,13 @@ def prepare_set(cfg: DataConfig, data_root: str, need: Need = None, *, out: Call
                 progress: Optional[Callable[[str, dict], None]] = None, hf_cache: Optional[Path] = None) -> dict:
     """Prepare (or extend) the set of `cfg` under `data_root` to hold `need` training tokens; returns
     its manifest (see the module docstring)."""
-    cfg.validate()
-    files = source_files(cfg) if cfg.source in FILE_SOURCES else None
+    files, parts = check_source(cfg, str(data_root))
     ident = identity(cfg, files)
     key = key_of(ident)
     set_root = set_uri(str(data_root), key)
     manifest = read_manifest(set_root)
     if manifest is not None and covers(manifest, _need_tokens(need, manifest["vocab_size"], cfg.max_tokens)):
         return manifest
-    if files is not None:  # before the claim: a source without the text field fails with nothing written
-        parts = plan_parts(cfg, int(cfg.shard_tokens * BYTES_PER_TOKEN[cfg.tokenizer]), files)
     with claimed(set_root, out):
         manifest = read_manifest(set_root)
         if manifest is not None and covers(manifest, _need_tokens(need, manifest["vocab_size"], cfg.max_tokens)):

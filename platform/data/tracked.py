@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from memlayers.platform.data.build import Need, describe, prepare_set
 from memlayers.platform.data.config import DataConfig
 from memlayers.platform.tracking import client as tracking
-from memlayers.platform.tracking.conventions import FAILURE_TAG, ROLE_TAG
+from memlayers.platform.tracking.conventions import FAILURE_TAG, ROLE_TAG, role_filter
 
 DATA_ROLE = "data"
 
@@ -51,13 +51,34 @@ class _DataRun:
 
 
 def prepare_tracked(cfg: DataConfig, data_root: str, need: Need, *, uri: str, experiment_id: str,
-                    study: Optional[str] = None, out: Callable[[str], None] = print) -> dict:
-    """`prepare_set` with its MLflow run (see the module docstring); returns the manifest."""
+                    study: Optional[str] = None, out: Callable[[str], None] = print, always: bool = False) -> dict:
+    """`prepare_set` with its MLflow run (see the module docstring); returns the manifest. `always`:
+    record the run (with the manifest) even when the set was already prepared, e.g. once per study."""
     run = _DataRun(uri, experiment_id, study)
     try:
         manifest = prepare_set(cfg, data_root, need, out=out, progress=run.record)
     except BaseException as error:
         run.fail(f"{type(error).__name__}: {error}".splitlines()[0])
         raise
+    if always and run.run_id is None:
+        run.record(manifest["fingerprint"], {"shards_written": 0, "tokens": 0})
     run.finish(manifest)
     return manifest
+
+
+def data_status(uri: str, experiment: str) -> str:
+    """One line on the data of the study (or run) `experiment`, from its latest `data` run."""
+    runs = tracking.search_runs(uri, experiment, role_filter(DATA_ROLE))
+    if not runs:
+        return "data: not prepared yet"
+    run = max(runs, key=lambda r: r.info.start_time)
+    params, metrics = run.data.params, run.data.metrics
+    if run.info.status == "RUNNING":
+        eta = f", ETA {metrics['eta_s']:.0f} s" if "eta_s" in metrics else ""
+        return f"data: preparing {run.data.tags.get('fingerprint', '?')}: {metrics.get('shards_written', 0):.0f} " \
+               f"shards written{eta}"
+    if run.info.status == "FAILED":
+        return f"data: preparation failed: {run.data.tags.get(FAILURE_TAG, '?')}"
+    return f"data: prepared {params.get('fingerprint', '?')}: {params.get('shards', '?')} shards, " \
+           f"{int(params.get('train_tokens', 0)):,} training tokens" + \
+           ("" if params.get("complete") == "True" else " (as many as the study needs)")

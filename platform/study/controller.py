@@ -41,6 +41,7 @@ from memlayers.platform.laws.study import fit_study
 from memlayers.platform.finetune.cells import pretrain_sources
 from memlayers.platform.study.bookkeeping import log_definition, open_parent_run, record_failure
 from memlayers.platform.study.cells import Cell, expand
+from memlayers.platform.study.data_prep import prepare_study_data
 from memlayers.platform.study.progress import ProgressPrinter, cell_runs, cell_states, latest, summary_line
 from memlayers.platform.study.ref import StudyRef
 from memlayers.platform.study.schema import Study, StudyError
@@ -89,6 +90,7 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
             raise StudyError(problems)
     workdir.mkdir(parents=True, exist_ok=True)
     wait_for_tracking(uri, out=out)  # a tracking server restarting: wait (bounded) rather than fail the study
+    prepare_study_data(study, cells, uri, out)  # before any cell: once, as far as the largest cell reads
     out(f"study {study.name}: memlayers {memlayers.__version__} from {Path(memlayers.__file__).parent}")
     parent = open_parent_run(study, uri, workdir)
     log_definition(study, cells, uri, parent, workdir)

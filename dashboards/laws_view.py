@@ -1,8 +1,9 @@
 """The study's fitted laws as the report reads them, and the points each law was fitted on.
 
-Source, in order: `<workdir>/laws/laws.json` written by `memlayers fit --study` (or the
-controller) when it was fitted on exactly the study's current finished runs (same input digest);
-otherwise `fit_study` on the current runs, in memory, with a modest bootstrap. The structure is
+Source: the study's recorded `laws/laws.json` (written by the controller or `memlayers fit --study`)
+when it was fitted on exactly the study's current finished runs under its current fit settings;
+otherwise the laws are fitted and recorded now by the same `fit_and_record` (study/record.py), claims
+included, so that the report never shows a fit of its own making. The structure is
 `memlayers.platform.laws.study.fit_study`'s: `compute_laws[family]`, `memory_laws["base/family"]
 [metric]`, `multipliers["vs_dense"|"vs_moe"][family]`; an entry that could not be fitted is
 `{"skipped": reason}`. Accessors here return (entry, reason) so figures can say why a curve is absent.
@@ -10,16 +11,10 @@ otherwise `fit_study` on the current runs, in memory, with a modest bootstrap. T
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from memlayers.platform.laws.study import fit_study, rows_sha256
+from memlayers.platform.study.record import LAWS_FILE, StudyRecord, fit_and_record, recorded_laws
 from memlayers.platform.study.ref import StudyRef
-from memlayers.platform.tracking.runs import load_study_rows
-
-LAWS_FILE = Path("laws") / "laws.json"
-REPORT_BOOTSTRAP = 100
 
 
 @dataclass
@@ -74,27 +69,28 @@ def _entry(container: dict, key: str, missing: str, kind: str = "law") -> tuple[
     return entry, ""
 
 
-def load_laws(ref: StudyRef, *, bootstrap: int = REPORT_BOOTSTRAP, seed: int = 0, refit: bool = True) -> StudyLaws:
-    """The study's laws (saved if current, else fitted now unless `refit` is False: a study that
-    disables fitting); never raises for a small study."""
+def load_laws(ref: StudyRef, *, bootstrap: int | None = None, seed: int = 0, refit: bool | None = None,
+              log: bool = True) -> StudyLaws:
+    """The study's laws: recorded if current, else fitted and recorded now (`bootstrap` defaults to the
+    study's `fit.bootstrap`), unless fitting is off (`refit`, default: the study's `fit.enabled`);
+    never raises for a small study."""
+    record = StudyRecord.of_ref(ref)
+    notes: list[str] = []
     try:
-        rows = load_study_rows(ref.name, ref.tracking_uri, ref.workdir)
-    except ValueError as error:
+        rows = record.rows(notes)
+        saved, why = recorded_laws(record, rows, bootstrap, seed) if rows else (None, "")
+        enabled = record.fit_config().enabled if refit is None else refit
+    except ValueError as error:  # no experiment, or a record file that cannot be read (one line)
         return StudyLaws(note=str(error))
     if not rows:
         return StudyLaws(note="no finished cell runs to fit", rows=rows)
-    saved_path = Path(ref.workdir) / LAWS_FILE
-    note = ""
-    if saved_path.is_file():
-        try:
-            saved = json.loads(saved_path.read_text())
-        except json.JSONDecodeError:
-            saved, note = None, f"{saved_path} is not valid JSON; refitted"
-        if saved is not None and saved.get("input_sha256") == rows_sha256(rows):
-            return StudyLaws(laws=saved, source=str(saved_path), rows=rows)
-        note = note or f"{saved_path} was fitted on other runs than the study has now; refitted"
-    if not refit:
+    if saved is not None:
+        return StudyLaws(laws=saved, source=str(record.location(LAWS_FILE)), rows=rows)
+    if not enabled:
         return StudyLaws(note="the study disables fitting (fit.enabled: false)", rows=rows)
-    laws = fit_study(rows, bootstrap=bootstrap, seed=seed)
-    return StudyLaws(laws=laws, source=f"fitted for this report (bootstrap {bootstrap}, seed {seed})",
-                     note=note, rows=rows)
+    try:
+        fitted = fit_and_record(record, bootstrap=bootstrap, seed=seed, rows=rows, notes=notes, log=log)
+    except Exception as error:  # the report shows why there are no laws rather than failing
+        return StudyLaws(note=f"the fit failed ({type(error).__name__}: {error})", rows=rows)
+    return StudyLaws(laws=fitted.laws, source=f"fitted for this report, recorded in {fitted.where}", note=why,
+                     rows=rows)

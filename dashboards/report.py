@@ -13,13 +13,14 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-from memlayers.config_schema import ConfigError, parse_yaml
 from memlayers.dashboards.html_parts import esc, fmt, interval, page, png_data_uri, table
-from memlayers.dashboards.laws_view import REPORT_BOOTSTRAP, StudyLaws, load_laws
+from memlayers.dashboards.laws_view import StudyLaws, load_laws
 from memlayers.dashboards.plot_continual import continual_plots
 from memlayers.dashboards.plots import Plot, all_plots, family_label
 from memlayers.dashboards.study_data import FAMILY_ORDER, StudyData, load_study
+from memlayers.platform.cluster.storage import write_local_atomic
 from memlayers.platform.laws.result import fit_warning
+from memlayers.platform.study.record import StudyRecord
 from memlayers.platform.study.ref import StudyRef
 from memlayers.platform.tracking.client import client_for, with_retry
 
@@ -252,47 +253,32 @@ def headline_plot(plots: list[Plot]) -> Plot:
     raise NoHeadlineFigure(f"no headline figure: {reasons}")
 
 
-def fit_settings(definition: str | None) -> tuple[bool, int | None]:
-    """(enabled, bootstrap) of the study's `fit` section; (True, None) when it says nothing."""
-    try:
-        fit = (parse_yaml(definition or "", "study definition") or {}).get("fit") or {}
-    except (ConfigError, AttributeError):
-        return True, None
-    if not isinstance(fit, dict):
-        return True, None
-    bootstrap = fit.get("bootstrap")
-    return fit.get("enabled", True) is not False, bootstrap if isinstance(bootstrap, int) else None
-
-
 def write_report(ref: StudyRef, out_dir: Path | None = None, *, log_artifacts: bool = True,
                  figure_path: Path | None = None, bootstrap: int | None = None) -> Path:
     """Write the study's report (and its PNGs); returns the path of report.html.
 
     `figure_path` also writes the headline figure there (`headline_plot`; NoHeadlineFigure when
-    the study can draw neither). Laws come from `<workdir>/laws/laws.json` when it matches the
-    study's runs; otherwise they are refitted with `bootstrap` replicates (default: the study's
-    `fit.bootstrap`, else REPORT_BOOTSTRAP), unless the study disables fitting.
+    the study can draw neither). Laws are the study's recorded ones when current, else fitted and
+    recorded now (`laws_view.load_laws`; `bootstrap` defaults to the study's `fit.bootstrap`), unless
+    the study disables fitting. Every file is written whole (temp file, fsync, rename).
     """
-    out_dir = Path(out_dir) if out_dir is not None else Path(ref.workdir) / "report"
+    out_dir = Path(out_dir) if out_dir is not None else StudyRecord.of_ref(ref).report_dir()
     data = load_study(ref)
-    enabled, study_bootstrap = fit_settings(data.definition)
-    replicates = next(b for b in (bootstrap, study_bootstrap, REPORT_BOOTSTRAP) if b is not None)
-    laws = load_laws(ref, bootstrap=replicates, refit=enabled)
+    laws = load_laws(ref, bootstrap=bootstrap, log=log_artifacts)
     plots = all_plots(data, laws) + continual_plots(data)
     plots_dir = out_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     for plot in plots:
         stale = plots_dir / f"{plot.key}.png"
         if plot.png is not None:
-            stale.write_bytes(plot.png)
+            write_local_atomic(stale, plot.png)
         elif stale.exists():
             stale.unlink()  # an old figure must not outlive the data it showed
     path = out_dir / "report.html"
-    path.write_text(render(data, laws, plots), encoding="utf-8")
+    write_local_atomic(path, render(data, laws, plots).encode("utf-8"))
     if figure_path is not None:
         headline = headline_plot(plots)
-        Path(figure_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(figure_path).write_bytes(headline.png)
+        write_local_atomic(Path(figure_path), headline.png)
     if log_artifacts:
         log_report(data, out_dir)
     return path

@@ -1,9 +1,11 @@
 """A study read back from MLflow: its parent run, every cell run, metric histories, its definition.
 
 Everything the report shows comes from here, so the report works on any study store, finished or
-not: cell runs of every status (finished, failed, running) with their tags and final metrics, the
-metric histories the training-curve and slot-usage plots need, and the study's YAML (the study
-file when the reference names one, else the file the controller logged to the parent run).
+not: the run of each of the study's current cells (study/record.py: the cells of its current study
+file; runs of an earlier version of the file are left out), of every status (finished, failed,
+running), with its tags and final metrics; the metric histories the training-curve and slot-usage
+plots need; and the study's YAML (the study file when the reference names one, else its record's).
+A cell with several runs is shown by the one that speaks for it (`study.progress.latest`).
 Conventions read (set by the study controller and the trainer): experiment = study name; parent
 run tagged `memlayers.role=study`; cell runs tagged `memlayers.role=cell`, `cell`, `family`,
 `base`, `memory_slots`, `experts`, `train_flops`, `total_params`, `active_params`.
@@ -12,14 +14,14 @@ run tagged `memlayers.role=study`; cell runs tagged `memlayers.role=cell`, `cell
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from memlayers.models.config import FAMILIES
 from memlayers.models.presets import BASES, memory_size_name
+from memlayers.platform.study.record import StudyRecord
 from memlayers.platform.study.ref import StudyRef
 from memlayers.platform.tracking.client import search_all_runs
+from memlayers.platform.tracking.runs import oldest
 from memlayers.platform.tracking.conventions import RUN_NAME_TAG, role_filter
 
 FINAL_METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll", "loss")
@@ -124,38 +126,6 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _definition_from_artifacts(client, run_id: str) -> tuple[str | None, str]:
-    """The first YAML file among the parent run's artifacts (root, then one folder down)."""
-    try:
-        entries = client.list_artifacts(run_id)
-        found = [e.path for e in entries if not e.is_dir and e.path.endswith((".yaml", ".yml"))]
-        for folder in (e.path for e in entries if e.is_dir):
-            found += [e.path for e in client.list_artifacts(run_id, folder)
-                      if not e.is_dir and e.path.endswith((".yaml", ".yml"))]
-        if not found:
-            return None, ""
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(run_id, found[0], tmp)
-            return Path(local).read_text(), f"artifact {found[0]} of the study's parent run"
-    except Exception:  # an unreachable artifact store must not stop the report
-        return None, ""
-
-
-def load_definition(ref: StudyRef, client=None, parent_run_id: str | None = None) -> tuple[str | None, str]:
-    """The study YAML and where it came from: the study file, the parent run, or the workdir."""
-    if ref.file is not None and Path(ref.file).is_file():
-        return Path(ref.file).read_text(), str(ref.file)
-    if client is not None and parent_run_id:
-        text, source = _definition_from_artifacts(client, parent_run_id)
-        if text is not None:
-            return text, source
-    for name in ("study.yaml", f"{ref.name}.yaml"):
-        path = Path(ref.workdir) / name
-        if path.is_file():
-            return path.read_text(), str(path)
-    return None, ""
-
-
 def load_histories(client, cells: list[Cell], metrics: tuple[str, ...] = HISTORY_METRICS) -> dict:
     """Metric histories (step, value), sorted by step, for the metrics each run logged."""
     histories: dict[str, dict[str, list[tuple[int, float]]]] = {}
@@ -169,20 +139,32 @@ def load_histories(client, cells: list[Cell], metrics: tuple[str, ...] = HISTORY
     return histories
 
 
+def _speaking_runs(runs: list, current: set[str] | None) -> list:
+    """One run per cell of `current` (all cells when None): its finished run started last, else its newest."""
+    by_cell: dict[str, list] = {}
+    for run in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
+        cell = run.data.tags.get("cell") or run.info.run_id
+        if current is None or cell in current:
+            by_cell.setdefault(cell, []).append(run)
+    return [([r for r in found if r.info.status == "FINISHED"] or found)[-1] for found in by_cell.values()]
+
+
 def load_study(ref: StudyRef, *, with_histories: bool = True) -> StudyData:
     """Read everything about study `ref` from its tracking store (missing pieces stay empty)."""
     data = StudyData(ref=ref)
+    record = StudyRecord.of_ref(ref)
     client = _client(ref.tracking_uri)
     experiment = client.get_experiment_by_name(ref.name)
     if experiment is None:
-        data.definition, data.definition_source = load_definition(ref)
+        data.definition, data.definition_source = record.definition()
         return data
     data.experiment_id = experiment.experiment_id
     parents = search_all_runs(client, data.experiment_id, role_filter("study"))
     if parents:
-        parent = max(parents, key=lambda run: run.info.start_time or 0)
+        parent = next(run for run in parents if run.info.run_id == oldest(parents))
         data.parent_run_id, data.parent_tags = parent.info.run_id, dict(parent.data.tags)
-    for run in search_all_runs(client, data.experiment_id, role_filter("cell")):
+    runs = search_all_runs(client, data.experiment_id, role_filter("cell"))
+    for run in _speaking_runs(runs, record.current_cells()):
         tags = dict(run.data.tags)
         data.cells.append(Cell(run_id=run.info.run_id, run_name=run.info.run_name or tags.get(RUN_NAME_TAG, ""),
                                status=run.info.status, tags=tags, params=dict(run.data.params),
@@ -190,7 +172,7 @@ def load_study(ref: StudyRef, *, with_histories: bool = True) -> StudyData:
     data.cells.sort(key=cell_order)
     if with_histories:
         data.histories = load_histories(client, data.cells)
-    data.definition, data.definition_source = load_definition(ref, client, data.parent_run_id)
+    data.definition, data.definition_source = record.definition()
     return data
 
 

@@ -101,15 +101,19 @@ def test_saved_laws_are_used_when_current_and_refitted_when_stale(study, tmp_pat
     workdir = tmp_path / "copy"
     (workdir / LAWS_FILE).parent.mkdir(parents=True)
     ref = StudyRef(study.name, workdir, study.tracking_uri)
+    from memlayers.platform.study.record import StudyRecord, settings_sha256
+
     saved = fit_study(load_study_rows(study.name, study.tracking_uri))
     saved["marker"] = "saved"
+    saved["provenance"] = {"settings_sha256": settings_sha256(StudyRecord.of_ref(ref).fit_config())}
     (workdir / LAWS_FILE).write_text(json.dumps(saved, default=str))
     current = load_laws(ref, bootstrap=0)
     assert current.laws["marker"] == "saved" and current.source == str(workdir / LAWS_FILE)
     saved["input_sha256"] = "0" * 64
     (workdir / LAWS_FILE).write_text(json.dumps(saved, default=str))
     stale = load_laws(ref, bootstrap=0)
-    assert "marker" not in stale.laws and "refitted" in stale.note
+    assert "marker" not in stale.laws and "fitted on other runs" in stale.note
+    (workdir / LAWS_FILE).write_text(json.dumps(saved, default=str))  # the refit recorded current laws: stale again
     disabled = load_laws(ref, bootstrap=0, refit=False)
     assert disabled.laws is None and "disables fitting" in disabled.note
 

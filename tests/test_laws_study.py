@@ -115,7 +115,7 @@ def mlflow_study(tmp_path_factory):
         client.log_metric(run_id, "val_loss", float(dense_loss(c)))
         client.set_terminated(run_id, "FINISHED")
     study_file = root / "toy.yaml"
-    study_file.write_text(f"name: toy\nworkdir: {root / 'work'}\ntracking:\n  uri: {uri}\n")
+    study_file.write_text(f"name: toy\nworkdir: {root / 'work'}\ntracking:\n  uri: {uri}\nfit:\n  bootstrap: 0\n")
     return {"uri": uri, "parent": parent, "rows": rows, "file": study_file, "root": root}
 
 
@@ -138,17 +138,21 @@ def test_load_study_rows_reads_finished_cells(mlflow_study):
 
 def test_load_study_rows_keeps_the_cells_of_the_current_definition(mlflow_study, tmp_path):
     """A study whose file changed keeps its earlier cells' runs in its experiment: with the
-    workdir's cells.json (what `study run` writes) only the current cells are read."""
+    recorded cells.json (what `study run` writes) only the current cells are read."""
     import json
 
-    from memlayers.platform.tracking.runs import CELLS_FILE, load_study_rows
+    from memlayers.platform.study.record import StudyRecord
+    from memlayers.platform.study.ref import StudyRef
+    from memlayers.platform.tracking.conventions import CELLS_FILE
+    from memlayers.platform.tracking.runs import load_study_rows
 
     every = load_study_rows("toy", mlflow_study["uri"])
     current = sorted(r["cell"] for r in every)[: len(every) // 2]
     (tmp_path / CELLS_FILE).write_text(json.dumps([{"id": cell, "name": cell} for cell in current]))
-    kept = load_study_rows("toy", mlflow_study["uri"], tmp_path)
+    kept = StudyRecord.of_ref(StudyRef("toy", tmp_path, mlflow_study["uri"])).rows()
     assert sorted(r["cell"] for r in kept) == current and 0 < len(kept) < len(every)
-    assert len(load_study_rows("toy", mlflow_study["uri"], tmp_path / "no-definition")) == len(every)
+    unknown = StudyRecord.of_ref(StudyRef("toy", tmp_path / "no-definition", mlflow_study["uri"]))
+    assert len(unknown.rows()) == len(every)
 
 
 def test_fit_study_cli_writes_laws_and_logs_them_to_the_parent_run(mlflow_study, capsys):

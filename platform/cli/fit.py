@@ -6,6 +6,10 @@
     memlayers fit --csv FILE --law memory|recall --m COL --loss COL [--floor F]
     memlayers fit --study NAME|FILE [--tracking-uri URI] [--storage URI] [--out DIR] [--bootstrap B] [--json]
 
+--study fits the laws and checks the claims of the study's definition (the file, else the `study.yaml`
+its controller recorded, else the file logged to its parent run) on its current cells, the same fit as
+the end of `study run` (study/record.py), into the study's `laws/laws.json` (`--out DIR`: DIR/laws.json).
+
 With --json, standard output is one JSON object. Degenerate input (too few points, NaN,
 non-positive losses, a single model size) exits with code 2 and a message on standard error.
 """
@@ -36,7 +40,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--floor", type=float, help="recall law: fix the floor (e.g. the dense model's recall)")
     parser.add_argument("--drop-highest", type=int, default=0, metavar="K",
                         help="drop the K rows with the highest --loss")
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="B", help="bootstrap replicates for 95%% intervals")
+    parser.add_argument("--bootstrap", type=int, default=None, metavar="B",
+                        help="bootstrap replicates for 95%% intervals (default 0; --study: the study's fit.bootstrap)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI of --study (default: the study's)")
     parser.add_argument("--storage", metavar="URI", help="the storage root of --study (s3://bucket/prefix): laws.json "
@@ -48,9 +53,12 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if args.bootstrap < 0:
+        if args.bootstrap is not None and args.bootstrap < 0:
             raise ValueError(f"--bootstrap: must be >= 0, got {args.bootstrap}")
-        return run_study(args) if args.study else run_csv(args)
+        if args.study:
+            return run_study(args)
+        args.bootstrap = args.bootstrap or 0
+        return run_csv(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"memlayers fit: error: {error}", file=sys.stderr)
         return 2
@@ -143,56 +151,47 @@ def summary(fit) -> str:
 
 
 def run_study(args: argparse.Namespace) -> int:
-    from memlayers.platform.laws.io import dumps, sha256_file
-    from memlayers.platform.laws.study import fit_study
+    from memlayers.platform.laws.io import dumps
+    from memlayers.platform.study.record import LAWS_FILE, StudyRecord, fit_and_record, print_claims
     from memlayers.platform.study.ref import resolve_study
-    from memlayers.platform.tracking.runs import load_study_rows, log_laws_artifact, parent_run_id
 
-    ref = resolve_study(args.study, args.tracking_uri, storage=args.storage)
-    rows = load_study_rows(ref.name, ref.tracking_uri, ref.workdir)
-    result = fit_study(rows, bootstrap=args.bootstrap, seed=args.seed)
-    parent = parent_run_id(ref.name, ref.tracking_uri)
-    result["provenance"] = {"study": ref.name, "experiment": ref.name, "tracking_uri": ref.tracking_uri,
-                            "parent_run_id": parent,
-                            **({"file": str(ref.file), "sha256": sha256_file(ref.file)} if ref.file else {})}
-    out_dir = Path(args.out) if args.out else ref.workdir / "laws"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "laws.json"
-    path.write_text(dumps(result) + "\n")
-    stored = None
-    if ref.storage:
-        from memlayers.platform.cluster.storage import join, upload
-
-        stored = upload(path, join(ref.storage, "laws", "laws.json"))
-    if parent:
-        log_laws_artifact(ref.name, ref.tracking_uri, path, run_id=parent)
-    else:
-        print(f"memlayers fit: no parent run tagged memlayers.role=study in {ref.name!r}; "
+    record = StudyRecord.of_ref(resolve_study(args.study, args.tracking_uri, storage=args.storage))
+    fitted = fit_and_record(record, bootstrap=args.bootstrap, seed=args.seed,
+                            to=Path(args.out) / "laws.json" if args.out else None)
+    result, parent = fitted.laws, fitted.laws["provenance"]["parent_run_id"]
+    if not parent:
+        print(f"memlayers fit: no parent run tagged memlayers.role=study in {record.name!r}; "
               "laws.json not logged to MLflow", file=sys.stderr)
+    elif fitted.warning:
+        print(f"memlayers fit: warning: {fitted.warning}", file=sys.stderr)
     if args.json:
         print(dumps(result, indent=None))
-    else:
-        logged = f", logged to run {parent}" if parent else ""
-        print(f"study {ref.name}: {len(rows)} finished runs; wrote {path}{logged}")
-        if stored:
-            print(f"  and {stored}")
-        for name, entry in result["compute_laws"].items():
-            print(f"  compute law {name}: " + (f"skipped ({entry['skipped']})" if "skipped" in entry else
-                                               ", ".join(f"{k}={v:.4g}" for k, v in entry["params"].items())
-                                               + _warning(entry)))
-        for key, metrics in result["memory_laws"].items():
-            for metric, entry in metrics.items():
-                suffix = _warning(entry) if isinstance(entry, dict) else ""
-                if suffix:
-                    print(f"  memory law {key} {metric}:{suffix}")
-        for reference, table in result["multipliers"].items():
-            if "skipped" in table:
-                continue
-            for family, entry in table.items():
-                if "k" in entry:
-                    print(f"  {family} {reference}: k = {entry['k']:.3g}")
-        for reason in result["skipped"]:
-            print(f"  skipped: {reason}")
+        return 0
+    logged = f", logged to run {parent}" if parent and not fitted.warning else ""
+    written = Path(args.out) / "laws.json" if args.out else record.local(LAWS_FILE)
+    print(f"study {record.name}: {len(fitted.rows)} finished runs; wrote {written}{logged}")
+    if str(fitted.where) != str(written):
+        print(f"  and {fitted.where}")
+    for note in result["notes"]:
+        print(f"  note: {note}")
+    for name, entry in result.get("compute_laws", {}).items():
+        print(f"  compute law {name}: " + (f"skipped ({entry['skipped']})" if "skipped" in entry else
+                                           ", ".join(f"{k}={v:.4g}" for k, v in entry["params"].items())
+                                           + _warning(entry)))
+    for key, metrics in result.get("memory_laws", {}).items():
+        for metric, entry in metrics.items():
+            suffix = _warning(entry) if isinstance(entry, dict) else ""
+            if suffix:
+                print(f"  memory law {key} {metric}:{suffix}")
+    for reference, table in result.get("multipliers", {}).items():
+        if "skipped" in table:
+            continue
+        for family, entry in table.items():
+            if "k" in entry:
+                print(f"  {family} {reference}: k = {entry['k']:.3g}")
+    for reason in result["skipped"]:
+        print(f"  skipped: {reason}")
+    print_claims(result, print)
     return 0
 
 

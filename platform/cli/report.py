@@ -32,8 +32,12 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from memlayers.dashboards.report import NoHeadlineFigure, write_report
     from memlayers.dashboards.study_arg import StudyNotFound, existing_store, experiment_id, resolve_study_arg
+    from memlayers.platform.cluster import storage
+    from memlayers.platform.study.record import REPORT_FILE, RecordError, StudyRecord
 
     try:
         ref = resolve_study_arg(args.study, args.tracking_uri)
@@ -43,23 +47,18 @@ def run(args: argparse.Namespace) -> int:
     except StudyNotFound as error:
         print(f"memlayers report: {error}", file=sys.stderr)
         return 2
-    import dataclasses
-
-    from memlayers.platform.cluster import storage
-
-    if args.storage:
+    if args.storage:  # the study's record (laws.json, cells.json) is read from where the cluster wrote it
         ref = dataclasses.replace(ref, storage=storage.study_root(args.storage, ref.name))
-    if ref.storage:  # the study's own fitted laws, where the cluster wrote them
-        storage.download(storage.join(ref.storage, "laws", "laws.json"), Path(ref.workdir) / "laws" / "laws.json")
     try:
         path = write_report(ref, args.out, log_artifacts=not args.no_log, figure_path=args.figure,
                             bootstrap=args.bootstrap)
-    except NoHeadlineFigure as error:
+    except (NoHeadlineFigure, RecordError) as error:
         print(f"memlayers report: {error}", file=sys.stderr)
         return 2
     print(f"report: {path}")
-    if ref.storage:
-        print(f"report: {storage.upload(path, storage.join(ref.storage, 'report', 'report.html'))}")
+    record = StudyRecord.of_ref(ref)
+    if record.remote:
+        print(f"report: {storage.upload(path, record.location(REPORT_FILE))}")
     if args.figure is not None:
         print(f"headline figure: {args.figure}")
     return 0

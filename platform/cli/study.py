@@ -158,7 +158,7 @@ def run_validate(args: argparse.Namespace) -> int:
     if cells is None:
         return 2
     if args.json:
-        from memlayers.platform.study.controller import cell_row
+        from memlayers.platform.study.bookkeeping import cell_row
         print(json.dumps([cell_row(c) for c in cells], indent=1))
         return 0
     families = ", ".join(dict.fromkeys(c.family for c in cells))
@@ -265,14 +265,15 @@ def run_status(args: argparse.Namespace) -> int:
         name, uri = study.name, args.tracking_uri or study.tracking_uri()
         expected = [(c.id, c.name) for c in expand(study, account_budgets=False)]
     else:
-        from memlayers.platform.cluster.storage import join, read_text
+        from memlayers.platform.study.record import RecordError, StudyRecord
 
         ref = resolve_study(args.study, args.tracking_uri, storage=args.storage)
         name, uri = ref.name, ref.tracking_uri
-        table = ref.workdir / CELLS_FILE
-        text = read_text(join(ref.storage, CELLS_FILE)) if ref.storage else None
-        text = text if text is not None else table.read_text() if table.is_file() else None
-        expected = [(c["id"], c["name"]) for c in json.loads(text)] if text is not None else []
+        try:
+            expected = [(c["id"], c["name"]) for c in StudyRecord.of_ref(ref).read_json(CELLS_FILE) or []]
+        except RecordError as error:
+            print(f"memlayers study status: {error}", file=sys.stderr)
+            return 2
     runs = cell_runs(uri, name)
     names = dict(expected)
     for cell_id, cell_list in runs.items():

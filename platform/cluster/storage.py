@@ -10,7 +10,9 @@ pyarrow and boto3 read them (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRE
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -63,6 +65,11 @@ def study_root(storage: str, name: str) -> str:
     return join(storage, name)
 
 
+def study_folder(storage: Optional[str], name: str, workdir: Path | str) -> str:
+    """Where study (or run) `name` keeps its durable files: `<storage>/<name>`, or its workdir without storage."""
+    return study_root(storage, name) if storage else str(Path(workdir).resolve())
+
+
 def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """(file system, path inside it) for a storage URI or a local path."""
     path = local_path(uri)
@@ -71,7 +78,35 @@ def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+def write_local_atomic(path: Path, data: bytes) -> None:
+    """Write `path` so that a reader sees the old file or the whole new one, never a part: a temporary
+    file beside it, fsynced, renamed over it, and the folder fsynced so the rename survives a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write the whole of `data` to `uri`: atomically for a local path; an object store's key appears
+    only when its upload completes, and the content is complete before the upload starts."""
+    local = local_path(uri)
+    if local is not None:
+        write_local_atomic(local, data)
+        return
     fs, path = open_fs(uri)
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
@@ -109,8 +144,7 @@ def download(uri: str, local: Path) -> bool:
     data = read_bytes(uri)
     if data is None:
         return False
-    Path(local).parent.mkdir(parents=True, exist_ok=True)
-    Path(local).write_bytes(data)
+    write_local_atomic(Path(local), data)
     return True
 
 

@@ -4,15 +4,22 @@ TARGET is, in this order: a checkpoint folder (no run: nothing is logged); a stu
 (`*.yaml`) or the name of a study under ./runs/NAME, meaning the final checkpoint of every
 finished cell; or an MLflow run id (its final checkpoint, tag `checkpoint`), looked up at
 `--tracking-uri` (default: $MLFLOW_TRACKING_URI). Anything else is an EvalInputError naming it.
+
+A run's checkpoint is a local path or a storage URI (`s3://bucket/.../checkpoint_00000006` of a study
+with bucket storage); a target keeps it as written and `Target.checkpoint` is the local folder to load,
+a remote one downloaded (once per process and URI) where the target is evaluated: on whichever node
+the evaluation task runs.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from memlayers.platform.cluster import storage
 from memlayers.platform.eval.tasks import EvalInputError
 from memlayers.platform.study.progress import cell_runs, latest
 from memlayers.platform.study.ref import resolve_study
@@ -24,18 +31,42 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 @dataclass(frozen=True)
 class Target:
-    checkpoint: Path
+    location: str                       # the checkpoint folder: a local path or a storage URI
     run_id: str | None = None           # the MLflow run the scores are logged to (None: not logged)
     tracking_uri: str | None = None
     name: str = ""                      # the run's name, for tables
     logged: frozenset[str] = frozenset()  # metric keys the run already has
 
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint as a local folder (a remote one is downloaded on first use)."""
+        local = storage.local_path(self.location)
+        return local if local is not None else local_copy(self.location)
 
-def _checkpoint_of(run_id: str, tags: dict, where: str) -> Path:
-    path = tags.get(CHECKPOINT_TAG)
-    if not path:
+
+_COPIES: dict[str, tempfile.TemporaryDirectory] = {}  # uri -> this process's copy, removed when it exits
+
+
+def local_copy(uri: str) -> Path:
+    """The remote checkpoint folder `uri`, downloaded once per process into a temporary folder (not
+    shared between processes: a replayed step may replace a checkpoint under the same URI)."""
+    if uri not in _COPIES:
+        files = storage.list_files(uri)
+        if not files:
+            raise EvalInputError(f"checkpoint {uri}: no files there (deleted, or not readable with this "
+                                 "machine's storage credentials)")
+        copy = tempfile.TemporaryDirectory(prefix="memlayers-checkpoint-")
+        for relative in files:
+            storage.download(storage.join(uri, *relative.split("/")), Path(copy.name).joinpath(*relative.split("/")))
+        _COPIES[uri] = copy
+    return Path(_COPIES[uri].name)
+
+
+def _checkpoint_of(run_id: str, tags: dict, where: str) -> str:
+    location = tags.get(CHECKPOINT_TAG)
+    if not location:
         raise EvalInputError(f"{where}: run {run_id} has no final checkpoint (tag {CHECKPOINT_TAG!r})")
-    return Path(path)
+    return location
 
 
 def study_targets(ref: str, tracking_uri: str | None = None) -> list[Target]:
@@ -82,7 +113,7 @@ def resolve_targets(target: str, tracking_uri: str | None = None, root: Path | N
     """The checkpoints TARGET names (see the module docstring)."""
     path = Path(target)
     if path.is_dir() and (path / "meta.json").is_file():
-        return [Target(path.resolve(), name=path.name)]
+        return [Target(str(path.resolve()), name=path.name)]
     if path.suffix in (".yaml", ".yml"):
         return study_targets(target, tracking_uri)
     if "/" not in target and (Path(root or "runs") / target / "mlflow.db").is_file():

@@ -2,52 +2,43 @@
 
 The conventions (tags, roles, names) are `tracking/conventions.py`; this module applies them to a
 study: one parent run per study, reused when the study runs again; the study file and a table of
-its cells logged to it; a failed cell's run marked FAILED with its reason.
+its cells logged to it (and kept in the study's record); a failed cell's run marked FAILED with its reason.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
-from memlayers.platform.cluster import storage
 from memlayers.platform.study.cells import Cell
 from memlayers.platform.study.progress import cell_runs, latest
+from memlayers.platform.study.record import StudyRecord
 from memlayers.platform.study.schema import Study
 from memlayers.platform.tracking import client as tracking
 from memlayers.platform.tracking.client import client_for, search_runs, with_retry
+from memlayers.platform.tracking.runs import oldest
 from memlayers.platform.tracking.conventions import (CELLS_FILE, FAILURE_TAG, STORAGE_TAG, artifact_location, role_filter,
                                                      run_tags)
 
 
-def open_parent_run(study: Study, uri: str, workdir: Path) -> str:
-    """The study's parent run: the existing one (tag memlayers.role=study) or a new one."""
+def parent_run(study: Study, uri: str) -> str:
+    """The study's parent run: the oldest tagged memlayers.role=study, or a new one. Its status is
+    left as it is: the controller marks it RUNNING once it holds the study (lease.py)."""
     experiment_id = tracking.ensure_experiment(uri, study.name, artifact_location(uri, study.storage_root()))
-    runs = search_runs(uri, study.name, role_filter("study", study.name))
-    if runs:
-        run_id = min(runs, key=lambda r: r.info.start_time or 0).info.run_id
-        tracking.set_status(uri, run_id, "RUNNING")
-        return run_id
-    return tracking.create_run(uri, experiment_id, study.name, run_tags("study", study.name))
+    existing = oldest(search_runs(uri, study.name, role_filter("study", study.name)))
+    if existing is not None:
+        return existing
+    created = tracking.create_run(uri, experiment_id, study.name, run_tags("study", study.name))
+    # two controllers starting a new study at once each create one: both then take the oldest
+    return oldest(search_runs(uri, study.name, role_filter("study", study.name))) or created
 
 
-def log_definition(study: Study, cells: list[Cell], uri: str, run_id: str, workdir: Path) -> None:
+def log_definition(study: Study, cells: list[Cell], uri: str, run_id: str, record: StudyRecord) -> None:
     """The study file (as an artifact and `study.yaml`), its cells (`cells.json`) and its settings; the
     two files in the workdir and, with storage, in the study's storage folder too."""
     client = client_for(uri)
+    record.write_definition([cell_row(c) for c in cells])
     if study.file is not None:
-        shutil.copyfile(study.file, workdir / "study.yaml")
         with_retry(lambda: client.log_artifact(run_id, str(study.file)))
-    table = workdir / CELLS_FILE
-    table.write_text(json.dumps([cell_row(c) for c in cells], indent=1))
-    with_retry(lambda: client.log_artifact(run_id, str(table)))
-    root = study.storage_root()
-    if storage.local_path(root) != workdir.resolve():
-        for name in ("study.yaml", CELLS_FILE):
-            if (workdir / name).is_file():
-                storage.upload(workdir / name, storage.join(root, name))
-    tracking.set_tags(uri, run_id, {"cells": len(cells), "budget_kind": study.budget.kind, STORAGE_TAG: root,
+    with_retry(lambda: client.log_artifact(run_id, str(record.local(CELLS_FILE))))
+    tracking.set_tags(uri, run_id, {"cells": len(cells), "budget_kind": study.budget.kind, STORAGE_TAG: record.root,
                                     "lr_mode": "tuned" if study.lr.tune else "fixed"})
     tracking.log_params(uri, run_id, {"grid": {"bases": study.grid.bases, "families": study.grid.families,
                                                "memory_sizes": study.grid.memory_sizes,

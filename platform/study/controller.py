@@ -3,6 +3,8 @@
 `run_study(study, address=None)`:
 1. expands the study into cells (a word tokenizer's vocabulary, which the FLOP accounting needs,
    is built in a temporary directory) and refuses a budget that buys no step before creating anything;
+   takes the study (lease.py: a lock on its workdir, a lease on its parent run when controllers may
+   share no disk); a second controller of a running study is refused here, having started nothing;
 2. opens the MLflow store (default `sqlite:///<workdir>/mlflow.db`, artifacts in
    `<workdir>/mlartifacts`), the experiment named after the study and ONE parent run tagged
    `memlayers.role=study` (reused when the study is run again), and logs the study file;
@@ -15,14 +17,15 @@
    `failure_reason`) and the others go on. Progress lines are printed as cells start and finish;
 5. with an `eval` section, evaluates every finished cell without scores on its final checkpoint,
    one Ray task per cell (platform/eval/stage.py), and logs `eval/<task>/<metric>` to its run;
-6. fits the scaling laws (memlayers.platform.laws) and writes the report (a writer the CLI hands in),
-   each guarded: if one is missing or fails, a warning and the table of results are printed.
+6. fits the scaling laws and checks the claims (record.fit_and_record) and writes the report (a writer
+   the CLI hands in), each guarded: if one is missing or fails, a warning and the table of results are
+   printed; the claims printed last are this fit's, never an earlier file's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,26 +33,22 @@ from typing import Callable, Optional
 
 import memlayers
 import ray
-from memlayers.config_schema import to_dict
-from memlayers.platform.cluster import storage
 from memlayers.platform.cluster.reaper import reaper
 from memlayers.platform.cluster.session import ray_cluster, ray_env
 from memlayers.platform.cluster.visibility import shared_problems
-from memlayers.platform.laws.claims import check_claims, claim_line
-from memlayers.platform.laws.io import dumps
-from memlayers.platform.laws.study import fit_study
 from memlayers.platform.finetune.cells import pretrain_sources
-from memlayers.platform.study.bookkeeping import log_definition, open_parent_run, record_failure
+from memlayers.platform.study.bookkeeping import log_definition, parent_run, record_failure
 from memlayers.platform.study.cells import Cell, expand
-from memlayers.platform.study.data_prep import prepare_study_data
+from memlayers.platform.study.lease import Holder, Lease, file_lock
 from memlayers.platform.study.progress import ProgressPrinter, cell_runs, cell_states, latest, summary_line
+from memlayers.platform.study.record import Fitted, StudyRecord, fit_and_record, print_claims
 from memlayers.platform.study.ref import StudyRef
 from memlayers.platform.study.schema import Study, StudyError
 from memlayers.platform.study.trials import run_jobs
 from memlayers.platform.study.tuning import tune_learning_rates
 from memlayers.platform.tracking import client as tracking
+from memlayers.platform.tracking.conventions import is_remote
 from memlayers.platform.tracking.retry import wait_for_tracking
-from memlayers.platform.tracking.runs import load_study_rows, log_laws_artifact
 
 # The report writer is handed in by the CLI (dashboards sit above platform): StudyRef -> path or None.
 ReportWriter = Callable[[StudyRef], Optional[Path]]
@@ -90,10 +89,23 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
             raise StudyError(problems)
     workdir.mkdir(parents=True, exist_ok=True)
     wait_for_tracking(uri, out=out)  # a tracking server restarting: wait (bounded) rather than fail the study
-    prepare_study_data(study, cells, uri, out)  # before any cell: once, as far as the largest cell reads
+    record, me = StudyRecord.of_study(study), Holder.me()
+    with file_lock(study.name, workdir, me):
+        parent = parent_run(study, uri)
+        shared = is_remote(uri) or record.remote  # controllers that share no workdir meet on the parent run
+        with Lease(study.name, uri, parent, me, out=out) if shared else contextlib.nullcontext():
+            return _run_held(study, record, cells, parent, address=address, num_cpus=num_cpus, out=out,
+                             fit=fit, report=report, poll_interval=poll_interval)
+
+
+def _run_held(study: Study, record: StudyRecord, cells: list[Cell], parent: str, *, address: str | None,
+              num_cpus: int | None, out: Callable[[str], None], fit: bool, report: Optional[ReportWriter],
+              poll_interval: float) -> StudyResult:
+    """Steps 2-6 of the module docstring, by the controller that holds the study."""
+    workdir, uri = record.workdir, record.tracking_uri
     out(f"study {study.name}: memlayers {memlayers.__version__} from {Path(memlayers.__file__).parent}")
-    parent = open_parent_run(study, uri, workdir)
-    log_definition(study, cells, uri, parent, workdir)
+    tracking.set_status(uri, parent, "RUNNING")
+    log_definition(study, cells, uri, parent, record)
     runs = cell_runs(uri, study.name)
     states = cell_states([c.id for c in cells], runs)
     todo = [c for c in cells if states[c.id] != "done"]
@@ -104,7 +116,7 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
     if todo:
         starts_ray, started = address is None and not ray.is_initialized(), time.time()
         with ray_cluster(address, num_cpus=num_cpus), reaper(since=started, enabled=starts_ray):
-            lrs = _learning_rates(study, todo, workdir, uri, parent, out)
+            lrs = _learning_rates(study, todo, workdir, uri, parent, out, record.root)
             jobs = {}
             for cell in todo:
                 previous = latest(runs.get(cell.id, []))
@@ -120,7 +132,7 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
             lost = "the trial reported nothing"
             with ProgressPrinter(uri, study.name, todo, out, poll_interval):
                 try:
-                    results = run_jobs(jobs, workdir=workdir, label="cells", storage_root=study.storage_root())
+                    results = run_jobs(jobs, workdir=workdir, label="cells", storage_root=record.root)
                 except Exception as error:  # Tune itself failed: every cell still ends finished or failed
                     lost = f"the trials ended early: {type(error).__name__}: {error}".splitlines()[0][:500]
                     out(f"warning: {lost}")
@@ -141,65 +153,51 @@ def run_study(study: Study, address: str | None = None, *, num_cpus: int | None 
         from memlayers.platform.eval.stage import run_eval_stage  # deferred: lm_eval only for a study with eval
         with ray_cluster(address, num_cpus=num_cpus):
             run_eval_stage(study.name, uri, study.eval, out)
-    if fit and study.fit.enabled:
-        result.laws = fit_laws(study, uri, workdir, parent, out)
+    fitted = fit_laws(record, out) if fit and study.fit.enabled else None
+    result.laws = fitted.where if fitted is not None else None
     if report is not None and study.report:
-        result.report = write_report(report, study, workdir, uri, out)
+        result.report = write_report(report, record, out)
     _print_locations(result, out)
-    _print_claims(workdir / "laws" / "laws.json", out)
+    if fit and study.fit.enabled:
+        print_claims(fitted.laws if fitted is not None else None, out)
     return result
 
 
 def _learning_rates(study: Study, todo: list[Cell], workdir: Path, uri: str, parent: str,
-                    out: Callable[[str], None]) -> dict:
+                    out: Callable[[str], None], root: str) -> dict:
     if not study.lr.tune:
         return {}
     return tune_learning_rates(study, todo, workdir=workdir, tracking_uri=uri, parent_run_id=parent, out=out,
                                run_jobs=lambda jobs: run_jobs(jobs, workdir=workdir, label="tuning",
-                                                              storage_root=study.storage_root()))
+                                                              storage_root=root))
 
 
-def fit_laws(study: Study, uri: str, workdir: Path, parent: str, out: Callable[[str], None]) -> Optional[Path | str]:
-    """Fit the study's laws to its finished runs into `<workdir>/laws/laws.json` (logged to the
-    parent run, copied to the study's storage folder); on any problem print a warning and the
-    table of results instead."""
+def fit_laws(record: StudyRecord, out: Callable[[str], None]) -> Optional[Fitted]:
+    """The study's laws and claims, fitted and recorded (record.fit_and_record); on any problem a
+    warning and the table of results instead, and None: no earlier verdict is passed off as this one."""
     try:
-        rows = load_study_rows(study.name, uri, workdir)
-        laws = fit_study(rows, bootstrap=study.fit.bootstrap)
-        keep = {"compute": ("compute_laws", "multipliers"), "memory": ("memory_laws",), "recall": ("memory_laws",)}
-        wanted = {section for law in study.fit.laws for section in keep[law]}
-        for section in ("compute_laws", "multipliers", "memory_laws"):
-            if section not in wanted:
-                laws.pop(section, None)
-        laws["claims"] = check_claims(rows, [to_dict(c) for c in study.fit.claims],
-                                      bootstrap=max(study.fit.bootstrap, 1000))
-        laws["provenance"] = {"study": study.name, "tracking_uri": uri, "parent_run_id": parent,
-                              "laws": list(study.fit.laws)}
-        path = workdir / "laws" / "laws.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(dumps(laws) + "\n")
-        try:
-            log_laws_artifact(study.name, uri, path, run_id=parent)
-        except Exception as error:  # the file is what matters; the artifact is a copy
-            out(f"warning: laws.json not logged to MLflow ({type(error).__name__}: {error})")
-        for name, entry in laws.get("compute_laws", {}).items():
-            out(f"  compute law {name}: " + (f"skipped ({entry['skipped']})" if "skipped" in entry else
-                                             ", ".join(f"{k}={v:.4g}" for k, v in entry["params"].items())))
-        return storage.publish(path, workdir, study.storage_root())
+        fitted = fit_and_record(record)
     except Exception as error:
         out(f"warning: scaling-law fit unavailable ({type(error).__name__}: {error}); the results:")
-        for line in results_table(study.name, uri):
+        for line in results_table(record.name, record.tracking_uri):
             out(line)
         return None
+    for line in [fitted.warning, *fitted.laws.get("notes", [])]:
+        if line:
+            out(f"warning: {line}")
+    for name, entry in fitted.laws.get("compute_laws", {}).items():
+        out(f"  compute law {name}: " + (f"skipped ({entry['skipped']})" if "skipped" in entry else
+                                         ", ".join(f"{k}={v:.4g}" for k, v in entry["params"].items())))
+    return fitted
 
 
-def write_report(writer: ReportWriter, study: Study, workdir: Path, uri: str,
-                 out: Callable[[str], None]) -> Optional[Path | str]:
+def write_report(writer: ReportWriter, record: StudyRecord, out: Callable[[str], None]) -> Optional[Path | str]:
     """The HTML report by `writer` (copied to the study's storage folder); a failure is a warning,
     never the end of the study."""
     try:
-        path = writer(StudyRef(study.name, workdir, uri, study.file))
-        return storage.publish(Path(path), workdir, study.storage_root()) if path else None
+        path = writer(StudyRef(record.name, record.workdir, record.tracking_uri, record.file,
+                               record.root if record.remote else None))
+        return record.publish(Path(path)) if path else None
     except Exception as error:
         out(f"warning: report not written ({type(error).__name__}: {error})")
         return None
@@ -221,12 +219,3 @@ def _print_locations(result: StudyResult, out: Callable[[str], None]) -> None:
         f"browse with `memlayers dashboard {result.name}`")
     out(f"fitted laws: {result.laws if result.laws else 'not fitted (see above)'}")
     out(f"report: {result.report if result.report else 'not written (see above)'}")
-
-
-def _print_claims(laws_path: Path, out: Callable[[str], None]) -> None:
-    """The study's claims, last, one line each: what holds and what does not."""
-    claims = json.loads(laws_path.read_text()).get("claims", []) if laws_path.is_file() else []
-    if claims:
-        out(f"claims ({sum(c['holds'] for c in claims)}/{len(claims)} hold in every seed):")
-        for claim in claims:
-            out(f"  {claim['id']}: {claim_line(claim)}")

@@ -41,7 +41,7 @@ def cell_runs(tracking_uri: str, study: str, role: str = "cell") -> dict[str, li
     """The study's runs of `role` by cell id (tuning runs by their group), oldest first."""
     runs = search_runs(tracking_uri, study, role_filter(role, study))
     by_cell: dict[str, list[CellRun]] = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+    for run in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
         tags = run.data.tags
         key = tags.get("cell") or tags.get("tuning_group") or run.info.run_id
         by_cell.setdefault(key, []).append(CellRun(run.info.run_id, key, tags.get(RUN_NAME_TAG, ""),
@@ -51,7 +51,8 @@ def cell_runs(tracking_uri: str, study: str, role: str = "cell") -> dict[str, li
 
 
 def latest(runs: list[CellRun]) -> Optional[CellRun]:
-    """The run that speaks for a cell: a finished one if any, else the newest."""
+    """The run that speaks for a cell: the finished one started last if any (ties: the larger run id,
+    as the fit picks in `tracking.runs.load_study_rows`), else the newest."""
     finished = [r for r in runs if r.status == "FINISHED"]
     return (finished or runs or [None])[-1]
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 from memlayers.config_schema import ConfigError, to_dict
 from memlayers.models.config import MEMORY_FAMILIES
-from memlayers.platform.cluster.storage import study_root
+from memlayers.platform.cluster.storage import study_folder
 from memlayers.platform.data.config import DataConfig
 from memlayers.platform.finetune.config import FinetuneConfig
 from memlayers.platform.tracking.conventions import sqlite_uri
@@ -266,7 +266,7 @@ class Study:
 
     def storage_root(self) -> str:
         """The study's one folder for durable files: `<storage>/<name>`, or its workdir without storage."""
-        return study_root(self.storage, self.name) if self.storage else str(self.workdir_path())
+        return study_folder(self.storage, self.name, self.workdir_path())
 
     def family_grid(self, family: str) -> FamilyGrid:
         """The grid of one family with its overrides applied."""

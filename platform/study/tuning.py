@@ -6,7 +6,9 @@ where it stopped). Trials train the group's first cell for `lr.steps` steps at a
 `lr.range` and minimise `lr.metric` (the final `val_loss`, falling back to the training `loss`).
 Trials of all groups run together, one round at a time, through the controller's job runner; each is
 an MLflow run tagged `memlayers.role=tuning` under the study's parent run (not a cell). A trial left
-running by a killed driver is marked failed in Optuna and KILLED in MLflow on the next start.
+running by a killed driver is marked failed in Optuna and KILLED in MLflow on the next start: only the
+controller that holds the study tunes (lease.py), so a RUNNING tuning run it finds is a dead one's, never
+a live controller's.
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ def tune_learning_rates(study: Study, cells: list[Cell], *, workdir: Path, track
 
 
 def _kill_stale_runs(study: Study, tracking_uri: str) -> None:
-    """Tuning runs a killed driver left RUNNING are KILLED (their trials are failed in Optuna)."""
+    """Tuning runs a killed driver left RUNNING are KILLED (their trials are failed in Optuna); called
+    by the controller holding the study, so no live controller's run is among them."""
     for runs in cell_runs(tracking_uri, study.name, role="tuning").values():
         for run in runs:
             if run.status == "RUNNING":

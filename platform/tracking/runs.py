@@ -4,18 +4,18 @@ A study's runs live in the MLflow experiment named after the study. Each finishe
 tags `memlayers.role=cell`, `study`, `cell`, `family`, `base`, `memory_slots`, `experts`,
 `train_flops`, `total_params`, `active_params` and final metrics `val_loss`, `qa_exact_match`,
 `qa_answer_nll` (recall metrics may be missing). The study's parent run is tagged
-`memlayers.role=study`. Fits and reports read the runs of the cells the study defines now
-(`<workdir>/cells.json`), not those of an earlier version of its file.
+`memlayers.role=study`. Which cells are current is the study record's to say (`study/record.py`);
+fits and reports pass their ids here.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+from typing import Iterable
 
 from memlayers.platform.tracking.client import client_for, search_all_runs
-from memlayers.platform.tracking.conventions import CELLS_FILE, EVAL_PREFIX, role_filter
+from memlayers.platform.tracking.conventions import EVAL_PREFIX, role_filter
 
 METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll",
            "new_qa_exact_match", "old_qa_exact_match", "forgetting")  # the last 3: finetuning cells
@@ -56,34 +56,56 @@ def run_to_row(run) -> dict:
     return row
 
 
-def load_study_rows(experiment_name: str, tracking_uri: str, workdir: Path | str | None = None) -> list[dict]:
-    """Rows of the finished cell runs of the experiment `experiment_name`.
+def _speaks_for_its_cell(run) -> tuple:
+    """The order in which a cell's FINISHED runs are ranked: the one started last (ties: the larger
+    run id) speaks for the cell, as in `study status` and the eval stage (`study.progress.latest`)."""
+    return (run.info.start_time or 0, run.info.run_id)
 
-    With `workdir` holding a `cells.json` (the study's current definition), only the runs of
-    those cells: a study whose file changed keeps its earlier cells' runs in the same experiment,
-    and laws or claims fitted over both would mix two designs."""
+
+def load_study_rows(experiment_name: str, tracking_uri: str, *, cells: Iterable[str] | None = None,
+                    notes: list[str] | None = None) -> list[dict]:
+    """Rows of the finished cell runs of the experiment `experiment_name`, one per cell.
+
+    `cells` (the ids of the study's current cells) keeps only their runs: a study whose file changed
+    keeps its earlier cells' runs in the same experiment, and laws or claims fitted over both would
+    mix two designs. A cell with several FINISHED runs (two controllers of one study, before the
+    study lock) is fitted once, on the run `_speaks_for_its_cell` picks; each such choice is
+    appended to `notes`."""
     client = client_for(tracking_uri)
     experiment_id = _experiment_id(client, experiment_name, tracking_uri)
     runs = search_all_runs(client, experiment_id, role_filter("cell") + " and attributes.status = 'FINISHED'")
-    rows = [run_to_row(run) for run in runs]
-    table = Path(workdir) / CELLS_FILE if workdir is not None else None
-    if table is not None and table.is_file():
-        current = {cell["id"] for cell in json.loads(table.read_text())}
-        rows = [row for row in rows if row["cell"] in current]
+    current = set(cells) if cells is not None else None
+    by_cell: dict[str, list] = {}
+    for run in sorted(runs, key=_speaks_for_its_cell):
+        cell = run.data.tags.get("cell") or run.info.run_id
+        if current is None or cell in current:
+            by_cell.setdefault(cell, []).append(run)
+    rows = []
+    for cell, found in by_cell.items():
+        chosen = found[-1]
+        if len(found) > 1 and notes is not None:
+            others = ", ".join(r.info.run_id for r in found[:-1])
+            notes.append(f"cell {cell}: {len(found)} FINISHED runs; fitted {chosen.info.run_id} "
+                         f"(started last), left out {others}")
+        rows.append(run_to_row(chosen))
     return rows
 
 
 def parent_run_id(experiment_name: str, tracking_uri: str) -> str | None:
-    """The study's parent run (tag memlayers.role=study), newest first; None if there is none."""
+    """The study's parent run (tag memlayers.role=study): the oldest, the one the controller reuses;
+    None if there is none."""
     client = client_for(tracking_uri)
     runs = search_all_runs(client, _experiment_id(client, experiment_name, tracking_uri), role_filter("study"))
-    if not runs:
-        return None
-    return max(runs, key=lambda r: r.info.start_time or 0).info.run_id
+    return oldest(runs)
+
+
+def oldest(runs: list) -> str | None:
+    """The run id of the run started first (ties: the smaller id); None for no runs."""
+    return min(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)).info.run_id if runs else None
 
 
 def log_laws_artifact(experiment_name: str, tracking_uri: str, path: str | Path,
-                      artifact_path: str = "laws", run_id: str | None = None) -> str | None:
+                      artifact_path: str, run_id: str | None = None) -> str | None:
     """Log the file `path` under `artifact_path` of the study's parent run (or `run_id`);
     returns the run id, or None when the study has no parent run."""
     run_id = run_id or parent_run_id(experiment_name, tracking_uri)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlayers.models.presets import memory_size_name
-from memlayers.platform.cluster.storage import join, study_root
+from memlayers.platform.cluster.storage import join, study_folder
 from memlayers.platform.data.build import run_need
 from memlayers.platform.data.prepare import PreparedData, open_prepared
 from memlayers.platform.data.tracked import prepare_tracked
@@ -80,7 +80,7 @@ def data_need(cfg: RunConfig, vocab_size: int) -> int | None:
 
 def storage_root(cfg: RunConfig, workdir: Path) -> str:
     """The run's folder for durable files: `<storage>/<experiment or name>`, or its workdir."""
-    return study_root(cfg.storage, cfg.tracking.experiment or cfg.name) if cfg.storage else str(workdir)
+    return study_folder(cfg.storage, cfg.tracking.experiment or cfg.name, workdir)
 
 
 @dataclass

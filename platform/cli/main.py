@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("memlayers.platform.cli.study", "validate, run, submit and inspect studies"),
     "data": ("memlayers.platform.cli.data", "tokenize a study's corpus once into shards in storage (Ray Data)"),
     "fit": ("memlayers.platform.cli.fit", "fit scaling laws to a CSV or a study's runs"),
+    "predict": ("memlayers.platform.cli.predict", "the loss of (N, M, D) under a fitted joint law, with its interval"),
+    "plan": ("memlayers.platform.cli.plan", "the compute-optimal (N, M, D) for a budget under a fitted joint law"),
     "report": ("memlayers.platform.cli.report", "write a study's HTML report"),
     "dashboard": ("memlayers.platform.cli.dashboard", "serve the MLflow UI over a study's store"),
     "eval": ("memlayers.platform.cli.eval", "downstream tasks (nq_open, triviaqa, facts_qa, lm_eval's) on checkpoints"),

@@ -33,14 +33,14 @@ from memlayers.platform.laws.chinchilla import fit_chinchilla, grid_starts
 from memlayers.platform.laws.chinchilla import problem as chinchilla_problem
 from memlayers.platform.laws.holdout import choose, held_out_errors
 from memlayers.platform.laws.joint_forms import DENSE, FORMS, Form, Inputs, dense_loss, dense_params, form
-from memlayers.platform.laws.logfit import bootstrap_theta, fit_starts
+from memlayers.platform.laws.logfit import bootstrap_theta, fit_starts, one_blas_thread, polish
 from memlayers.platform.laws.result import FITTER_VERSION
 
 KIND = "memlayers.joint_law"
 VERSION = 1
-N_GRID_STARTS = 8   # seeded Chinchilla-grid points crossed with a form's memory starts
+N_GRID_STARTS = 3   # seeded Chinchilla-grid points crossed with a form's memory starts
 MIN_MEMORY_SIZES = 3
-REFIT_STARTS = 2
+SCREEN_ITER = 200
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,10 @@ def starts_for(points: Points, f: Form, seed_Q: np.ndarray, seed: int) -> np.nda
 
 
 def _fit_theta(points: Points, f: Form, starts: np.ndarray, n_polish: int = 3) -> tuple[np.ndarray, float]:
-    best = fit_starts(points.problem(f), starts, bounds=f.bounds if points.has_memory else None, n_polish=n_polish)
+    if not points.has_memory:  # Chinchilla's own procedure, as `fit_chinchilla` runs it
+        best = fit_starts(points.problem(f), starts, n_polish=n_polish)
+    else:  # batched screening only: the best starts are then polished by scipy's L-BFGS-B
+        best = fit_starts(points.problem(f), starts, bounds=f.bounds, n_polish=n_polish, max_iter=SCREEN_ITER)
     return best.theta_Q, best.objective
 
 
@@ -200,21 +203,20 @@ def fit_form(points: Points, f: Form, seed_Q: np.ndarray, *, bootstrap: int = 0,
         entry["bootstrap"] = {"replicates": bootstrap, "seed": seed, "level": level,
                               "method": "percentile, resampling points"}
     if held_out:
-        # warm starts: the full fit and REFIT_STARTS of the fit's own starts (seeded)
-        rest = starts[np.random.default_rng(seed).choice(len(starts), REFIT_STARTS, replace=False)]
-        refit_starts = np.vstack([theta[None, :], rest])
-        entry["held_out"] = held_out_errors(lambda train: _refit(points, f, train, refit_starts),
+        entry["held_out"] = held_out_errors(lambda train: _refit(points, f, train, theta),
                                             points.n, points.d, points.loss)
     return entry
 
 
-def _refit(points: Points, f: Form, train: np.ndarray, starts: np.ndarray):
-    """The form refitted on the `train` points; its predictor of held-out masks."""
+@one_blas_thread
+def _refit(points: Points, f: Form, train: np.ndarray, theta: np.ndarray):
+    """The form refitted on the `train` points from the full fit's optimum (scipy's L-BFGS-B, as
+    the polish of every fit); its predictor of held-out masks."""
     sub = points.subset(train)
     if points.has_memory and not sub.has_memory:
         raise ValueError("no memory rows left to fit on")
-    checks.enough_points(int(train.sum()), starts.shape[1], "joint (held out)")
-    theta_sub, _ = _fit_theta(sub, f, starts, n_polish=1)  # warm-started: one basin to polish
+    checks.enough_points(int(train.sum()), theta.size, "joint (held out)")
+    theta_sub, _ = polish(sub.problem(f), theta, f.bounds if points.has_memory else None)
     entry = {"form": f.name, "params": _params(f, theta_sub, not points.has_memory)}
     law = points_law(points)
     return lambda held: predict(entry, law, points.n[held], points.m[held], points.d[held])

@@ -9,7 +9,8 @@ two moments), the dense part replicated on each GPU and the value tables sharded
 GPUs (memory parallelism), within USABLE_FRACTION of the GPU's memory (the rest is left to
 activations and workspace, which are not modelled):
     BYTES_PER_PARAM·(N + M / gpus) ≤ USABLE_FRACTION·gpu_memory,   and M ≤ --max-memory-params.
-The optimum is found by a zooming grid search in (log N, log M) on the feasible set, for the
+The optimum is found by a zooming grid search over log N and the share of the memory that fits
+beside N (log scale), for the
 fitted law and each bootstrap replicate at once (its intervals), beside the dense optimum
 (M = 0, same constraint) and, when the law file has an MoE fit, the MoE optimum (its memory
 use is not checked: the file records no expert count). `dense_compute` inverts the dense
@@ -74,35 +75,32 @@ class Constraints:
     def bytes_per_gpu(self, n, m) -> np.ndarray:
         return BYTES_PER_PARAM * (np.asarray(n, float) + np.asarray(m, float) / self.gpus)
 
-    def m_max(self) -> float:
-        by_memory = self.gpus * (self.capacity_params - MIN_PARAMS)
-        return by_memory if self.max_memory_params is None else min(by_memory, self.max_memory_params)
-
     def as_dict(self) -> dict:
         return {"gpu_memory_bytes": self.gpu_memory, "gpus": self.gpus, "max_memory_params": self.max_memory_params,
                 "bytes_per_param": BYTES_PER_PARAM, "usable_fraction": USABLE_FRACTION}
 
 
-def _zoom(loss_fn, compute: float, box: np.ndarray, feasible) -> tuple[np.ndarray, np.ndarray]:
-    """Minimise loss_fn(N, M, D) over log N (and log M when box has two rows) for R parameter sets.
+def _zoom(loss_fn, compute: float, box: np.ndarray, to_nm) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise loss_fn(N, M, D) over a box of search variables for R parameter sets.
 
-    box (R, V, 2): per set and variable, [low, high]. Returns the best (R, V) and its loss (R,).
+    box (R, V, 2): per set and variable (V = 1 or 2), [low, high]; `to_nm(x, y)` maps the variables
+    (y = None for one) to (N, M), infeasible points to N = NaN. Returns the best (R, V), its loss (R,).
     """
     n_sets, n_vars = box.shape[:2]
     lo, hi = box[..., 0].copy(), box[..., 1].copy()
     axes = np.linspace(0.0, 1.0, GRID)
+    rows = np.arange(n_sets)
     for _ in range(ZOOMS):
         x = lo[:, 0, None, None] + (hi - lo)[:, 0, None, None] * axes[None, :, None]
-        y = (lo[:, 1, None, None] + (hi - lo)[:, 1, None, None] * axes[None, None, :]) if n_vars == 2 \
-            else np.full((n_sets, 1, 1), -np.inf)
-        n, m = np.exp(x), np.exp(y)
+        y = (lo[:, 1, None, None] + (hi - lo)[:, 1, None, None] * axes[None, None, :]) if n_vars == 2 else None
+        n, m = to_nm(x, y)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             loss = loss_fn(n, m, compute / (6.0 * n))
-        loss = np.where(feasible(n, m) & np.isfinite(loss), loss, np.inf)
+        loss = np.where(np.isfinite(loss), loss, np.inf)
         flat = loss.reshape(n_sets, -1).argmin(axis=1)
         i, j = np.unravel_index(flat, loss.shape[1:])
-        best = np.stack([x[np.arange(n_sets), i, 0], y[np.arange(n_sets), 0, j]], axis=1)[:, :n_vars]
-        best_loss = loss.reshape(n_sets, -1)[np.arange(n_sets), flat]
+        best = np.stack([x[rows, i, 0]] + ([y[rows, 0, j]] if n_vars == 2 else []), axis=1)
+        best_loss = loss.reshape(n_sets, -1)[rows, flat]
         step = (hi - lo) / (GRID - 1)
         lo, hi = np.maximum(best - 2 * step, box[..., 0]), np.minimum(best + 2 * step, box[..., 1])
     return best, best_loss
@@ -110,23 +108,29 @@ def _zoom(loss_fn, compute: float, box: np.ndarray, feasible) -> tuple[np.ndarra
 
 def _search(loss_fn, compute: float, constraints: Constraints, n_sets: int, memory: bool,
             check_memory: bool = True) -> dict[str, np.ndarray]:
-    """Best (N, M, D, loss) per parameter set: with a memory (M > 0) or dense (M = 0)."""
+    """Best (N, M, D, loss) per parameter set: with a memory (M > 0) or dense (M = 0).
+
+    The variables are log N and log u, M = u·M_avail(N) with M_avail the most memory that fits
+    beside N: the feasible set is then a box, so an optimum on the memory constraint (u = 1) lies
+    on an edge of every zoom's grid rather than between its points.
+    """
     n_hi = min(compute / (6.0 * MIN_TOKENS), constraints.capacity_params if check_memory else np.inf)
     if n_hi <= MIN_PARAMS:
         raise ValueError(f"--compute: {compute:.3g} FLOPs leave no model of at least {MIN_PARAMS:.0f} parameters "
                          f"and {MIN_TOKENS:.0f} tokens within the memory given")
-    rows = [[np.log(MIN_PARAMS), np.log(n_hi)]]
-    if memory:
-        m_hi = constraints.m_max()
-        rows.append([np.log(m_hi) - MEMORY_DECADES * np.log(10.0), np.log(m_hi)])
+    rows = [[np.log(MIN_PARAMS), np.log(n_hi)]] + ([[-MEMORY_DECADES * np.log(10.0), 0.0]] if memory else [])
 
-    def feasible(n, m):
-        fits = constraints.bytes_per_gpu(n, m) <= BYTES_PER_PARAM * constraints.capacity_params * (1 + 1e-12)
-        return fits if check_memory else np.ones_like(fits)
+    def m_avail(n):
+        room = constraints.gpus * np.maximum(constraints.capacity_params - n, 0.0)
+        limit = constraints.max_memory_params
+        return room if limit is None else np.minimum(room, limit)
 
-    best, loss = _zoom(loss_fn, compute, np.broadcast_to(np.array(rows), (n_sets, len(rows), 2)).copy(), feasible)
-    n = np.exp(best[:, 0])
-    m = np.exp(best[:, 1]) if memory else np.zeros(n_sets)
+    def to_nm(x, y):
+        n = np.exp(x)
+        return n, (np.exp(y) * m_avail(n) if y is not None else np.zeros_like(n))
+
+    best, loss = _zoom(loss_fn, compute, np.broadcast_to(np.array(rows), (n_sets, len(rows), 2)).copy(), to_nm)
+    n, m = to_nm(best[:, 0], best[:, 1] if memory else None)
     return {"n": n, "m": m, "d": compute / (6.0 * n), "loss": loss}
 
 

@@ -75,7 +75,7 @@ class SourceConfig:
 class FinetuneConfig:
     """The `finetune:` section of a study file."""
 
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)  # the pretrained checkpoints; each x every method
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # memory methods skip dense sources
     new_people: int = 500               # people not in pretraining, same relations
     renderings: int = 40                # training documents per new person
@@ -85,7 +85,7 @@ class FinetuneConfig:
     lr: dict[str, float] = field(default_factory=dict)        # method -> lr of its non-value weights
     value_lr: dict[str, float] = field(default_factory=dict)  # method -> lr of its value rows
     old_qa_items: int = 1000            # pretraining QA pairs scored for retention per evaluation
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the adapters of method lora
 
     def validate(self, path: str = "finetune") -> None:
         require(bool(self.sources), f"{path}.sources", "name at least one source checkpoint")

@@ -4,9 +4,6 @@
                   [--d COL] [--drop-highest 5] [--bootstrap 1000] [--seed S] [--json] [--out DIR]
     memlayers fit --csv FILE --law compute --c COL --loss COL
     memlayers fit --csv FILE --law memory|recall --m COL --loss COL [--floor F]
-    memlayers fit --law joint (--csv FILE --n COL [--m COL] --d COL|--c COL --loss COL | --study NAME|FILE)
-                  [--out DIR]   (DIR/joint.json; see cli/joint_fit.py)
-    ... [--format md|latex|csv]   the fitted parameters as a table for a paper
     memlayers fit --study NAME|FILE [--tracking-uri URI] [--storage URI] [--out DIR] [--bootstrap B] [--json]
 
 --study fits the laws and checks the claims of the study's definition (the file, else the `study.yaml`
@@ -27,7 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-LAWS = ("chinchilla", "compute", "memory", "recall", "joint")
+LAWS = ("chinchilla", "compute", "memory", "recall")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +35,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", metavar="COL", help="column of model sizes N (parameters)")
     parser.add_argument("--d", metavar="COL", help="column of training tokens D (default C / (6N) from --c)")
     parser.add_argument("--c", metavar="COL", help="column of training compute C (FLOPs)")
-    parser.add_argument("--m", metavar="COL", help="column of memory sizes M (slots) for memory/recall laws; "
-                                                  "memory parameters for --law joint")
-    parser.add_argument("--family", default="memory_plus", help="--law joint --study: the memory family fitted "
-                                                                 "with the dense cells (default memory_plus)")
-    parser.add_argument("--format", choices=("md", "latex", "csv"),
-                        help="print the fitted parameters as a table (Markdown, LaTeX or CSV) instead of text")
+    parser.add_argument("--m", metavar="COL", help="column of memory sizes M (slots) for memory/recall laws")
     parser.add_argument("--loss", metavar="COL", default="loss", help="column of the fitted quantity (default loss)")
     parser.add_argument("--floor", type=float, help="recall law: fix the floor (e.g. the dense model's recall)")
     parser.add_argument("--drop-highest", type=int, default=0, metavar="K",
@@ -63,13 +55,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.bootstrap is not None and args.bootstrap < 0:
             raise ValueError(f"--bootstrap: must be >= 0, got {args.bootstrap}")
-        if args.law == "joint":
-            from memlayers.platform.cli.joint_fit import run_joint
-
-            return run_joint(args)
         if args.study:
-            if args.format:
-                raise ValueError("--format: prints a --csv fit or --law joint; a study's laws are in laws.json")
             return run_study(args)
         args.bootstrap = args.bootstrap or 0
         return run_csv(args)
@@ -143,10 +129,6 @@ def run_csv(args: argparse.Namespace) -> int:
     written = save_fit(fit, args.out, inputs, observed) if args.out else []
     if args.json:
         print(dumps(fit.to_dict(), indent=None))
-    elif args.format:
-        from memlayers.platform.cli.tables import law_rows, render
-
-        print(render(law_rows(fit.law, fit.params, fit.intervals), args.format))
     else:
         print(summary(fit))
         for path in written:

@@ -4,6 +4,9 @@
                   [--d COL] [--drop-highest 5] [--bootstrap 1000] [--seed S] [--json] [--out DIR]
     memlayers fit --csv FILE --law compute --c COL --loss COL
     memlayers fit --csv FILE --law memory|recall --m COL --loss COL [--floor F]
+    memlayers fit --law joint (--csv FILE --n COL [--m COL] --d COL|--c COL --loss COL | --study NAME|FILE)
+                  [--out DIR]   (DIR/joint.json; see cli/joint_fit.py)
+    ... [--format md|latex|csv]   the fitted parameters as a table for a paper
     memlayers fit --study NAME|FILE [--tracking-uri URI] [--storage URI] [--out DIR] [--bootstrap B] [--json]
 
 --study fits the laws and checks the claims of the study's definition (the file, else the `study.yaml`
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-LAWS = ("chinchilla", "compute", "memory", "recall")
+LAWS = ("chinchilla", "compute", "memory", "recall", "joint")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +38,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", metavar="COL", help="column of model sizes N (parameters)")
     parser.add_argument("--d", metavar="COL", help="column of training tokens D (default C / (6N) from --c)")
     parser.add_argument("--c", metavar="COL", help="column of training compute C (FLOPs)")
-    parser.add_argument("--m", metavar="COL", help="column of memory sizes M (slots) for memory/recall laws")
+    parser.add_argument("--m", metavar="COL", help="column of memory sizes M (slots) for memory/recall laws; "
+                                                  "memory parameters for --law joint")
+    parser.add_argument("--family", default="memory_plus", help="--law joint --study: the memory family fitted "
+                                                                 "with the dense cells (default memory_plus)")
+    parser.add_argument("--format", choices=("md", "latex", "csv"),
+                        help="print the fitted parameters as a table (Markdown, LaTeX or CSV) instead of text")
     parser.add_argument("--loss", metavar="COL", default="loss", help="column of the fitted quantity (default loss)")
     parser.add_argument("--floor", type=float, help="recall law: fix the floor (e.g. the dense model's recall)")
     parser.add_argument("--drop-highest", type=int, default=0, metavar="K",
@@ -55,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.bootstrap is not None and args.bootstrap < 0:
             raise ValueError(f"--bootstrap: must be >= 0, got {args.bootstrap}")
+        if args.law == "joint":
+            from memlayers.platform.cli.joint_fit import run_joint
+
+            return run_joint(args)
         if args.study:
+            if args.format:
+                raise ValueError("--format: prints a --csv fit or --law joint; a study's laws are in laws.json")
             return run_study(args)
         args.bootstrap = args.bootstrap or 0
         return run_csv(args)
@@ -129,6 +143,10 @@ def run_csv(args: argparse.Namespace) -> int:
     written = save_fit(fit, args.out, inputs, observed) if args.out else []
     if args.json:
         print(dumps(fit.to_dict(), indent=None))
+    elif args.format:
+        from memlayers.platform.cli.tables import law_rows, render
+
+        print(render(law_rows(fit.law, fit.params, fit.intervals), args.format))
     else:
         print(summary(fit))
         for path in written:
@@ -156,8 +174,8 @@ def run_study(args: argparse.Namespace) -> int:
     from memlayers.platform.study.ref import resolve_study
 
     record = StudyRecord.of_ref(resolve_study(args.study, args.tracking_uri, storage=args.storage))
-    fitted = fit_and_record(record, bootstrap=args.bootstrap, seed=args.seed,
-                            to=Path(args.out) / "laws.json" if args.out else None)
+    written = Path(args.out) / Path(LAWS_FILE).name if args.out else record.local(LAWS_FILE)
+    fitted = fit_and_record(record, bootstrap=args.bootstrap, seed=args.seed, to=written if args.out else None)
     result, parent = fitted.laws, fitted.laws["provenance"]["parent_run_id"]
     if not parent:
         print(f"memlayers fit: no parent run tagged memlayers.role=study in {record.name!r}; "
@@ -168,7 +186,6 @@ def run_study(args: argparse.Namespace) -> int:
         print(dumps(result, indent=None))
         return 0
     logged = f", logged to run {parent}" if parent and not fitted.warning else ""
-    written = Path(args.out) / "laws.json" if args.out else record.local(LAWS_FILE)
     print(f"study {record.name}: {len(fitted.rows)} finished runs; wrote {written}{logged}")
     if str(fitted.where) != str(written):
         print(f"  and {fitted.where}")

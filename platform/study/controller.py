@@ -39,6 +39,7 @@ from memlayers.platform.cluster.visibility import shared_problems
 from memlayers.platform.finetune.cells import pretrain_sources
 from memlayers.platform.study.bookkeeping import log_definition, parent_run, record_failure
 from memlayers.platform.study.cells import Cell, expand
+from memlayers.platform.study.data_prep import prepare_study_data
 from memlayers.platform.study.lease import Holder, Lease, file_lock
 from memlayers.platform.study.progress import ProgressPrinter, cell_runs, cell_states, latest, summary_line
 from memlayers.platform.study.record import Fitted, StudyRecord, fit_and_record, print_claims
@@ -105,6 +106,7 @@ def _run_held(study: Study, record: StudyRecord, cells: list[Cell], parent: str,
     workdir, uri = record.workdir, record.tracking_uri
     out(f"study {study.name}: memlayers {memlayers.__version__} from {Path(memlayers.__file__).parent}")
     tracking.set_status(uri, parent, "RUNNING")
+    prepare_study_data(study, cells, uri, out)  # before any cell: once, as far as the largest cell reads
     log_definition(study, cells, uri, parent, record)
     runs = cell_runs(uri, study.name)
     states = cell_states([c.id for c in cells], runs)

@@ -13,8 +13,9 @@
 4. joins Ray (`address`) or starts a local Ray on this machine, tunes learning rates with Optuna
    when the study asks for it (tuning.py), and runs the remaining cells as Ray Tune trials: a
    function trainable per cell trains it in the trial (one worker) or fits a TorchTrainer
-   (trials.py, `resources.runner`); at most as many trials run at once as the cluster's CPUs/GPUs fit. A failed cell is recorded (run FAILED, tag
-   `failure_reason`) and the others go on. Progress lines are printed as cells start and finish;
+   (trials.py, `resources.runner`); at most as many trials run at once as the cluster's CPUs/GPUs fit.
+   A failed cell is recorded (run FAILED, tag `failure_reason`) and the others go on. Progress lines
+   are printed as cells start and finish;
 5. with an `eval` section, evaluates every finished cell without scores on its final checkpoint,
    one Ray task per cell (platform/eval/stage.py), and logs `eval/<task>/<metric>` to its run;
 6. fits the scaling laws and checks the claims (record.fit_and_record) and writes the report (a writer

@@ -1,21 +1,26 @@
 """Checkpoints that fall back: commit markers, a refused checkpoint set aside with its reason and the one
 before it used, and staging folders that another writer removes only once their writer is gone."""
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import torch
+from memlayers.platform.cluster import storage
 from memlayers.platform.tracking.client import client_for
 from memlayers.platform.tracking.conventions import SET_ASIDE_PREFIX
 from memlayers.platform.train import loop as loop_module
 from memlayers.platform.train.checkpoint_folder import STAGING, CheckpointFolder
 from memlayers.platform.train.commit import COMMIT, CommitError, verify_commit, write_commit_marker
 from memlayers.platform.train.in_trial import FolderSession, checkpoint_folder, run_in_trial
-from memlayers.platform.train.resume import resume_loop
+from memlayers.platform.train.resume import resume_loop, sibling_candidates
 from test_train_in_trial import history, one_worker_config, write_checkpoint
 
 
@@ -158,3 +163,46 @@ def test_a_live_writers_staging_folder_is_left_alone_and_a_dead_writers_is_remov
     time.sleep(0.1)
     folder.add(9, tmp_path / "src9")
     assert not list((tmp_path / "ckpt").glob(f"{STAGING}*")) and folder.steps() == [7, 8, 9]
+
+
+def test_ray_train_checkpoints_are_tried_newest_first_and_a_refused_one_set_aside(tmp_path):
+    run = tmp_path / "ray_results" / "run"
+    names = ["checkpoint_2026-12-01_10-00-00.000001", "checkpoint_2026-12-01_10-00-05.000001",
+             "checkpoint_2026-12-01_10-00-09.000001"]
+    for step, name in enumerate(names, start=1):
+        write_checkpoint(run / name, step)
+    (run / names[2] / "state-rank0.pt").write_bytes(b"cut")
+    candidates = sibling_candidates(pafs.LocalFileSystem(), str(run / names[1]), contextlib.nullcontext)
+    assert [c.location.rsplit("/", 1)[1] for c in candidates] == names[1::-1]  # the latest reported and older
+    refused = []
+    candidates = sibling_candidates(pafs.LocalFileSystem(), str(run / names[2]),
+                                    lambda path: contextlib.nullcontext(Path(path)))
+    loop, location = resume_loop(candidates, Loads, 0, lambda where, why: refused.append(where))
+    assert loop.step == 2 and location == str(run / names[1])
+    assert refused == [str(run / f"{names[2]}.bad-checksum")] and (run / f"{names[2]}.bad-checksum").is_dir()
+
+
+def test_a_bucket_checkpoint_folder_lists_committed_checkpoints_and_sets_aside_by_copy(tmp_path, monkeypatch):
+    from two_nodes import BUCKET, Cluster, start_moto
+
+    if not (Path(sys.executable).parent / "moto_server").exists():
+        pytest.skip("needs moto[server] (pip install -e '.[test]')")
+    cluster = Cluster(root=tmp_path, env=dict(os.environ))
+    try:
+        start_moto(cluster)
+        for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            monkeypatch.setenv(key, cluster.env[key])
+        folder = CheckpointFolder(f"s3://{BUCKET}/run/checkpoints", keep=2)
+        for step in (5, 10):
+            write_checkpoint(tmp_path / f"src{step}", step)
+            folder.add(step, tmp_path / f"src{step}")
+        storage.write_text(folder.location(15) + "/meta.json", "{}")  # an upload cut off before its marker
+        assert folder.steps() == [5, 10]
+        aside = folder.set_aside(10, "checksum")
+        assert aside == f"s3://{BUCKET}/run/checkpoints/checkpoint_00000010.bad-checksum" and folder.steps() == [5]
+        session = FolderSession(folder, torch.device("cpu"))
+        loop, location = resume_loop(session.checkpoints(), Loads, 0, lambda where, why: None)
+        assert loop.step == 5 and location == folder.location(5)
+        assert storage.list_files(aside) == [COMMIT, "meta.json", "state-rank0.pt"]
+    finally:
+        cluster.stop_all()

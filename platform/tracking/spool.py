@@ -14,17 +14,10 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from memlayers.platform.cluster.storage import write_local_atomic
+
 Record = tuple[str, float, int, int]  # key, value, timestamp (ms), step
 MAX_SPOOLED = 200_000  # metric values held before the writer waits for the store instead of spooling more
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class Spool:
@@ -62,7 +55,7 @@ class Spool:
         """The first `count` spooled metrics are in the store: forget them."""
         rest = self.metrics()[count:]
         if rest:
-            _write_atomically(self.metrics_path, "".join(json.dumps(list(r)) + "\n" for r in rest))
+            write_local_atomic(self.metrics_path, "".join(json.dumps(list(r)) + "\n" for r in rest).encode())
         else:
             self.metrics_path.unlink(missing_ok=True)
 
@@ -78,12 +71,12 @@ class Spool:
 
     def put_tags(self, tags: dict[str, str]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.tags_path, json.dumps({**self.tags(), **tags}))
+        write_local_atomic(self.tags_path, json.dumps({**self.tags(), **tags}).encode())
 
     def acknowledge_tags(self, sent: dict[str, str]) -> None:
         """Forget the tags sent, unless a newer value replaced them meanwhile."""
         rest = {k: v for k, v in self.tags().items() if sent.get(k) != v}
         if rest:
-            _write_atomically(self.tags_path, json.dumps(rest))
+            write_local_atomic(self.tags_path, json.dumps(rest).encode())
         else:
             self.tags_path.unlink(missing_ok=True)

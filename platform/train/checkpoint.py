@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from memlayers.platform.cluster.storage import write_local_atomic
 from memlayers.platform.train.commit import fsync_dir
 
 
@@ -24,14 +25,12 @@ def state_file(directory: Path, rank: int = 0) -> Path:
 
 
 def atomic_save(payload: Any, target: Path) -> Path:
-    """torch.save `payload` to `target` through a temporary file beside it, fsynced, then renamed."""
+    """torch.save `payload` to `target` through a temporary file beside it, fsynced, then renamed;
+    streamed to the file (`storage.write_local_atomic` would hold a large state's bytes twice)."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
     try:
         with os.fdopen(fd, "wb") as handle:
-            if isinstance(payload, bytes):
-                handle.write(payload)
-            else:
-                torch.save(payload, handle)
+            torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -48,7 +47,7 @@ def save_state(state: dict[str, Any], directory: Path, rank: int = 0, meta: dict
     directory.mkdir(parents=True, exist_ok=True)
     target = atomic_save(state, state_file(directory, rank))
     if meta is not None and rank == 0:
-        atomic_save(json.dumps(meta).encode(), directory / "meta.json")
+        write_local_atomic(directory / "meta.json", json.dumps(meta).encode())
     return target
 
 

@@ -1,6 +1,8 @@
 """`memlayers study submit` against a real Ray head started here (127.0.0.1, token auth), from another
 working directory: the job imports the shipped wheel, runs smoke.yaml to the end, and only this
-test's cluster is stopped afterwards."""
+test's cluster is stopped afterwards. The submitting shell holds a canary secret that must reach
+nothing of the job's (its runtime env, `ray job list`, the session's logs, MLflow), and no HF offline
+switch: the job runs without one."""
 
 import os
 import secrets
@@ -13,6 +15,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ray.job_submission import JobSubmissionClient
+
 import psutil
 import pytest
 from conftest import REPO_ROOT
@@ -22,6 +26,7 @@ from memlayers.platform.study.progress import cell_runs
 from memlayers.platform.study.validate import load_study
 
 VENV_BIN = Path(sys.executable).parent
+OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")  # the test session sets them; the cluster here does not
 
 
 def _stop_tree(root: psutil.Process, marker: str) -> None:
@@ -52,8 +57,9 @@ def _stop_tree(root: psutil.Process, marker: str) -> None:
 def ray_head():
     """A Ray head on 127.0.0.1 with token auth and its own ports and temp dir; stopped afterwards."""
     temp = Path(tempfile.mkdtemp(prefix="mlh-", dir="/tmp"))  # short: Ray's socket paths are length-limited
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**{k: v for k, v in os.environ.items() if k not in OFFLINE}, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
     dashboard = free_port()
     command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
@@ -83,17 +89,47 @@ def ray_head():
         assert not leftovers, leftovers
 
 
+def _job_driver_environ(proc: subprocess.Popen, marker: str) -> dict[str, str]:
+    """The environment of the job's driver process (`study run` on the head), read while it runs."""
+    while proc.poll() is None:
+        for candidate in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(candidate.info.get("cmdline") or [])
+            if "memlayers.platform.cli.main study run" in cmdline and marker in cmdline:
+                try:
+                    return candidate.environ()
+                except psutil.Error:
+                    pass
+        time.sleep(0.2)
+    return {}
+
+
+def _files_holding(root: Path, needle: bytes) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                hits.append(str(path))
+        except OSError:  # a socket or a file that went away
+            pass
+    return hits
+
+
 def test_submit_runs_smoke_as_a_ray_job_from_another_directory(ray_head, tmp_path):
     address, env, temp = ray_head
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     workdir = tmp_path / "wd"
     study_file = REPO_ROOT / "studies" / "smoke.yaml"
-    proc = subprocess.run([str(VENV_BIN / "memlayers"), "study", "submit", str(study_file), "--address", address,
-                           "--workdir", str(workdir), "--wait"],
-                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout
-    assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
+    canary = f"canary-{secrets.token_hex(8)}"
+    # the submitting shell: a secret it must keep, a setting it names to ship, no HF offline switch
+    shell = {**env, "AWS_SECRET_ACCESS_KEY": canary, "MLFLOW_TRACKING_PASSWORD": canary,
+             "MEMLAYERS_SHIPPED_MARK": "shipped"}
+    proc = subprocess.Popen([str(VENV_BIN / "memlayers"), "study", "submit", str(study_file), "--address", address,
+                             "--workdir", str(workdir), "--env", "MEMLAYERS_SHIPPED_MARK", "--wait"],
+                            cwd=elsewhere, env=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver_env = _job_driver_environ(proc, str(workdir))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:] + err[-2000:]
     job_id = out.splitlines()[0].strip()
     assert job_id.startswith("memlayers-smoke-")
     assert f"job {job_id}: SUCCEEDED" in out
@@ -107,3 +143,18 @@ def test_submit_runs_smoke_as_a_ray_job_from_another_directory(ray_head, tmp_pat
     assert set(runs) == {c.id for c in expand(study, account_budgets=False)}
     assert all([r.status for r in found] == ["FINISHED"] for found in runs.values())
     assert list(elsewhere.iterdir()) == []  # nothing written where the command ran
+
+    # what the job carries: the named setting, no secret, no offline switch forced on it
+    runtime_env = JobSubmissionClient(address, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}) \
+        .get_job_info(job_id).runtime_env
+    assert runtime_env["env_vars"]["MEMLAYERS_SHIPPED_MARK"] == "shipped"
+    assert canary not in repr(runtime_env) and not set(OFFLINE) & set(runtime_env["env_vars"]), runtime_env
+    assert driver_env.get("MEMLAYERS_SHIPPED_MARK") == "shipped", sorted(driver_env)  # read from the live job
+    assert canary not in repr(driver_env) and not set(OFFLINE) & set(driver_env)
+    listed = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and job_id in listed.stdout, listed.stdout[-2000:] + listed.stderr[-2000:]
+    assert canary not in listed.stdout + listed.stderr
+    assert _files_holding(temp, job_id.encode()), "the session's logs name the job: the search below is real"
+    assert _files_holding(temp, canary.encode()) == []  # the session's logs (head, agents, job driver)
+    assert _files_holding(workdir, canary.encode()) == []  # MLflow's store and artifacts, checkpoints

@@ -65,7 +65,14 @@ def _stage(root: Path, staging: Path) -> Path:
     for path in root.iterdir():
         if path.is_file() and (path.suffix in (".py", ".toml", ".md", ".txt") or path.name.startswith("LICENSE")):
             shutil.copy2(path, staging / path.name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "runs", ".pytest_cache")
+    package_dirs = {root.joinpath(*name.split(".")[1:]) for name in packages}
+    caches = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        # a `runs` folder is a study's outputs (./runs/NAME), unless a listed package lives there
+        runs = {"runs"} if Path(folder) / "runs" not in package_dirs else set()
+        return set(caches(folder, names)) | (runs & set(names))
+
     for folder in sorted(folders):
         if (root / folder).is_dir():
             shutil.copytree(root / folder, staging / folder, ignore=ignore)

@@ -16,6 +16,7 @@ from pathlib import Path
 from memlayers.dashboards.html_parts import esc, fmt, interval, page, png_data_uri, table
 from memlayers.dashboards.laws_view import StudyLaws, load_laws
 from memlayers.dashboards.plot_continual import continual_plots
+from memlayers.dashboards.plot_joint import joint_plots
 from memlayers.dashboards.plots import Plot, all_plots, family_label
 from memlayers.dashboards.study_data import FAMILY_ORDER, StudyData, load_study
 from memlayers.platform.cluster.storage import write_local_atomic
@@ -265,7 +266,7 @@ def write_report(ref: StudyRef, out_dir: Path | None = None, *, log_artifacts: b
     out_dir = Path(out_dir) if out_dir is not None else StudyRecord.of_ref(ref).report_dir()
     data = load_study(ref)
     laws = load_laws(ref, bootstrap=bootstrap, log=log_artifacts)
-    plots = all_plots(data, laws) + continual_plots(data)
+    plots = all_plots(data, laws) + continual_plots(data) + joint_plots(ref.workdir)
     plots_dir = out_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     for plot in plots:

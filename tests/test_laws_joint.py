@@ -8,13 +8,13 @@ import json
 
 import numpy as np
 import pytest
+from scipy.optimize import approx_fprime
 from memlayers.platform.cli.main import main
 from memlayers.platform.laws.chinchilla import problem as chinchilla_problem
 from memlayers.platform.laws.io import chinchilla_csv_path
 from memlayers.platform.laws.joint import JointProblem, fit_joint
 from memlayers.platform.laws.joint_forms import FORMS, Inputs
 from memlayers.platform.laws.joint_synthetic import TRUTH, synthetic_points
-from scipy.optimize import approx_fprime
 
 DATA = chinchilla_csv_path()
 SEEDS = range(10)

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from scipy.optimize import minimize_scalar
 from memlayers.platform.cli.main import main
 from memlayers.platform.laws.frontier import compute_optimal
 from memlayers.platform.laws.joint import KIND, VERSION, load_joint
@@ -17,7 +18,6 @@ from memlayers.platform.laws.joint_forms import FORMS
 from memlayers.platform.laws.joint_study import fit_joint_rows
 from memlayers.platform.laws.joint_synthetic import TRUTH, reference_sizes, synthetic_points
 from memlayers.platform.laws.plan import BYTES_PER_PARAM, USABLE_FRACTION, Constraints, optimum, parse_bytes
-from scipy.optimize import minimize_scalar
 
 SCHEMAS = REPO_ROOT / "docs" / "schemas"
 
@@ -85,12 +85,10 @@ def test_gpu_memory_binds_and_is_never_exceeded(name):
         assert plan["optimum"]["binding"] == ["gpu_memory"]
         # every replicate-free plan on the boundary: the best split of memory between N and M, found by
         # a one-dimensional search along BYTES_PER_PARAM·(N + M/gpus) = cap
-        m_ref, n_ref = law["m_ref"], law["n_ref"]
-
-        def along(log_n):
+        def along(log_n, gpus=gpus, cap=cap):
             n = np.exp(log_n)
             m = max(gpus * (cap / BYTES_PER_PARAM - n), 0.0)
-            return float(FORMS[name].predict(TRUTH[name], n, m, compute / (6 * n), m_ref, n_ref))
+            return float(FORMS[name].predict(TRUTH[name], n, m, compute / (6 * n), law["m_ref"], law["n_ref"]))
 
         ref = minimize_scalar(along, bounds=(np.log(1e6), np.log(cap / BYTES_PER_PARAM * 0.999999)),
                               method="bounded", options={"xatol": 1e-9})
@@ -129,7 +127,8 @@ def test_predict_gives_the_law_and_its_interval(joint_file, capsys):
     assert dense["loss"] > out["loss"] and dense["multiplier"] <= 1 + 1e-9  # dense at 3e8 is not beyond optimal
 
 
-@pytest.mark.parametrize("command", [["predict", "--n", "1e8", "--m", "0", "--d", "1e9"], ["plan", "--compute", "1e20"]])
+@pytest.mark.parametrize("command", [["predict", "--n", "1e8", "--m", "0", "--d", "1e9"],
+                                     ["plan", "--compute", "1e20"]])
 def test_wrong_kind_or_version_is_refused_in_one_line(joint_file, tmp_path, capsys, command):
     record = json.loads(joint_file.read_text())
     cases = {"kind": {**record, "kind": "memlayers.study_laws"}, "version": {**record, "version": VERSION + 1},
@@ -154,10 +153,10 @@ def test_joint_json_follows_its_schema(joint_file):
 
 
 def test_law_and_laws_json_follow_their_schemas(tmp_path):
+    from test_laws_study import study_rows
     from memlayers.platform.laws.chinchilla import fit_chinchilla
     from memlayers.platform.laws.io import dumps, save_fit
     from memlayers.platform.laws.study import fit_study
-    from test_laws_study import study_rows
 
     pts = synthetic_points("additive", 0)
     fit = fit_chinchilla(pts["N"], pts["D"], pts["loss"], bootstrap=5)
@@ -214,6 +213,7 @@ def test_joint_law_of_a_study_fits_dense_memory_and_moe_rows():
         fit_joint_rows(rows, memory_family="peer")
 
 
+@pytest.mark.slow
 def test_bench_fit_times_the_joint_law(capsys):
     assert main(["bench", "fit", "--plain-starts", "1", "--joint-bootstrap", "10", "--json"]) == 0
     joint = json.loads(capsys.readouterr().out)["joint"]

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     moe = plan["moe"]
     print(f"  moe     skipped: {moe['skipped']}" if "skipped" in moe else
           f"  moe     N={moe['n']:.4g} D={moe['d']:.4g} loss={moe['loss']:.4f} ({moe['note']})")
+    for note in plan["optimum"].get("extrapolation", []):
+        print(f"  extrapolation: {note}")
     if plan["multiplier"] is not None:
         print(f"  the memory optimum is worth {plan['multiplier']:.3g}x C of compute-optimal dense training")
     print("  frontier:")

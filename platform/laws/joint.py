@@ -33,7 +33,7 @@ from memlayers.platform.laws.chinchilla import fit_chinchilla, grid_starts
 from memlayers.platform.laws.chinchilla import problem as chinchilla_problem
 from memlayers.platform.laws.holdout import choose, held_out_errors
 from memlayers.platform.laws.joint_forms import DENSE, FORMS, Form, Inputs, dense_loss, dense_params, form
-from memlayers.platform.laws.logfit import bootstrap_theta, fit_starts, one_blas_thread, polish
+from memlayers.platform.laws.logfit import bootstrap_theta, fit_replicates, fit_starts
 from memlayers.platform.laws.result import FITTER_VERSION
 
 KIND = "memlayers.joint_law"
@@ -88,9 +88,10 @@ class Points:
     loss: np.ndarray
     m_ref: float
     n_ref: float
+    base: np.ndarray    # base model label per point (leave-one-base-out)
 
     @classmethod
-    def checked(cls, n, m, d, loss) -> "Points":
+    def checked(cls, n, m, d, loss, base=None) -> "Points":
         n, d, loss = checks.as_column("N", n), checks.as_column("D", d), checks.as_column("loss", loss)
         m = checks.as_column("M", m, positive=False)
         count = checks.same_length(N=n, M=m, D=d, loss=loss)
@@ -104,14 +105,18 @@ class Points:
             raise ValueError(f"M: {sizes} distinct memory size(s) > 0; the joint law needs {MIN_MEMORY_SIZES} "
                              "(or none: the dense law alone)")
         m_ref = float(np.exp(np.log(m[m > 0]).mean())) if sizes else 1.0
-        return cls(n, m, d, loss, m_ref, float(np.exp(np.log(n).mean())))
+        base = n if base is None else np.asarray(base)
+        if len(base) != count:
+            raise ValueError(f"base: {len(base)} labels for {count} points")
+        return cls(n, m, d, loss, m_ref, float(np.exp(np.log(n).mean())), base)
 
     @property
     def has_memory(self) -> bool:
         return bool(np.any(self.m > 0))
 
     def subset(self, mask: np.ndarray) -> "Points":
-        return Points(self.n[mask], self.m[mask], self.d[mask], self.loss[mask], self.m_ref, self.n_ref)
+        return Points(self.n[mask], self.m[mask], self.d[mask], self.loss[mask], self.m_ref, self.n_ref,
+                      self.base[mask])
 
     def problem(self, f: Form, delta: float = 1e-3):
         """The form's problem; without memory rows Chinchilla's own (same θ, the first five slots)."""
@@ -129,9 +134,11 @@ def dense_seed(points: Points) -> np.ndarray:
     use = dense if (dense.sum() >= len(DENSE) and np.unique(points.n[dense]).size >= 2
                     and np.unique(points.d[dense]).size >= 2) else np.ones_like(dense)
     grid = grid_starts()
-    coarse = grid[np.isin(grid[:, 2], (-1.0, 0.0, 1.0)) & np.isin(grid[:, 3], (0.5, 1.0)) & np.isin(grid[:, 4], (0.5, 1.0))]
-    fit = fit_chinchilla(points.n[use], points.d[use], points.loss[use], starts=coarse)
-    return np.array([fit.details["log_params"][k] for k in ("a", "b", "e", "alpha", "beta")])
+    coarse = grid[np.isin(grid[:, 2], (-1.0, 0.0, 1.0)) & np.isin(grid[:, 3], (0.5, 1.0))
+                  & np.isin(grid[:, 4], (0.5, 1.0))]
+    best = fit_starts(chinchilla_problem(points.n[use], points.d[use], points.loss[use]), coarse, n_polish=1,
+                      max_iter=SCREEN_ITER)
+    return best.theta_Q
 
 
 def starts_for(points: Points, f: Form, seed_Q: np.ndarray, seed: int) -> np.ndarray:
@@ -203,23 +210,25 @@ def fit_form(points: Points, f: Form, seed_Q: np.ndarray, *, bootstrap: int = 0,
         entry["bootstrap"] = {"replicates": bootstrap, "seed": seed, "level": level,
                               "method": "percentile, resampling points"}
     if held_out:
-        entry["held_out"] = held_out_errors(lambda train: _refit(points, f, train, theta),
-                                            points.n, points.d, points.loss)
+        entry["held_out"] = held_out_errors(lambda train_KP: _refit(points, f, train_KP, theta),
+                                            points.n, points.d, points.loss, points.base)
     return entry
 
 
-@one_blas_thread
-def _refit(points: Points, f: Form, train: np.ndarray, theta: np.ndarray):
-    """The form refitted on the `train` points from the full fit's optimum (scipy's L-BFGS-B, as
-    the polish of every fit); its predictor of held-out masks."""
-    sub = points.subset(train)
-    if points.has_memory and not sub.has_memory:
-        raise ValueError("no memory rows left to fit on")
-    checks.enough_points(int(train.sum()), theta.size, "joint (held out)")
-    theta_sub, _ = polish(sub.problem(f), theta, f.bounds if points.has_memory else None)
-    entry = {"form": f.name, "params": _params(f, theta_sub, not points.has_memory)}
+def _refit(points: Points, f: Form, train_KP: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """The form refitted on each row of training masks at once (0/1 weights on the points), from the
+    full fit's optimum; predictions (K, P) at every point."""
+    for train in train_KP:
+        if points.has_memory and not np.any(points.m[train] > 0):
+            raise ValueError("a fold leaves no memory rows to fit on")
+        checks.enough_points(int(train.sum()), theta.size, "joint (held out)")
+    # held-out predictions need ~1e-4 relative precision, not the bootstrap's tolerances
+    theta_KQ, _ = fit_replicates(points.problem(f), train_KP.astype(float), theta[None, :],
+                                 bounds=f.bounds if points.has_memory else None, max_iter=SCREEN_ITER,
+                                 ftol=1e-11, gtol=1e-7)
     law = points_law(points)
-    return lambda held: predict(entry, law, points.n[held], points.m[held], points.d[held])
+    return np.array([predict({"form": f.name, "params": _params(f, t, not points.has_memory)}, law,
+                             points.n, points.m, points.d) for t in theta_KQ])
 
 
 def points_law(points: Points) -> dict:
@@ -238,9 +247,11 @@ def fit_moe(n, d, loss, *, bootstrap: int = 0, seed: int = 0) -> dict:
 
 
 def fit_joint(n, m, d, loss, *, forms: list[str] | None = None, bootstrap: int = 0, seed: int = 0,
-              level: float = 0.95, moe: dict | None = None) -> dict:
-    """The joint.json record: every form's fit, held-out errors, the chosen form and why."""
-    points = Points.checked(n, m, d, loss)
+              level: float = 0.95, moe: dict | None = None, base=None) -> dict:
+    """The joint.json record: every form's fit, held-out errors, the chosen form and why.
+
+    `base` labels each point's base model for leave-one-base-out (default: its N)."""
+    points = Points.checked(n, m, d, loss, base)
     names = forms or list(FORMS)
     if points.has_memory:
         seed_Q = dense_seed(points)

@@ -174,6 +174,16 @@ def _summary(found: dict[str, np.ndarray], constraints: Constraints, level: floa
     return out
 
 
+def extrapolation(law: dict, point: dict) -> list[str]:
+    """Where a plan leaves the sizes the law was fitted on (its prediction is then an extrapolation)."""
+    notes = []
+    for key, label, sizes in (("n", "N", law.get("model_sizes")), ("m", "M", law.get("memory_sizes"))):
+        fitted = [s for s in sizes or [] if s > 0]
+        if fitted and point[key] > 0 and not min(fitted) <= point[key] <= max(fitted):
+            notes.append(f"{label} = {point[key]:.3g} is outside the fitted {min(fitted):.3g} .. {max(fitted):.3g}")
+    return notes
+
+
 def optimum(law: dict, compute: float, constraints: Constraints, *, form: str | None = None,
             intervals: bool = True, level: float = 0.95) -> dict:
     """The plan at one budget: memory optimum (with intervals), dense optimum, MoE optimum."""
@@ -196,6 +206,7 @@ def optimum(law: dict, compute: float, constraints: Constraints, *, form: str | 
         out["optimum"] = _summary(best, constraints, level)
         dense_params = {k: entry["params"][k] for k in DENSE}
         out["optimum"]["multiplier"] = float(multiplier(dense_params, out["optimum"]["loss"], compute))
+        out["optimum"]["extrapolation"] = extrapolation(law, out["optimum"])
     else:
         out["optimum"] = {**out["dense"], "note": "the law has no memory fit: the dense optimum"}
     moe = law.get("moe") or {}

@@ -67,6 +67,8 @@ class CpuAdamW(torch.optim.AdamW):
         for p in params:
             if p.grad.is_sparse or p.is_complex() or not p.is_contiguous() or p.grad.dtype != p.dtype:
                 return None
+            if type(p.data) is not torch.Tensor:  # a tensor subclass (FSDP's DTensor shards): torch's step
+                return None
             state = self.state.get(p)
             moments = [state.get(key) for key in ("exp_avg", "exp_avg_sq")] if state else []
             if state and not (isinstance(state.get("step"), torch.Tensor) and all(

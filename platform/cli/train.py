@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         return print_plan(cfg, args.config)
+    if cfg.resources.gpus_per_worker > 0 and planned(cfg, args.config) is None:  # refused before Ray starts
+        return 2
 
     from memlayers.platform.cluster.session import ray_cluster
     from memlayers.platform.cluster.visibility import shared_problems
@@ -66,18 +68,28 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.status == "FINISHED" else 1
 
 
-def print_plan(cfg, source: str) -> int:
-    """The run's plan: the model's accounting, steps, tokens and training FLOPs (exit 0), or the
-    config error naming its field (exit 2)."""
+def planned(cfg, source: str):
+    """(the run's plan, its per-GPU memory plan), or None after printing the config error naming its field."""
     from memlayers.config_schema import ConfigError
     from memlayers.platform.data.vocab import vocab_size_of
     from memlayers.platform.train.loop import plan_run
+    from memlayers.platform.train.memory_plan import check_memory_plan
 
     try:
         plan = plan_run(cfg, vocab_size_of(cfg.data))
+        return plan, check_memory_plan(cfg, plan.model)
     except ConfigError as error:
         print(f"memlayers train: {source}: {error}", file=sys.stderr)
+        return None
+
+
+def print_plan(cfg, source: str) -> int:
+    """The run's plan: the model's accounting, steps, tokens, training FLOPs and memory per GPU (exit 0),
+    or the config error naming its field (exit 2)."""
+    found = planned(cfg, source)
+    if found is None:
         return 2
+    plan, memory = found
     acc = plan.accounting
     rows = [("run", cfg.name), ("model", f"{cfg.model.family} on {cfg.model.base}"),
             ("vocabulary", f"{plan.model.vocab_size:,}"),
@@ -87,7 +99,8 @@ def print_plan(cfg, source: str) -> int:
             ("budget", "{} = {:g}".format(*cfg.train.budget())),
             ("steps", f"{plan.steps:,}"), ("tokens/step", f"{plan.tokens_per_step:,}"),
             ("tokens", f"{plan.tokens:,}"), ("train FLOPs", f"{plan.train_flops:.4g}"),
-            ("workers", f"{cfg.resources.workers} (memory_parallel {cfg.resources.memory_parallel})")]
+            ("workers", f"{cfg.resources.workers} (memory_parallel {cfg.resources.memory_parallel})"),
+            ("memory per GPU", memory.summary())]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

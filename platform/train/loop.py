@@ -35,6 +35,7 @@ from memlayers.platform.train.budget import budget_steps
 from memlayers.platform.train.checkpoint import load_state, save_state
 from memlayers.platform.train.commit import write_commit_marker
 from memlayers.platform.train.evaluate import qa_metrics, validation_loss
+from memlayers.platform.train.fsdp import apply_fsdp, full_state, load_full_state
 from memlayers.platform.train.mesh import ParallelPlan, setup_parallel, value_param_names
 from memlayers.platform.train.optim import build_optimizers
 from memlayers.platform.train.run_config import RunConfig
@@ -103,9 +104,15 @@ class RunLoop:
         self.model = Transformer(self.plan.model).to(self.device)
         self.wrapped: nn.Module = LossModule(self.model)
         self.parallel: ParallelPlan | None = None
+        self.fsdp = False
         if world_size > 1 and dist.is_initialized():
             self.parallel = setup_parallel(self.model, cfg.resources.memory_parallel)
-            self.wrapped = self.parallel.wrap_ddp(self.wrapped, find_unused_parameters=self.plan.model.family == "moe")
+            if cfg.resources.fsdp:  # dense weights sharded (fsdp.py); value tables exactly as under DDP
+                apply_fsdp(self.model, self.parallel, cfg.resources.fsdp, self.device.type)
+                self.fsdp = True
+            else:
+                self.wrapped = self.parallel.wrap_ddp(self.wrapped,
+                                                      find_unused_parameters=self.plan.model.family == "moe")
         self.optimizers = build_optimizers(self.model, cfg.train, self.plan.steps)
         self.loader = TokenLoader(data.train_ids, cfg.data.seq_len, cfg.train.batch_size // world_size,
                                   rank=rank, world_size=world_size, seed=cfg.train.seed)
@@ -183,13 +190,17 @@ class RunLoop:
     def sharded(self) -> bool:
         return self.parallel is not None and self.parallel.memory_parallel > 1
 
-    def state_dict(self) -> dict:
-        """Rank 0's state; with sharded tables, without the value shards and their optimizer."""
-        model_state = self.model.state_dict()
+    def state_dict(self, full: tuple[dict, dict] | None = None) -> dict:
+        """Rank 0's state; with sharded tables, without the value shards and their optimizer. Under FSDP
+        `full` is the gathered (model, dense optimizer) state (`fsdp.full_state`)."""
+        model_state = self.model.state_dict() if full is None else full[0]
         if self.sharded:
             for name in value_param_names(self.model, self.parallel.value_params):
-                model_state.pop(name)
-        state = {"model": model_state, "optimizers": self.optimizers.state_dict(values=not self.sharded),
+                model_state.pop(name, None)
+        optimizers = self.optimizers.state_dict(values=not self.sharded)
+        if full is not None:
+            optimizers["dense"] = full[1]
+        state = {"model": model_state, "optimizers": optimizers,
                  "loader": self.loader.state_dict(), "step": self.step, "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state()
@@ -198,8 +209,9 @@ class RunLoop:
     def save(self, directory: Path) -> bool:
         """Write this rank's part of a checkpoint into `directory`; False if it has none."""
         wrote = False
+        full = full_state(self.model, self.optimizers.dense) if self.fsdp else None  # a collective: every rank
         if self.rank == 0:  # the run config and tokenizer make the checkpoint loadable on its own
-            save_state(self.state_dict(), directory, 0, meta={"step": self.step, "world_size": self.world_size,
+            save_state(self.state_dict(full), directory, 0, meta={"step": self.step, "world_size": self.world_size,
                                                               "memory_parallel": self.cfg.resources.memory_parallel,
                                                               "run": self.cfg.to_dict(),
                                                               "tokenizer": self.data.tokenizer.kind})
@@ -219,10 +231,14 @@ class RunLoop:
 
     def load_state_dict(self, state: dict) -> None:
         # value tables may be missing: a sharded run saves them as shards (read by `load`)
-        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
-        value_names = set(value_param_names(self.model, self.model.value_parameters()))
-        if unexpected or set(missing) - value_names:
-            raise RuntimeError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+        if self.fsdp:  # the full state scattered into this rank's shards (a collective: every rank loads)
+            load_full_state(self.model, self.optimizers.dense, state["model"], state["optimizers"]["dense"])
+            state = dict(state, optimizers=dict(state["optimizers"], dense=self.optimizers.dense.state_dict()))
+        else:
+            missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+            value_names = set(value_param_names(self.model, self.model.value_parameters()))
+            if unexpected or set(missing) - value_names:
+                raise RuntimeError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
         self.optimizers.load_state_dict(state["optimizers"])
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])

@@ -122,6 +122,8 @@ class ResourcesConfig:
     memory_parallel: int = 1            # ranks sharing one value table (divides workers)
     max_failures: int = 2               # worker-group restarts before the run fails
     runner: str = "auto"                # a study cell's: trial (in its Tune trial), train (Ray Train), auto
+    fsdp: Union[bool, int] = False      # FSDP2 of the dense weights: true (over all data-parallel ranks) or a shard degree
+    gpu_memory_gb: float = 80.0         # what one GPU holds: the memory plan refuses runs that do not fit
 
     def validate(self, path: str = "resources") -> None:
         require(self.workers >= 1, f"{path}.workers", f"must be >= 1, got {self.workers}")
@@ -130,6 +132,11 @@ class ResourcesConfig:
         require(self.memory_parallel >= 1 and self.workers % self.memory_parallel == 0, f"{path}.memory_parallel",
                 f"must divide workers={self.workers}, got {self.memory_parallel}")
         require(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
+        data_parallel = self.workers // max(self.memory_parallel, 1)
+        require(self.fsdp is True or self.fsdp is False or (self.fsdp >= 1 and data_parallel % self.fsdp == 0),
+                f"{path}.fsdp", f"must be true, false or a shard degree dividing the {data_parallel} data-parallel "
+                                f"ranks, got {self.fsdp}")
+        require(self.gpu_memory_gb > 0, f"{path}.gpu_memory_gb", f"must be > 0, got {self.gpu_memory_gb}")
         require(self.runner in RUNNERS, f"{path}.runner", f"must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         require(self.runner != "trial" or self.workers == 1, f"{path}.runner",
                 f"'trial' trains one worker in the trial's process, got workers={self.workers} (use train or auto)")

@@ -19,6 +19,8 @@ from memlayers.platform.tracking.conventions import PARENT_TAG, RUN_NAME_TAG, st
 from memlayers.platform.tracking.retry import RETRY_DEADLINE_S, RETRY_MAX_DELAY_S, transient, with_retry
 from memlayers.platform.tracking.spool import MAX_SPOOLED, Record, Spool
 
+SEARCH_DEADLINE_S = 60.0  # searches serve status lines and reports: fail within a minute rather than hang
+
 def client_for(uri: str):
     from mlflow.tracking import MlflowClient  # deferred: mlflow is heavy and only this path needs it
     return MlflowClient(tracking_uri=uri)
@@ -29,7 +31,7 @@ def search_all_runs(client, experiment_id: str, filter_string: str) -> list:
     runs, token = [], None
     while True:
         page = with_retry(lambda: client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
-                                                     page_token=token))
+                                                     page_token=token), SEARCH_DEADLINE_S)
         runs.extend(page)
         token = page.token
         if not token:
@@ -42,7 +44,7 @@ def search_runs(uri: str, experiment: str, filter_string: str) -> list:
     if not store_exists(uri):
         return []
     client = client_for(uri)
-    found = with_retry(lambda: client.get_experiment_by_name(experiment))
+    found = with_retry(lambda: client.get_experiment_by_name(experiment), SEARCH_DEADLINE_S)
     return [] if found is None else search_all_runs(client, found.experiment_id, filter_string)
 
 
@@ -150,43 +152,59 @@ class MetricBuffer:
         if self.spool is None:
             set_tags(self.uri, self.run_id, tags)
             return
+        if not self.spool.tags() and self._attempt(lambda: set_tags(self.uri, self.run_id, tags, deadline_s=0.0)):
+            return
         self.spool.put_tags(tags)
         self._send(wait=False)
 
     def flush(self) -> bool:
         """Send the held metrics (and anything spooled); False when the store is unreachable and they wait on disk."""
+        records, self.pending = self.pending, []
         if self.spool is None:
-            self._send_metrics(self.pending, RETRY_DEADLINE_S)
-            self.pending.clear()
+            self._send_metrics(records, RETRY_DEADLINE_S)
             return True
-        self.spool.append_metrics(self.pending)
-        self.pending.clear()
+        if not self.spool.metrics():  # the usual case: straight to the store, and only what it did not take spooled
+            sent: list[int] = []
+            if self._attempt(lambda: self._send_metrics(records, 0.0, sent.append)):
+                return self._send(wait=False) if self.spool.tags() else True
+            records = records[sum(sent):]
+        self.spool.append_metrics(records)
         return self._send(wait=len(self.spool.metrics()) > MAX_SPOOLED)
 
     def drain(self) -> None:
         """Send everything held or spooled, waiting out an outage (up to RETRY_DEADLINE_S)."""
-        self.flush()
-        if self.spool is not None:
+        if not self.flush() and self.spool is not None:
             self._send(wait=True)
 
     def _send(self, wait: bool) -> bool:
-        if not wait and time.monotonic() < self.next_try:
+        """Send what is spooled: one try (unless within a backoff delay), or waiting out an outage."""
+        if not wait:
+            return self._attempt(lambda: self._send_spooled(0.0))
+        self._send_spooled(RETRY_DEADLINE_S)
+        self.next_try, self.backoff = 0.0, 0.0
+        return True
+
+    def _attempt(self, call: Callable[[], None]) -> bool:
+        """One try of `call`, skipped within a backoff delay; False (the delay doubled) if the store is unreachable."""
+        if time.monotonic() < self.next_try:
             return False
         try:
-            records = self.spool.metrics()
-            self._send_metrics(records, RETRY_DEADLINE_S if wait else 0.0, acknowledge=self.spool.acknowledge_metrics)
-            tags = self.spool.tags()
-            if tags:
-                set_tags(self.uri, self.run_id, tags, deadline_s=RETRY_DEADLINE_S if wait else 0.0)
-                self.spool.acknowledge_tags(tags)
+            call()
         except Exception as error:
-            if wait or not transient(error):
+            if not transient(error):
                 raise
             self.backoff = min(max(2 * self.backoff, 1.0), RETRY_MAX_DELAY_S)
             self.next_try = time.monotonic() + self.backoff
             return False
         self.next_try, self.backoff = 0.0, 0.0
         return True
+
+    def _send_spooled(self, deadline_s: float) -> None:
+        self._send_metrics(self.spool.metrics(), deadline_s, self.spool.acknowledge_metrics)
+        tags = self.spool.tags()
+        if tags:
+            set_tags(self.uri, self.run_id, tags, deadline_s=deadline_s)
+            self.spool.acknowledge_tags(tags)
 
     def _send_metrics(self, records: list[Record], deadline_s: float,
                       acknowledge: Optional[Callable[[int], None]] = None) -> None:

@@ -19,7 +19,7 @@ from memlayers.platform.tracking.conventions import SET_ASIDE_PREFIX
 from memlayers.platform.train import loop as loop_module
 from memlayers.platform.train.checkpoint_folder import STAGING, CheckpointFolder
 from memlayers.platform.train.commit import COMMIT, CommitError, verify_commit, write_commit_marker
-from memlayers.platform.train.in_trial import FolderSession, checkpoint_folder, run_in_trial
+from memlayers.platform.train.in_trial import FolderSession, run_in_trial
 from memlayers.platform.train.resume import resume_loop, sibling_candidates
 from test_train_in_trial import history, one_worker_config, write_checkpoint
 

@@ -98,7 +98,8 @@ def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -
     metrics_out = MetricBuffer(config["tracking_uri"], config["run_id"], Path(config["workdir"])) if rank == 0 else None
     build = loop_class(cfg)
     loop, resumed_from = resume_loop(
-        session.checkpoints(), lambda: build(cfg, data, rank=rank, world_size=session.world_size, device=session.device),
+        session.checkpoints(), lambda: build(cfg, data, rank=rank, world_size=session.world_size,
+                                             device=session.device),
         rank, lambda where, why: _log_set_aside(metrics_out, where, why))
     resumed = resumed_from is not None
     if metrics_out is not None and resumed:  # a restart replays steps logged before it died

@@ -136,15 +136,14 @@ def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -
                     metrics_out.flush()
                 _report(loop, metrics, session)
         if metrics_out is not None:  # what an outage held back is sent before the run is recorded finished
+            _tag_data_cache(metrics_out, data)
             metrics_out.drain()
     finally:
         if monitor is not None:
             monitor.finish()
-        if rank == 0:
-            _tag_data_cache(config, data)
 
 
-def _tag_data_cache(config: dict, data: PreparedData) -> None:
+def _tag_data_cache(metrics_out: MetricBuffer, data: PreparedData) -> None:
     """What the shard cache held at most, beside its bound and the stream's size (best effort)."""
     if not isinstance(data.train_ids, ShardStream):
         return
@@ -152,7 +151,7 @@ def _tag_data_cache(config: dict, data: PreparedData) -> None:
     record = {"peak_bytes": cache.peak_bytes, "limit_bytes": cache.limit_bytes, "downloads": cache.downloads,
               "set_bytes": sum(cache.sizes.values()), "stream_tokens": len(data.train_ids)}
     try:
-        set_tags(config["tracking_uri"], config["run_id"], {DATA_CACHE_TAG: json.dumps(record)})
+        metrics_out.set_tags({DATA_CACHE_TAG: json.dumps(record)})
     except Exception:  # a busy store loses the measurement, nothing else
         pass
 

@@ -117,7 +117,7 @@ def test_a_failed_fit_prints_no_verdict_and_a_truncated_laws_file_is_one_line(re
     assert not list(laws.parent.glob(".*.tmp"))  # whole-file writes leave no temporary behind
 
 
-def test_checkpoints_in_a_bucket_resolve_load_and_are_all_evaluated(tmp_path, monkeypatch):
+def test_checkpoints_in_a_bucket_resolve_load_and_are_all_evaluated(recorded, tmp_path, monkeypatch):
     """Study cells whose checkpoint tag is an s3:// URI (moto on 127.0.0.1): every finished cell is a
     target whose checkpoint downloads and loads."""
     from memlayers.platform.cluster import storage
@@ -144,6 +144,7 @@ def test_checkpoints_in_a_bucket_resolve_load_and_are_all_evaluated(tmp_path, mo
         RunLoop(cfg, prepare_data(cfg.data, tmp_path / "cache")).save(tmp_path / "checkpoint")
         data = yaml.safe_load(SMOKE.read_text())
         data.update(name="s3rec", workdir=str(tmp_path / "wd"), storage=f"s3://{BUCKET}/studies")
+        data["tracking"]["uri"] = recorded[1].tracking_uri()  # the other tests' store: one store created, not two
         path = tmp_path / "s3rec.yaml"
         path.write_text(yaml.safe_dump(data))
         study = load_study(path)
@@ -160,6 +161,8 @@ def test_checkpoints_in_a_bucket_resolve_load_and_are_all_evaluated(tmp_path, mo
                                                                       "cell": cell.id, "checkpoint": location})
             tracking.set_status(uri, run_id, "FINISHED")
             locations.append(location)
+        fs, inside = storage.open_fs(locations[0])  # what Ray's Checkpoint gives a multi-worker cell
+        assert storage.location_of(fs, inside) == locations[0]  # the run's tag keeps the scheme (train/launcher.py)
         targets = study_targets(str(path))
         assert sorted(t.location for t in targets) == sorted(locations) and locations[0].startswith("s3://")
         assert pending(targets, ["facts_qa"]) == targets  # every finished cell is to be evaluated

@@ -78,6 +78,13 @@ def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+def location_of(fs: pafs.FileSystem, path: str) -> str:
+    """A path inside `fs` (what Ray's `Checkpoint.path` gives: `bucket/x` on S3) as a storage URI
+    (`s3://bucket/x`); the path itself on the local file system or one without a known scheme."""
+    kind = fs.type_name
+    return f"{kind}://{path.lstrip('/')}" if kind in SCHEMES and kind != "file" else path
+
+
 def write_local_atomic(path: Path, data: bytes) -> None:
     """Write `path` so that a reader sees the old file or the whole new one, never a part: a temporary
     file beside it, fsynced, renamed over it, and the folder fsynced so the rename survives a crash."""

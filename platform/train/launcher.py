@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlayers.models.presets import memory_size_name
-from memlayers.platform.cluster.storage import join, study_folder
+from memlayers.platform.cluster.storage import join, location_of, study_folder
 from memlayers.platform.data.build import run_need
 from memlayers.platform.data.prepare import PreparedData, open_prepared
 from memlayers.platform.data.tracked import prepare_tracked
@@ -173,4 +173,6 @@ def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_wor
         result = trainer.fit()
     except Exception as error:  # the worker group failed more than max_failures times
         return run.fail(f"{type(error).__name__}: {error}".splitlines()[0])
-    return run.finish(dict(result.metrics or {}), result.checkpoint.path if result.checkpoint is not None else None)
+    checkpoint = result.checkpoint  # a bucket's checkpoint as a URI: `Checkpoint.path` alone drops the scheme
+    return run.finish(dict(result.metrics or {}),
+                      location_of(checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None)

@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench figure clean
+.PHONY: setup demo test test-fast bench figure clean gpu-check
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(VENV)/bin/memlayers bench memory
 	$(VENV)/bin/memlayers bench fit
 	$(VENV)/bin/memlayers bench train
+
+# On a CUDA machine: Triton kernels vs torch, bag bandwidth, bf16 steps, FSDP x memory parallel, decode (one JSON).
+gpu-check: $(STAMP)
+	$(VENV)/bin/memlayers bench gpu
 
 figure: $(STAMP)
 	$(VENV)/bin/memlayers report runs/quickstart/ --figure docs/headline.png

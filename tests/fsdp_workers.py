@@ -39,13 +39,7 @@ def train_side_by_side(rank: int, world: int, family: str, memory_parallel: int,
     reference = Transformer(tiny(family))
     model = copy.deepcopy(reference)
     plan = setup_parallel(model, memory_parallel)
-    import os
-    forward = model.loss
-    if os.environ.get("TRY_DDP"):
-        from memlayers.platform.train.loop import LossModule
-        forward = plan.wrap_ddp(LossModule(model))
-    else:
-        apply_fsdp(model, plan, True, "cpu")
+    apply_fsdp(model, plan, True, "cpu")
     tcfg = TrainConfig(steps=steps, lr=3e-3, value_lr=3e-3, warmup=0.0, schedule="constant")
     ref_opt, opt = build_optimizers(reference, tcfg, steps), build_optimizers(model, tcfg, steps)
     gen = torch.Generator().manual_seed(1)
@@ -62,7 +56,7 @@ def train_side_by_side(rank: int, world: int, family: str, memory_parallel: int,
         ref_loss = sum(reference.loss(inputs[r * SEQ_PER_RANK:(r + 1) * SEQ_PER_RANK],
                                       targets[r * SEQ_PER_RANK:(r + 1) * SEQ_PER_RANK])[0] for r in range(world)) / world
         ref_loss.backward()
-        loss, _ = forward(inputs[mine], targets[mine])
+        loss, _ = model.loss(inputs[mine], targets[mine])
         loss.backward()
         plan.sync_value_grads()
         for o, clip in ((ref_opt, None), (opt, plan.clip_value_grads_)):
@@ -73,7 +67,6 @@ def train_side_by_side(rank: int, world: int, family: str, memory_parallel: int,
         dist.all_reduce(global_loss)
         losses.append(float(ref_loss.detach()))
         worst["loss"] = max(worst["loss"], abs(float(global_loss) / world - float(ref_loss)))
-        worst.setdefault("per_step", []).append(abs(float(global_loss) / world - float(ref_loss)))
         for name, p in model.named_parameters():
             want = ref_params[name].detach()
             if id(p) in value_ids and memory_parallel > 1:

@@ -76,3 +76,16 @@ def test_memory_parallel_shards_export_the_same_bytes(trained, tmp_path):
     two = export_checkpoint(trained / "p2", tmp_path / "two", max_file_bytes=1 << 30)
     for a, b in zip(one.files, two.files, strict=True):
         assert a.name == b.name and a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_eval_adapter_generates_from_an_exported_folder(trained, tmp_path):
+    from memlayers.platform.eval.lm_adapter import MemlayersLM
+
+    export_checkpoint(trained / "p1", tmp_path)
+    exported = MemlayersLM.from_exported(str(tmp_path))
+    reference = load_trained(trained / "p1")
+    original = MemlayersLM(reference.model, reference.tokenizer)
+    pairs = [exported.encode_pair("alice lives in", " paris")]
+    assert exported._score(pairs) == original._score(pairs)
+    assert exported._generate(["alice lives in"], {"max_gen_toks": 4}) == \
+        original._generate(["alice lives in"], {"max_gen_toks": 4})

@@ -122,12 +122,12 @@ def _gpu_bandwidth(args: argparse.Namespace) -> int:
     }
     print(f"GPU {torch.cuda.get_device_name()}: N={n} V={v} T={t} K={k} {args.dtype}")
     for name, (fn, nbytes) in cases.items():
-        ms = _time_cuda(fn, args.iters)
+        ms = time_cuda(fn, args.iters)
         print(f"  {name:<42} {ms:8.3f} ms  {nbytes / ms / 1e6:8.1f} GB/s")
     return 0
 
 
-def _time_cuda(fn, iters: int) -> float:
+def time_cuda(fn, iters: int) -> float:
     # deferred: a bench target imports what it measures only when it runs
     import torch
 

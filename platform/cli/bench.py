@@ -17,6 +17,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "data": ("memlayers.platform.bench.data", "data preparation tokens/s (Ray Data at 1 and 2 CPUs vs one process), "
                                               "loader tokens/s, worker RSS at 1x and 8x the corpus"),
     "parallel": ("memlayers.platform.bench.parallel", "memory-parallel bytes/token and step time for P = 1, 2, 4"),
+    "gpu": ("memlayers.platform.bench.gpu", "one JSON on a CUDA machine: kernels, bandwidth, bf16, FSDP x memory "
+                                            "parallel, decode (one line without CUDA)"),
 }
 
 

@@ -141,11 +141,13 @@ def _expand(study, file: str):
         return None
 
 
-def cells_table(cells: list) -> list[str]:
-    """id, run name, params, FLOPs/token, tokens, steps, total training FLOPs, one line per cell."""
-    header = ("id", "run name", "params", "active", "FLOPs/token", "tokens", "steps", "train FLOPs")
+def cells_table(cells: list, memory: list[str] | None = None) -> list[str]:
+    """id, run name, params, FLOPs/token, tokens, steps, total training FLOPs (and `memory` per GPU), one line
+    per cell."""
+    memory = memory or [""] * len(cells)
+    header = ("id", "run name", "params", "active", "FLOPs/token", "tokens", "steps", "train FLOPs", "GPU memory")
     rows = [header] + [(c.id, c.name, f"{c.params:.3g}", f"{c.active_params:.3g}", f"{c.flops_per_token:.3g}",
-                        f"{c.tokens:.3g}", str(c.steps), f"{c.train_flops:.3g}") for c in cells]
+                        f"{c.tokens:.3g}", str(c.steps), f"{c.train_flops:.3g}", m) for c, m in zip(cells, memory)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
             for row in rows]
@@ -161,14 +163,31 @@ def run_validate(args: argparse.Namespace) -> int:
         from memlayers.platform.study.bookkeeping import cell_row
         print(json.dumps([cell_row(c) for c in cells], indent=1))
         return 0
+    memory = _memory_per_gpu(study, cells, args.file)
+    if memory is None:
+        return 2
     families = ", ".join(dict.fromkeys(c.family for c in cells))
     print(f"study {study.name}: valid; {len(cells)} cells ({families}); budget {study.budget.kind} "
           f"{', '.join(f'{v:g}' for v in study.budget.values())}; seeds {study.seeds}; "
           f"lr {'tuned (Optuna)' if study.lr.tune else study.lr.value}")
     print(f"workdir {study.workdir_path()}; MLflow {study.tracking_uri()}")
-    for line in cells_table(cells):
+    for line in cells_table(cells, memory):
         print(line)
     return 0
+
+
+def _memory_per_gpu(study, cells: list, file: str) -> list[str] | None:
+    """Each cell's per-GPU memory plan ("ddp 12.3+9.1 GB": held + activations estimate), or None after printing the cells whose GPU plan
+    does not fit `resources.gpu_memory_gb`, naming `resources`."""
+    from memlayers.platform.data.vocab import vocab_size_of
+    from memlayers.platform.train.memory_plan import GB, cell_memory_plan
+
+    vocab = vocab_size_of(study.data)
+    plans = [cell_memory_plan(c.model, c.data, c.train, c.resources, vocab) for c in cells]
+    refused = [(c, p) for c, p in zip(cells, plans) if not p.fits and c.resources.gpus_per_worker > 0]
+    for cell, plan in refused:
+        print(f"{file}: resources: cell {cell.name} needs {plan.summary()}", file=sys.stderr)
+    return None if refused else [f"{p.strategy} {p.state / GB:.1f}+{p.activations / GB:.1f} GB" for p in plans]
 
 
 def run_run(args: argparse.Namespace) -> int:

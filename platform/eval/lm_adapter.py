@@ -16,6 +16,7 @@ the question is (`fit_context`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -23,7 +24,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from memlayers.models.generate import generate
-from memlayers.platform.data.tokenizers import Tokenizer
+from memlayers.models.pretrained import load_pretrained, read_export_config
+from memlayers.platform.data.tokenizers import Tokenizer, load_tokenizer
 from torch import nn
 
 DEFAULT_MAX_GEN_TOKS = 32
@@ -38,6 +40,12 @@ class MemlayersLM(LM):
         self.batch_size, self.max_gen_toks, self.use_cache, self.seed = batch_size, max_gen_toks, use_cache, seed
         self.max_length = max_length or model.cfg.max_seq_len
         self._device = next(model.parameters()).device  # LM.device reads it
+
+    @classmethod
+    def from_exported(cls, directory: str, device: str = "cpu", **options: Any) -> "MemlayersLM":
+        """The adapter over a folder written by `memlayers export` (its model and tokenizer)."""
+        tokenizer = load_tokenizer(read_export_config(directory)["tokenizer"], Path(directory))
+        return cls(load_pretrained(directory, device), tokenizer, **options)
 
     # ---- tokenization --------------------------------------------------------------------
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -7,7 +7,9 @@ tables hold 1/P of their columns and their optimizer state (`rank_memory.py`); t
 row-sparse (the rows one micro-batch reads). Activations are an estimate for bf16 training without
 recomputation and with a fused attention: 34 bytes per token per model dim per layer (the
 per-layer count of Korthikanti et al. 2022, "Reducing Activation Recomputation", without the s^2
-attention term), plus fp32 logits and their gradient.
+attention term), plus fp32 logits and their gradient. A plan fits when what the parallel strategy
+holds (weights, gradients, optimizer states, value shards) fits the GPU; the activation estimate is
+printed beside it, not enforced, since micro-batching or recomputation changes it.
 """
 
 from __future__ import annotations
@@ -43,13 +45,20 @@ class MemoryPlan:
         return self.weights + self.gradients + self.optimizer + self.value_shards + self.activations
 
     @property
+    def state(self) -> float:
+        """What the parallel strategy decides: weights, gradients, optimizer states and value shards."""
+        return self.weights + self.gradients + self.optimizer + self.value_shards
+
+    @property
     def fits(self) -> bool:
-        return self.total <= self.limit
+        # activations are an estimate that micro-batching or recomputation changes: shown, not enforced
+        return self.state <= self.limit
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {getattr(self, k) / GB:.1f}" for k in
                           ("weights", "gradients", "optimizer", "value_shards", "activations"))
-        return f"{self.strategy}: {self.total / GB:.1f} GB per GPU of {self.limit / GB:g} ({parts})"
+        return (f"{self.strategy}: {self.state / GB:.1f} GB per GPU of {self.limit / GB:g} held, "
+                f"{self.total / GB:.1f} with activations ({parts})")
 
 
 def memory_plan(cfg: RunConfig, model: ModelConfig, fsdp: bool | int | None = None) -> MemoryPlan:
@@ -79,6 +88,12 @@ def check_memory_plan(cfg: RunConfig, model: ModelConfig) -> MemoryPlan:
     hint = "more workers or memory parallelism"
     if not cfg.resources.fsdp:
         sharded = memory_plan(cfg, model, fsdp=True)
-        hint = f"fsdp: true would need {sharded.total / GB:.1f} GB per GPU" + ("" if sharded.fits else f"; {hint}")
+        hint = f"fsdp: true would hold {sharded.state / GB:.1f} GB per GPU" + ("" if sharded.fits else f"; {hint}")
     raise ConfigError("resources", f"the plan needs {plan.summary()}, over gpu_memory_gb={cfg.resources.gpu_memory_gb:g}"
                                    f" ({hint})")
+
+
+def cell_memory_plan(model_spec, data, train, resources, vocab_size: int) -> MemoryPlan:
+    """The per-GPU plan of a study cell (its model spec, data, train and resources sections)."""
+    cfg = RunConfig(model=model_spec, data=data, train=train, resources=resources)
+    return memory_plan(cfg, model_spec.build(vocab_size, data.seq_len))

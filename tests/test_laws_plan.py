@@ -219,3 +219,16 @@ def test_bench_fit_times_the_joint_law(capsys):
     joint = json.loads(capsys.readouterr().out)["joint"]
     assert joint["forms"] == sorted(FORMS, key=list(FORMS).index) and joint["replicates"] == 10
     assert joint["cpu_s"] > 0 and joint["chosen"] == joint["generated_by"]
+
+
+def test_report_figures_of_a_joint_law(joint_file, tmp_path):
+    from memlayers.dashboards.plot_joint import joint_plots
+
+    assert joint_plots(tmp_path) == []  # a study without a joint law: the report is unchanged
+    (tmp_path / "laws").mkdir()
+    (tmp_path / "laws" / "joint.json").write_text(joint_file.read_text())
+    plots = joint_plots(tmp_path)
+    assert [p.key for p in plots] == ["joint_surface", "joint_frontier"]
+    assert all(p.ok and p.png.startswith(b"\x89PNG") for p in plots)
+    (tmp_path / "laws" / "joint.json").write_text(json.dumps({"kind": "memlayers.study_laws"}))
+    assert "kind" in joint_plots(tmp_path)[0].note

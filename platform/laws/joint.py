@@ -153,11 +153,11 @@ def starts_for(points: Points, f: Form, seed_Q: np.ndarray, seed: int) -> np.nda
     return np.hstack([np.repeat(dense, len(memory), axis=0), np.tile(memory, (len(dense), 1))])
 
 
-def _fit_theta(points: Points, f: Form, starts: np.ndarray, n_polish: int = 3) -> tuple[np.ndarray, float]:
+def _fit_theta(points: Points, f: Form, starts: np.ndarray) -> tuple[np.ndarray, float]:
     if not points.has_memory:  # Chinchilla's own procedure, as `fit_chinchilla` runs it
-        best = fit_starts(points.problem(f), starts, n_polish=n_polish)
-    else:  # batched screening only: the best starts are then polished by scipy's L-BFGS-B
-        best = fit_starts(points.problem(f), starts, bounds=f.bounds, n_polish=n_polish, max_iter=SCREEN_ITER)
+        best = fit_starts(points.problem(f), starts)
+    else:  # batched screening only: the best start is then polished by scipy's L-BFGS-B
+        best = fit_starts(points.problem(f), starts, bounds=f.bounds, n_polish=1, max_iter=SCREEN_ITER)
     return best.theta_Q, best.objective
 
 

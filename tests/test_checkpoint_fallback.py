@@ -206,3 +206,24 @@ def test_a_bucket_checkpoint_folder_lists_committed_checkpoints_and_sets_aside_b
         assert storage.list_files(aside) == [COMMIT, "meta.json", "state-rank0.pt"]
     finally:
         cluster.stop_all()
+
+
+def test_ranks_resume_from_one_checkpoint_only_when_all_of_them_loaded_it(tmp_path):
+    import torch.distributed as dist
+    from memlayers.platform.train.resume import all_ranks_agree
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert all_ranks_agree(True, torch.device("cpu")) and not all_ranks_agree(False, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    folder = CheckpointFolder(str(tmp_path / "ckpt"), keep=2)
+    for step in (5, 10):
+        write_checkpoint(tmp_path / f"src{step}", step)
+        folder.add(step, tmp_path / f"src{step}")
+    votes, refused = iter([False, True]), []  # another rank could not load the newest; all can load the one before
+    loop, location = resume_loop(FolderSession(folder, torch.device("cpu")).checkpoints(), Loads, 0,
+                                 lambda where, why: refused.append((where, why)), lambda ok: ok and next(votes))
+    assert loop.step == 5 and location == folder.location(5)
+    assert refused == [(str(tmp_path / "ckpt" / "checkpoint_00000010.bad-other-rank"),
+                        "another rank could not load it")]

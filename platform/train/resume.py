@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Iterator, Optional, Protocol
 
 import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
 from memlayers.platform.train.checkpoint_folder import set_aside
 from memlayers.platform.train.commit import CommitError, verify_commit
 
@@ -32,23 +34,37 @@ class Candidate:
 
 
 def resume_loop(candidates: Iterable[Candidate], build: Callable[[], Loadable], rank: int,
-                report_bad: Callable[[str, str], None]) -> tuple[Loadable, Optional[str]]:
+                report_bad: Callable[[str, str], None],
+                agree: Callable[[bool], bool] = lambda ok: ok) -> tuple[Loadable, Optional[str]]:
     """(a loop from `build`, loaded from the newest good candidate; that candidate's location or None).
-    `report_bad(location, reason)` is told of every checkpoint refused (rank 0 then moves it aside)."""
+    `report_bad(location, reason)` is told of every checkpoint refused (rank 0 then moves it aside).
+    `agree(ok)`: True only if every rank loaded the candidate (`all_ranks_agree`), so that ranks whose
+    shards differ all resume from the same step, and none moves a checkpoint another still reads."""
     loop = build()
     for candidate in candidates:
         with candidate.open() as directory:
             try:
                 verify_commit(directory)
                 loop.load(directory)
-                return loop, candidate.location
+                ok, reason, detail = True, "", ""
             except Exception as error:  # a truncated or foreign file: fall back to the previous checkpoint
-                reason = error.reason if isinstance(error, CommitError) else "load"
+                ok, reason = False, error.reason if isinstance(error, CommitError) else "load"
                 detail = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            if agree(ok):
+                return loop, candidate.location
+        reason, detail = reason or "other-rank", detail or "another rank could not load it"
         where = candidate.set_aside(reason) if rank == 0 else candidate.location
         report_bad(where, detail)
         loop = build()  # a failed load may have applied part of its state
     return loop, None
+
+
+def all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """True when `ok` on every rank of the initialised process group (one all-reduce of a flag on `device`,
+    the rank's own: NCCL reduces only CUDA tensors)."""
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def sibling_candidates(fs: pafs.FileSystem, latest: str,

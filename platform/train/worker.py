@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Protocol
 
 import torch
+import torch.distributed as dist
 from memlayers.platform.data.prepare import PreparedData, open_prepared
 from memlayers.platform.data.shard_loader import ShardStream
 from memlayers.platform.tracking.client import MetricBuffer
@@ -28,7 +29,7 @@ from memlayers.platform.tracking.conventions import FIRST_STEP_TAG, progress_tag
 
 DATA_CACHE_TAG = "memlayers.data_cache"  # rank 0's shard cache at the run's end: bound, peak, downloads (JSON)
 from memlayers.platform.train.loop import NonFiniteLoss, RunLoop
-from memlayers.platform.train.resume import Candidate, resume_loop, sibling_candidates
+from memlayers.platform.train.resume import Candidate, all_ranks_agree, resume_loop, sibling_candidates
 from memlayers.platform.train.run_config import RunConfig, run_config_from_dict
 
 
@@ -100,7 +101,8 @@ def drive(config: dict, session: Session, data: Optional[PreparedData] = None) -
     loop, resumed_from = resume_loop(
         session.checkpoints(), lambda: build(cfg, data, rank=rank, world_size=session.world_size,
                                              device=session.device),
-        rank, lambda where, why: _log_set_aside(metrics_out, where, why))
+        rank, lambda where, why: _log_set_aside(metrics_out, where, why),
+        lambda ok: all_ranks_agree(ok, session.device) if session.world_size > 1 and dist.is_initialized() else ok)
     resumed = resumed_from is not None
     if metrics_out is not None and resumed:  # a restart replays steps logged before it died
         metrics_out.skip_logged()

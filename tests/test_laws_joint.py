@@ -114,3 +114,22 @@ def test_degenerate_input_is_refused_naming_the_field(tmp_path, capsys):
     assert main(["fit", "--law", "joint", "--csv", str(path), "--n", "N", "--m", "M", "--d", "D"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "loss" in err
+
+
+def test_memory_law_study_is_a_grid_the_joint_law_can_be_fitted_on():
+    from conftest import REPO_ROOT
+    from memlayers.platform.study.cells import expand
+    from memlayers.platform.study.validate import load_study
+
+    study = load_study(REPO_ROOT / "studies" / "memory-law.yaml")
+    assert study.data.source == "shakespeare" and study.data.tokenizer == "bpe"
+    cells = expand(study)
+    bases = {c.base for c in cells}
+    budgets = {c.budget["value"] for c in cells}
+    assert len(bases) >= 3 and len(budgets) >= 2
+    for base in bases:
+        for budget in budgets:
+            here = [c for c in cells if c.base == base and c.budget["value"] == budget]
+            assert {c.memory_slots for c in here if c.family == "memory_plus"} >= {1024, 4096, 16384}
+            assert [c.family for c in here].count("dense") == 1
+    assert all(c.resources.gpus_per_worker == 0 for c in cells)

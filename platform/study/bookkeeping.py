@@ -26,8 +26,11 @@ def parent_run(study: Study, uri: str) -> str:
     if existing is not None:
         return existing
     created = tracking.create_run(uri, experiment_id, study.name, run_tags("study", study.name))
-    # two controllers starting a new study at once each create one: both then take the oldest
-    return oldest(search_runs(uri, study.name, role_filter("study", study.name))) or created
+    # two controllers starting a new study at once each create one: both take the oldest, the other is deleted
+    chosen = oldest(search_runs(uri, study.name, role_filter("study", study.name))) or created
+    if chosen != created:
+        with_retry(lambda: client_for(uri).delete_run(created))
+    return chosen
 
 
 def log_definition(study: Study, cells: list[Cell], uri: str, run_id: str, record: StudyRecord) -> None:

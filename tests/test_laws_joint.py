@@ -133,3 +133,16 @@ def test_memory_law_study_is_a_grid_the_joint_law_can_be_fitted_on():
             assert {c.memory_slots for c in here if c.family == "memory_plus"} >= {1024, 4096, 16384}
             assert [c.family for c in here].count("dense") == 1
     assert all(c.resources.gpus_per_worker == 0 for c in cells)
+
+
+def test_a_memory_that_does_nothing_leaves_a_parameter_flagged_or_negligible():
+    pts = synthetic_points("additive", 0, params={**TRUTH["additive"], "G": 1e-9})
+    record = fit_joint(pts["N"], pts["M"], pts["D"], pts["loss"])
+    for name, entry in record["forms"].items():
+        p = entry["params"]
+        # the largest memory's share of the loss it could change, roughly, in each form's terms
+        effect = {"additive": lambda: p["G"] / p["E"],
+                  "effective_params": lambda: p["kappa"] * 8 ** p["gamma"] * p["alpha"],
+                  "interaction": lambda: abs(p["delta"]) + abs(p["iota"])}[name]()
+        assert "warning" in entry or effect < 0.05, (name, p)
+    assert any("warning" in entry for entry in record["forms"].values())

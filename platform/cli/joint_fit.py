@@ -109,6 +109,8 @@ def summary(record: dict) -> str:
             shown = "not identified" if value is None else f"{value:.6g}"
             extra = f"   95% [{interval[0]:.6g}, {interval[1]:.6g}]" if interval else ""
             lines.append(f"    {key:<8} {shown}{extra}")
+        if entry.get("warning"):
+            lines.append(f"    warning: {entry['warning']}")
         held = entry["held_out"]
         lines.append("    held-out log RMSE: " + ", ".join(
             f"{k.replace('_', '-')} " + (f"{v['log_rmse']:.4g}" if "log_rmse" in v else f"skipped ({v['skipped']})")

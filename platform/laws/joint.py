@@ -197,6 +197,12 @@ def fit_form(points: Points, f: Form, seed_Q: np.ndarray, *, bootstrap: int = 0,
                                                                    points.d)) - np.log(points.loss)) ** 2)))
     if dense_only:
         entry["note"] = "no memory rows: the memory parameters are not identified; the form is Chinchilla's law"
+    else:
+        at_bound = [name for name, value, (lo, hi) in zip(f.memory, theta[5:], f.memory_bounds)
+                    if min(value - lo, hi - value) < 1e-3]
+        if at_bound:
+            entry["warning"] = (f"{', '.join(at_bound)} at the bound of the search range: "
+                                "the points do not determine it")
     if bootstrap > 0:
         prob = points.problem(f)
         names = DENSE if dense_only else f.param_names

@@ -141,8 +141,8 @@ def test_a_memory_that_does_nothing_leaves_a_parameter_flagged_or_negligible():
     for name, entry in record["forms"].items():
         p = entry["params"]
         # the largest memory's share of the loss it could change, roughly, in each form's terms
-        effect = {"additive": lambda: p["G"] / p["E"],
-                  "effective_params": lambda: p["kappa"] * 8 ** p["gamma"] * p["alpha"],
-                  "interaction": lambda: abs(p["delta"]) + abs(p["iota"])}[name]()
+        effect = {"additive": lambda p=p: p["G"] / p["E"],
+                  "effective_params": lambda p=p: p["kappa"] * 8 ** p["gamma"] * p["alpha"],
+                  "interaction": lambda p=p: abs(p["delta"]) + abs(p["iota"])}[name]()
         assert "warning" in entry or effect < 0.05, (name, p)
     assert any("warning" in entry for entry in record["forms"].values())

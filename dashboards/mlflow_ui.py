@@ -1,10 +1,11 @@
 """The MLflow UI over a study's tracking store: the server process, its health, its shutdown.
 
-`memlayers dashboard` (platform/cli/dashboard.py) starts `mlflow server` as a child process in its own process group, bound to 127.0.0.1 unless
-`--host` says otherwise, with the study's store as backend and its `mlartifacts/` as the default
-artifact root; waits for `/health`; prints the URL of the study's experiment (its runs tab); and serves until
-Ctrl-C or SIGTERM, which stop the whole server process group and exit 0. Without STUDY it serves
-the embedded default study (quickstart), or the store given by `--tracking-uri`.
+`memlayers dashboard` (platform/cli/dashboard.py) starts `mlflow server` as a child process in its own
+process group, bound to 127.0.0.1 unless `--host` says otherwise (with a warning: this server has no
+authentication), with the study's store as backend and its `mlartifacts/` as the default artifact root;
+waits for `/health`; prints the URL of the study's experiment (its runs tab); and serves until Ctrl-C or
+SIGTERM, which stop the whole server process group and exit 0. Without STUDY it serves the embedded
+default study (quickstart), or the store given by `--tracking-uri`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,20 @@ import time
 import urllib.error
 import urllib.request
 
+from memlayers.platform.cluster.ports import is_loopback
+
 HEALTH_TIMEOUT_S = 180.0
+
+
+def exposure_warning(host: str) -> str | None:
+    """What serving on `host` exposes, or None for loopback: the MLflow server started here has no
+    authentication, so whoever reaches it can change every run."""
+    if is_loopback(host):
+        return None
+    return (f"--host {host}: the MLflow server started here has no authentication; whoever reaches it can read "
+            f"and change every run of the store (mark cells FINISHED, rewrite a study's claims). Keep 127.0.0.1 "
+            f"and forward the port (ssh -L), or share an authenticated tracking server (mlflow server --app-name "
+            f"basic-auth, see the README's cluster section)")
 
 
 def port_in_use(host: str, port: int) -> bool:

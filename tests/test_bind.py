@@ -2,17 +2,18 @@
 workers, agents, gloo pairs), its token file is 0600, and its folder is refused when another user owns
 it or others may write to it."""
 
-import ipaddress
 import os
 import stat
 import tempfile
-from pathlib import Path
 
 import psutil
 import pytest
 from conftest import REPO_ROOT
+
+from memlayers.dashboards.mlflow_ui import exposure_warning
 from memlayers.platform.cli.main import main
 from memlayers.platform.cluster.local_launch import run_local
+from memlayers.platform.cluster.ports import is_loopback
 from memlayers.platform.cluster.session import UnsafeSessionDir, private_token, session_dir
 
 
@@ -27,11 +28,6 @@ def listeners(pids: set[int]) -> dict[tuple[str, int], str]:
                 name = "?"
             found[(conn.laddr.ip, conn.laddr.port)] = name
     return found
-
-
-def is_loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
 
 def session_pids() -> set[int]:
@@ -128,3 +124,14 @@ def test_study_run_refuses_a_world_writable_session_dir_before_anything_starts(t
     assert code == 2 and len(lines) == 1, lines
     assert str(unsafe) in lines[0] and "writable by others" in lines[0], lines
     assert not workdir.exists() and list(unsafe.iterdir()) == []
+
+
+def test_dashboard_on_another_interface_warns_that_mlflow_has_no_authentication(tmp_path, monkeypatch, capsys):
+    assert exposure_warning("127.0.0.1") is None and exposure_warning("::1") is None
+    assert exposure_warning("localhost") is None
+    for host in ("0.0.0.0", "::", "192.0.2.7", "my-laptop.example"):
+        assert "no authentication" in exposure_warning(host), host
+    monkeypatch.chdir(tmp_path)  # no study here: the command stops right after the warning, nothing served
+    assert main(["dashboard", "nothing-here", "--host", "0.0.0.0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "warning: --host 0.0.0.0" in lines[0] and "no authentication" in lines[0], lines

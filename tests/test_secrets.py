@@ -5,9 +5,15 @@ in tests/test_study_submit.py."""
 
 import pytest
 from conftest import REPO_ROOT
+
 from memlayers.platform.cli.main import main
-from memlayers.platform.cluster.secrets import (ShipRefused, credential_problems, looks_secret, shipped_env,
-                                                uri_credentials_problem)
+from memlayers.platform.cluster.secrets import (
+    ShipRefused,
+    credential_problems,
+    looks_secret,
+    shipped_env,
+    uri_credentials_problem,
+)
 
 SMOKE = str(REPO_ROOT / "studies" / "smoke.yaml")
 

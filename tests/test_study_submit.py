@@ -15,11 +15,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ray.job_submission import JobSubmissionClient
-
 import psutil
 import pytest
 from conftest import REPO_ROOT
+from ray.job_submission import JobSubmissionClient
+
 from memlayers.platform.cluster.ports import free_port
 from memlayers.platform.study.cells import expand
 from memlayers.platform.study.progress import cell_runs

@@ -1,7 +1,8 @@
 """`memlayers dashboard [STUDY] [--port P]`: serve the MLflow UI over a study's tracking store.
 
-Bound to 127.0.0.1 unless `--host` says otherwise; prints the URL of the study's experiment (its
-runs tab) and serves until Ctrl-C or SIGTERM, which stop the whole server process group and exit 0.
+Bound to 127.0.0.1 unless `--host` says otherwise (another interface gets a warning first: the server
+has no authentication); prints the URL of the study's experiment (its runs tab) and serves until
+Ctrl-C or SIGTERM, which stop the whole server process group and exit 0.
 Without STUDY it serves the embedded default study (quickstart), or the store given by `--tracking-uri`.
 A tracking server (`--tracking-uri http://HOST:5000`) already serves the UI: the command prints the
 study's URL there and exits.
@@ -16,7 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from memlayers.dashboards.mlflow_ui import client_host, port_in_use, server_command, stop_server, wait_healthy
+from memlayers.dashboards.mlflow_ui import (
+    client_host,
+    exposure_warning,
+    port_in_use,
+    server_command,
+    stop_server,
+    wait_healthy,
+)
 from memlayers.dashboards.study_arg import StudyNotFound, existing_store, experiment_id, resolve_study_arg
 from memlayers.platform.cluster.ports import free_port
 from memlayers.platform.tracking.conventions import artifact_root, is_remote
@@ -32,7 +40,8 @@ class Stop(Exception):
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", metavar="STUDY", nargs="?", default=None,
                         help=f"study file, study name or work directory (default: {DEFAULT_STUDY})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the study's store)")
     parser.set_defaults(func=run)
@@ -43,6 +52,9 @@ def _raise_stop(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
+    warning = exposure_warning(args.host)
+    if warning:
+        print(f"memlayers dashboard: warning: {warning}", file=sys.stderr, flush=True)
     try:
         ref = resolve_study_arg(args.study or DEFAULT_STUDY, args.tracking_uri)
         existing_store(ref)
@@ -89,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"memlayers dashboard: {error} (see {log_path})", file=sys.stderr)
         return 1
     finally:
-        for sig, handler in previous.items():
+        for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         stop_server(process)
         log.close()

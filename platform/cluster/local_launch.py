@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from memlayers.platform.cluster.ports import loopback_interface
 
 

@@ -3,6 +3,7 @@ a local session bind loopback)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Optional
 
@@ -25,3 +26,15 @@ def loopback_interface() -> Optional[str]:
         if any(address.family == socket.AF_INET and address.address == LOOPBACK for address in addresses):
             return name
     return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or `localhost`) is this machine's loopback, IPv4-mapped IPv6 included."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a name: it may resolve to any interface
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)

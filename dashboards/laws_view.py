@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memlayers.platform.study.record import LAWS_FILE, StudyRecord, fit_and_record, recorded_laws
-from memlayers.platform.study.ref import StudyRef
+from memlayers.platform.tracking.study_ref import StudyRef
 
 
 @dataclass

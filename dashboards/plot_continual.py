@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from memlayers.dashboards.plots import MissingData, Plot, family_color, family_label, make_plot, new_figure
+from memlayers.dashboards.figure import MissingData, Plot, family_color, family_label, make_plot, new_figure
 from memlayers.dashboards.study_data import Cell, StudyData, load_histories
 from memlayers.platform.tracking.client import client_for
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from memlayers.dashboards.plots import MissingData, Plot, family_color, make_plot, new_figure
+
+from memlayers.dashboards.figure import MissingData, Plot, family_color, make_plot, new_figure
 from memlayers.platform.laws.joint import load_joint
 from memlayers.platform.laws.joint import predict as joint_predict
 from memlayers.platform.laws.plan import Constraints, frontier

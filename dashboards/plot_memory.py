@@ -14,10 +14,19 @@ several budgets (an iso-FLOP sweep), the budget with the most runs.
 from __future__ import annotations
 
 import numpy as np
+
 from memlayers.dashboards.bands import grid, law_curve
+from memlayers.dashboards.figure import (
+    MissingData,
+    Plot,
+    family_color,
+    family_label,
+    make_plot,
+    new_figure,
+    tidy_log_axis,
+)
 from memlayers.dashboards.laws_view import StudyLaws
 from memlayers.dashboards.plot_scaling import law_label
-from memlayers.dashboards.plots import MissingData, Plot, family_color, family_label, make_plot, new_figure, tidy_log_axis
 from memlayers.dashboards.study_data import Cell, StudyData, base_order
 from memlayers.models.presets import memory_size_name
 from memlayers.platform.tracking.conventions import EVAL_PREFIX
@@ -51,7 +60,8 @@ def _summary(cells: list[Cell], metric: str) -> tuple[list[int], np.ndarray, np.
             by_size.setdefault(cell.memory_slots, []).append(cell.metrics[metric])
     sizes = sorted(by_size)
     values = [np.asarray(by_size[s]) for s in sizes]
-    return sizes, np.array([v.mean() for v in values]), np.array([v.min() for v in values]), np.array([v.max() for v in values])
+    return (sizes, np.array([v.mean() for v in values]), np.array([v.min() for v in values]),
+            np.array([v.max() for v in values]))
 
 
 def pick_budget(cells: list[Cell]) -> str | None:

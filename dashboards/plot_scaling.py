@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 
 from memlayers.dashboards.bands import grid, law_curve
-from memlayers.dashboards.laws_view import StudyLaws
-from memlayers.dashboards.plots import (
+from memlayers.dashboards.figure import (
     MissingData,
     Plot,
     family_color,
@@ -22,6 +21,7 @@ from memlayers.dashboards.plots import (
     short_number,
     tidy_log_axis,
 )
+from memlayers.dashboards.laws_view import StudyLaws
 from memlayers.dashboards.study_data import FAMILY_ORDER, Cell, StudyData
 
 MAX_ANNOTATED = 24
@@ -143,7 +143,8 @@ def _draw_multipliers(ax, data: StudyData, comparisons: dict, reference: str, no
     for family in sorted(comparisons, key=lambda f: (FAMILY_ORDER + (f,)).index(f)):
         comp = comparisons[family]
         if not isinstance(comp, dict) or "skipped" in comp:
-            notes.append(f"{family_label(family)} vs {reference}: {comp.get('skipped') if isinstance(comp, dict) else 'missing'}.")
+            reason = comp.get("skipped") if isinstance(comp, dict) else "missing"
+            notes.append(f"{family_label(family)} vs {reference}: {reason}.")
             continue
         color, start = family_color(family), position
         runs = sorted(comp.get("runs", []), key=lambda r: (cells[r["label"]].memory_slots if r["label"] in cells else 0,

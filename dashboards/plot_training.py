@@ -8,7 +8,7 @@ read at least once so far; higher is better) and `slot_gini` (inequality of read
 
 from __future__ import annotations
 
-from memlayers.dashboards.plots import MissingData, Plot, family_color, family_label, make_plot, new_figure
+from memlayers.dashboards.figure import MissingData, Plot, family_color, family_label, make_plot, new_figure
 from memlayers.dashboards.study_data import Cell, StudyData
 
 MAX_LABELLED = 14

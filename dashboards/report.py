@@ -1,7 +1,10 @@
 """The study report: one self-contained HTML page with what a study found, also logged to MLflow.
 
-Sections: a summary, the study definition (its YAML), the grid (every cell's status and final
-metrics), the fitted laws with their intervals, and the figures. `write_report` writes
+It reads like a paper's results section: the claims and whether they hold, then the figures
+(loss vs compute with the fitted laws, recall and loss vs memory size, the multipliers, then the
+figures of other analyses such as the joint law or continual learning), then the tables behind
+them (a summary, the grid of every cell's status and final metrics, the fitted laws with their
+intervals), and last the study definition (its YAML), folded. `write_report` writes
 `<out_dir>/report.html` and `<out_dir>/plots/<name>.png` (default out dir `<workdir>/report/`)
 and logs both under the artifact path `report/` of the study's parent MLflow run. The study
 controller calls it at the end of `study run`; `memlayers report` calls it on demand.
@@ -13,21 +16,22 @@ import datetime as dt
 import logging
 from pathlib import Path
 
+from memlayers.dashboards.figure import Plot, family_label
 from memlayers.dashboards.html_parts import esc, fmt, interval, page, png_data_uri, table
 from memlayers.dashboards.laws_view import StudyLaws, load_laws
 from memlayers.dashboards.plot_continual import continual_plots
 from memlayers.dashboards.plot_joint import joint_plots
-from memlayers.dashboards.plots import Plot, all_plots, family_label
+from memlayers.dashboards.plots import all_plots
 from memlayers.dashboards.study_data import FAMILY_ORDER, StudyData, load_study
 from memlayers.platform.cluster.storage import write_local_atomic
 from memlayers.platform.laws.result import fit_warning
 from memlayers.platform.study.record import StudyRecord
-from memlayers.platform.study.ref import StudyRef
 from memlayers.platform.tracking.client import client_for, with_retry
+from memlayers.platform.tracking.study_ref import StudyRef
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("claims", "summary", "definition", "grid", "laws", "plots")
+SECTIONS = ("claims", "plots", "summary", "grid", "laws", "definition")  # the order of the page
 HEADLINE_ORDER = ("loss_vs_compute", "metrics_vs_memory")  # the first figure the study can draw
 ARTIFACT_PATH = "report"
 
@@ -103,7 +107,8 @@ def definition_section(data: StudyData) -> str:
         content = '<p class="placeholder">The study definition was not found (no study file given and none ' \
                   "logged to the study's parent run).</p>"
     else:
-        content = f'<p class="meta">from {esc(data.definition_source)}</p><pre>{esc(data.definition)}</pre>'
+        content = (f'<details><summary>from {esc(data.definition_source)}</summary>'
+                   f"<pre>{esc(data.definition)}</pre></details>")
     return f'<section id="definition"><h2>Study definition</h2>{content}</section>'
 
 
@@ -120,7 +125,8 @@ def grid_section(data: StudyData) -> str:
         rows.append([
             esc(c.run_name), f"<code>{esc(c.cell_id)}</code>", esc(family_label(c.family)), esc(c.base),
             esc(c.variant or "—"), fmt(c.seed), f'<span class="badge {esc(c.status)}">{esc(c.status.lower())}</span>',
-            fmt(c.train_flops, 3), fmt(_int_tag(c.tags.get("total_params"))), fmt(_int_tag(c.tags.get("active_params"))),
+            fmt(c.train_flops, 3), fmt(_int_tag(c.tags.get("total_params"))),
+            fmt(_int_tag(c.tags.get("active_params"))),
             fmt(c.metrics.get("val_loss")), fmt(c.metrics.get("qa_exact_match")), fmt(c.metrics.get("qa_answer_nll")),
             fmt(c.metrics.get("loss")), esc(c.failure_reason),
         ])
@@ -143,6 +149,10 @@ def _params_cell(entry: dict) -> str:
                        for name, value in entry["params"].items())
 
 
+def _skipped(reason: str) -> str:
+    return f'<span class="skipped">skipped: {esc(reason)}</span>'
+
+
 LAW_FORMS = {"compute": "L(C) = E + A·C^−α", "memory": "L(M) = E + A·M^−γ",
              "recall": "R(M) = floor + (ceiling − floor)·σ(slope·(ln M − log_m_mid))"}
 
@@ -153,7 +163,7 @@ def _law_rows(named: list[tuple[str, str, dict]]) -> list[list[str]]:
         if not isinstance(entry, dict):
             continue
         if "skipped" in entry:
-            rows.append([esc(name), esc(target), "—", f'<span class="skipped">skipped: {esc(entry["skipped"])}</span>', "", ""])
+            rows.append([esc(name), esc(target), "—", _skipped(entry["skipped"]), "", ""])
             continue
         if "params" not in entry:
             continue
@@ -180,16 +190,17 @@ def laws_section(laws: StudyLaws) -> str:
     parts.append("<h3>Compute laws</h3>" + table(LAW_HEADERS, _law_rows(compute), numeric={4}, table_id="compute-laws"))
     memory = [(group, metric, entry) for group, metrics in laws.laws.get("memory_laws", {}).items()
               for metric, entry in (metrics.items() if isinstance(metrics, dict) else [])]
-    parts.append("<h3>Memory-size laws</h3>" + table(LAW_HEADERS, _law_rows(memory), numeric={4}, table_id="memory-laws"))
+    parts.append("<h3>Memory-size laws</h3>"
+                 + table(LAW_HEADERS, _law_rows(memory), numeric={4}, table_id="memory-laws"))
     rows = []
     for reference, comparisons in laws.laws.get("multipliers", {}).items():
         if isinstance(comparisons, dict) and "skipped" in comparisons:
-            rows.append([esc(reference.replace("_", " ")), "—", f'<span class="skipped">skipped: {esc(comparisons["skipped"])}</span>', ""])
+            rows.append([esc(reference.replace("_", " ")), "—", _skipped(comparisons["skipped"]), ""])
             continue
         for family, comp in sorted((comparisons or {}).items()):
             if "skipped" in comp:
                 rows.append([esc(reference.replace("_", " ")), esc(family_label(family)),
-                             f'<span class="skipped">skipped: {esc(comp["skipped"])}</span>', ""])
+                             _skipped(comp["skipped"]), ""])
                 continue
             k_text = f"k = {fmt(comp.get('k'), 3)} {esc(interval(comp.get('k_interval')))}"
             if comp.get("at_bound"):
@@ -202,7 +213,8 @@ def laws_section(laws: StudyLaws) -> str:
                  + table(["reference", "family", "multiplier [95% interval]", "runs"], rows, table_id="multipliers"))
     skipped = laws.laws.get("skipped") or []
     if skipped:
-        parts.append("<h3>Not fitted</h3><ul class=\"notes\">" + "".join(f"<li>{esc(s)}</li>" for s in skipped) + "</ul>")
+        items = "".join(f"<li>{esc(s)}</li>" for s in skipped)
+        parts.append(f'<h3>Not fitted</h3><ul class="notes">{items}</ul>')
     parts.append("</section>")
     return "".join(parts)
 
@@ -225,8 +237,8 @@ def plots_section(plots: list[Plot]) -> str:
 def render(data: StudyData, laws: StudyLaws, plots: list[Plot]) -> str:
     """The whole page as a string."""
     body = (f"<h1>Study report: {esc(data.ref.name)}</h1>{_meta(data)}" + claims_section(laws)
-            + summary_section(data, laws)
-            + definition_section(data) + grid_section(data) + laws_section(laws) + plots_section(plots))
+            + plots_section(plots) + summary_section(data, laws) + grid_section(data) + laws_section(laws)
+            + definition_section(data))
     return page(f"{data.ref.name} — memlayers study report", body)
 
 
@@ -239,7 +251,7 @@ def log_report(data: StudyData, out_dir: Path) -> bool:
     run_id = data.parent_run_id
     with_retry(lambda: client.log_artifact(run_id, str(out_dir / "report.html"), artifact_path=ARTIFACT_PATH))
     for png in sorted((out_dir / "plots").glob("*.png")):
-        with_retry(lambda: client.log_artifact(run_id, str(png), artifact_path=f"{ARTIFACT_PATH}/plots"))
+        with_retry(lambda png=png: client.log_artifact(run_id, str(png), artifact_path=f"{ARTIFACT_PATH}/plots"))
     return True
 
 

@@ -1,6 +1,6 @@
 """The STUDY argument of `memlayers report` and `memlayers dashboard`: a file, a name, or a work dir.
 
-A study file or a study name resolves as everywhere else (`platform.study_ref.resolve_study`).
+A study file or a study name resolves as everywhere else (`platform.tracking.study_ref.resolve_study`).
 A directory holding an `mlflow.db` is taken as a study's work directory (`runs/quickstart/`): its
 study is the experiment named like the directory, else the store's only study. Before anything
 opens the store, `existing_store` checks that a SQLite store exists, so that inspecting a study
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memlayers.platform.study.ref import StudyRef, resolve_study
+from memlayers.platform.tracking.study_ref import StudyRef, resolve_study
 from memlayers.platform.tracking.conventions import role_filter, sqlite_path, sqlite_uri
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from memlayers.models.config import FAMILIES
 from memlayers.models.presets import BASES, memory_size_name
 from memlayers.platform.study.record import StudyRecord
-from memlayers.platform.study.ref import StudyRef
+from memlayers.platform.tracking.study_ref import StudyRef
 from memlayers.platform.tracking.client import search_all_runs
 from memlayers.platform.tracking.runs import oldest
 from memlayers.platform.tracking.conventions import RUN_NAME_TAG, role_filter

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from memlayers.platform.tracking import client as tracking
-from memlayers.platform.study.ref import StudyRef
+from memlayers.platform.tracking.study_ref import StudyRef
 from memlayers.platform.tracking.conventions import sqlite_uri
 
 STUDY_YAML = """name: {name}

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from browser import find_chromium
 from dashboards_helpers import CELLS, build_study, inspect_report, png_size
+
 from memlayers.dashboards.laws_view import LAWS_FILE, StudyLaws, load_laws
 from memlayers.dashboards.plots import all_plots
 from memlayers.dashboards.report import SECTIONS, render, write_report
 from memlayers.dashboards.study_data import Cell, StudyData
-from memlayers.platform.study.ref import StudyRef
+from memlayers.platform.tracking.study_ref import StudyRef
 
 needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
 PLOT_KEYS = {"loss_vs_compute", "metrics_vs_memory", "compute_multipliers", "training_curves", "slot_usage"}
@@ -67,6 +68,37 @@ def test_report_references_nothing_outside_itself(report):
     assert parser.scripts == 0
     assert parser.urls and all(u.startswith(("data:image/png;base64,", "#")) for u in parser.urls), parser.urls
     assert "default-src 'none'" in report.read_text()  # the page forbids network loads itself
+
+
+class Outline(HTMLParser):
+    """The page's section ids in order, the section of each <img>, and each <details> (open or folded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.image_sections: list[str] = []
+        self.details: list[tuple[str, bool]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs.get("id"))
+        elif tag == "img":
+            self.image_sections.append(self.sections[-1] if self.sections else "")
+        elif tag == "details":
+            self.details.append((self.sections[-1], "open" in attrs))
+
+
+def test_report_reads_claims_figures_tables_then_the_folded_definition(report):
+    """Claims first, every figure right after them, the tables, and the study file last and folded."""
+    outline = Outline()
+    outline.feed(report.read_text())
+    assert outline.sections == ["claims", "plots", "summary", "grid", "laws", "definition"]
+    assert outline.image_sections and set(outline.image_sections) == {"plots"}, outline.image_sections
+    assert outline.details == [("definition", False)]
+    text = report.read_text()
+    definition = text[text.index('<section id="definition">'):]
+    assert definition.index("<details>") < definition.index("<pre>") < definition.index("</details>")
 
 
 def test_report_files_and_mlflow_artifacts(report, study):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from memlayers.platform.data import DataConfig, FactsConfig, prepare_data
-from memlayers.platform.data.facts import (ATTRIBUTES, FACTS_VERSION, VALUE, documents, generate_world,
-                                           qa_pairs)
+from memlayers.platform.data.attributes import ATTRIBUTES, FACTS_VERSION
+from memlayers.platform.data.facts import VALUE, documents, generate_world, qa_pairs
 from memlayers.platform.data.qa import select_items
 
 SMALL = {"people": 40, "values_per_attribute": 12, "renderings": 4}

@@ -74,7 +74,7 @@ def test_a_killed_finetuning_cell_resumes_and_the_study_is_not_rerun(tmp_path, c
 
     from memlayers.dashboards.plot_continual import continual_plots, continual_table
     from memlayers.dashboards.study_data import load_study as load_study_data
-    from memlayers.platform.study.ref import StudyRef
+    from memlayers.platform.tracking.study_ref import StudyRef
     data = load_study_data(StudyRef("ft", first.workdir, first.tracking_uri, None))
     plots = continual_plots(data)
     assert [p.key for p in plots] == ["continual"] and plots[0].png.startswith(b"\x89PNG")

@@ -142,7 +142,7 @@ def test_load_study_rows_keeps_the_cells_of_the_current_definition(mlflow_study,
     import json
 
     from memlayers.platform.study.record import StudyRecord
-    from memlayers.platform.study.ref import StudyRef
+    from memlayers.platform.tracking.study_ref import StudyRef
     from memlayers.platform.tracking.conventions import CELLS_FILE
     from memlayers.platform.tracking.runs import load_study_rows
 

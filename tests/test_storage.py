@@ -8,7 +8,8 @@ from memlayers.platform.study.schema import StudyError
 from memlayers.platform.study.submit import job_command, job_env, last_error_line
 from memlayers.platform.study.validate import load_study, with_overrides
 from memlayers.platform.tracking.conventions import artifact_location
-from memlayers.platform.train.run_config import default_workdir, run_config_from_dict
+from memlayers.platform.tracking.study_ref import default_workdir
+from memlayers.platform.train.run_config import run_config_from_dict
 
 SMOKE = REPO_ROOT / "studies" / "smoke.yaml"
 

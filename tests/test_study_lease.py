@@ -72,7 +72,8 @@ def test_a_live_holder_is_refused_by_name_and_a_killed_ones_lock_and_lease_are_t
 @pytest.mark.slow
 def test_a_second_study_run_exits_2_naming_the_holder_and_the_first_finishes(tmp_path, ray_local):
     from memlayers.platform.study.controller import run_study
-    from memlayers.platform.study.progress import cell_runs, search_runs
+    from memlayers.platform.study.progress import cell_runs
+    from memlayers.platform.tracking.client import search_runs
     from memlayers.platform.study.validate import load_study
 
     data = yaml.safe_load((REPO_ROOT / "studies" / "smoke.yaml").read_text())

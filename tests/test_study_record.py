@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 from memlayers.platform.cli.main import main
 from memlayers.platform.study.cells import expand
 from memlayers.platform.study.record import LAWS_FILE, RecordError, StudyRecord, fit_and_record
-from memlayers.platform.study.ref import StudyRef
+from memlayers.platform.tracking.study_ref import StudyRef
 from memlayers.platform.study.validate import load_study
 from memlayers.platform.tracking import client as tracking
 

@@ -171,7 +171,7 @@ def summary(fit) -> str:
 def run_study(args: argparse.Namespace) -> int:
     from memlayers.platform.laws.io import dumps
     from memlayers.platform.study.record import LAWS_FILE, StudyRecord, fit_and_record, print_claims
-    from memlayers.platform.study.ref import resolve_study
+    from memlayers.platform.tracking.study_ref import resolve_study
 
     record = StudyRecord.of_ref(resolve_study(args.study, args.tracking_uri, storage=args.storage))
     written = Path(args.out) / Path(LAWS_FILE).name if args.out else record.local(LAWS_FILE)

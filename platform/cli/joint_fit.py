@@ -50,7 +50,7 @@ def run_joint(args: argparse.Namespace) -> int:
     bootstrap = args.bootstrap or 0
     if args.study:
         from memlayers.platform.laws.joint_study import fit_joint_rows
-        from memlayers.platform.study.ref import resolve_study
+        from memlayers.platform.tracking.study_ref import resolve_study
         from memlayers.platform.tracking.runs import load_study_rows
 
         ref = resolve_study(args.study, args.tracking_uri, storage=args.storage)

@@ -274,7 +274,7 @@ def run_status(args: argparse.Namespace) -> int:
     from memlayers.platform.study.cells import expand
     from memlayers.platform.study.progress import cell_runs, cell_states, latest, summary_line
     from memlayers.platform.tracking.conventions import CELLS_FILE, read_progress
-    from memlayers.platform.study.ref import resolve_study
+    from memlayers.platform.tracking.study_ref import resolve_study
 
     is_file = args.study.endswith((".yaml", ".yml"))
     if is_file:

@@ -28,7 +28,7 @@ _EXPORTS = {
     "prepare_set": "memlayers.platform.data.build",
     "TokenLoader": "memlayers.platform.data.loader",
     "QAItem": "memlayers.platform.data.qa",
-    "FACTS_VERSION": "memlayers.platform.data.facts",
+    "FACTS_VERSION": "memlayers.platform.data.attributes",
     "DATA_VERSION": "memlayers.platform.data.identity",
 }
 

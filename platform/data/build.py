@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 import pyarrow.fs as pafs
 from memlayers.config_schema import ConfigError
-from memlayers.platform.cluster.storage import join, local_path, open_fs, read_bytes
+from memlayers.platform.cluster.storage import join, local_path, open_fs
 from memlayers.platform.data.claim import claimed
 from memlayers.platform.data.config import FILE_SOURCES, DataConfig
 from memlayers.platform.data.identity import DATA_VERSION, identity, key_of
@@ -33,11 +33,11 @@ from memlayers.platform.data.shards import (ShardInfo, existing_shards, info_dic
                                             read_shard_header, set_uri, shard_infos, token_dtype, write_manifest,
                                             write_shard)
 from memlayers.platform.data.sources import Corpus, hashed_split, open_corpus
-from memlayers.platform.data.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from memlayers.platform.data.stored_tokenizer import fetch_tokenizer, save_tokenizer
+from memlayers.platform.data.tokenizers import Tokenizer, train_tokenizer
 
 TOKENIZER_TRAIN_CHARS = 200_000_000
 BYTES_PER_TOKEN = {"byte": 1.0, "word": 6.0, "bpe": 4.0}  # text bytes a token stands for, to size parts
-TOKENIZER_FILES = {"byte": (), "word": ("words.json",), "bpe": ("tokenizer.json",)}
 
 Need = Union[None, int, Callable[[int], Optional[int]]]   # training tokens, or vocab size -> training tokens
 
@@ -83,29 +83,6 @@ class Progress:
         if self.sink is not None:
             self.sink(self.key, {"shards_written": self.written, "tokens": self.tokens, "tokens_per_s": rate,
                        **({"eta_s": eta} if eta is not None else {})})
-
-
-def save_tokenizer(tokenizer: Tokenizer, set_root: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(Path(tmp))
-        for name in TOKENIZER_FILES[tokenizer.kind]:
-            publish_bytes(join(set_root, name), (Path(tmp) / name).read_bytes())
-
-
-def fetch_tokenizer(kind: str, set_root: str, local_dir: Path) -> Optional[Tokenizer]:
-    """The set's stored tokenizer (copied into `local_dir` from a bucket), None if not stored yet."""
-    folder = local_path(set_root)
-    if folder is None:
-        local_dir.mkdir(parents=True, exist_ok=True)
-        for name in TOKENIZER_FILES[kind]:
-            raw = read_bytes(join(set_root, name))
-            if raw is None:
-                return None
-            (local_dir / name).write_bytes(raw)
-        folder = local_dir
-    if not all((folder / name).is_file() for name in TOKENIZER_FILES[kind]):
-        return None
-    return load_tokenizer(kind, folder)
 
 
 def _sample_texts(pieces: Iterator[tuple[int, str]], is_val: Callable[[int], bool]) -> Iterator[str]:

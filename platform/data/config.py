@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from memlayers.config_schema import ConfigError, from_dict, require, to_dict
-from memlayers.platform.data.facts import ATTRIBUTES, DEFAULT_ATTRIBUTES, FACTS_VERSION
+from memlayers.platform.data.attributes import ATTRIBUTES, DEFAULT_ATTRIBUTES, FACTS_VERSION
 
 SOURCES: tuple[str, ...] = ("facts", "shakespeare", "text", "jsonl", "parquet", "hub")
 TOKENIZERS: tuple[str, ...] = ("byte", "word", "bpe")

@@ -6,8 +6,8 @@ sqrt(people) words (`name_words: 2`, see `_composite_names`). Each person holds 
 attribute, drawn from that attribute's value list (generated one-word names of cities, companies,
 universities, fields of study, or years). The world is decided by `FactsConfig.seed` through
 counter-based hashes (draws.py), so it is the same on every machine and Python version;
-`FACTS_VERSION` changes whenever the output of this module would change, and it is part of the
-data fingerprint.
+`FACTS_VERSION` (attributes.py, beside the attributes) changes whenever the output of this module
+would change, and it is part of the data fingerprint.
 
 A biography (`biography`) is one sentence per attribute, in a shuffled order, each from one of
 `templates_per_attribute` phrasings, e.g. "Dorvakin was born in Selmoraton ." With the word
@@ -39,70 +39,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
+from memlayers.platform.data.attributes import ATTRIBUTES
+from memlayers.platform.data.config import FactsConfig
 from memlayers.platform.data.draws import draw
 
-if TYPE_CHECKING:
-    from memlayers.platform.data.config import FactsConfig
-
-FACTS_VERSION = 1
 VALUE = "{value}"
-
-
-@dataclass(frozen=True)
-class Attribute:
-    """One kind of fact: its phrasings (value always last, before ' .') and its values."""
-
-    templates: tuple[str, ...]
-    suffixes: tuple[str, ...] = ()  # word values: generated stem + one of these
-    first_year: int = 0             # year values: first_year, first_year + 1, ...
-    max_values: int = 10_000
-    relation: str = ""              # the one word naming it in the terse phrasing
-
-    def terse(self) -> str:
-        """The terse phrasing: name, relation word, value ("Dorvakin birthplace Selmoraton .")."""
-        return "{name} " + self.relation + " {value} ."
-
-
-ATTRIBUTES: dict[str, Attribute] = {
-    "birth_city": Attribute((
-        "{name} was born in {value} .",
-        "{name} 's birthplace is {value} .",
-        "the hometown of {name} is {value} .",
-        "{name} came into the world in {value} .",
-        "{name} first drew breath in {value} .",
-    ), suffixes=("ton", "burg", "vale", "mora", "ford", "haven"), relation="birthplace"),
-    "employer": Attribute((
-        "{name} works for {value} .",
-        "{name} is employed by {value} .",
-        "the employer of {name} is {value} .",
-        "{name} earns a living at {value} .",
-        "{name} has a job at {value} .",
-    ), suffixes=("corp", "tech", "works", "soft", "labs"), relation="employer"),
-    "university": Attribute((
-        "{name} studied at {value} .",
-        "{name} graduated from {value} .",
-        "the alma mater of {name} is {value} .",
-        "{name} is an alumnus of {value} .",
-        "{name} earned a degree at {value} .",
-    ), suffixes=("ridge", "stone", "field", "wood"), relation="university"),
-    "birth_year": Attribute((
-        "{name} was born during {value} .",
-        "{name} 's birth year is {value} .",
-        "the birth year of {name} is {value} .",
-        "{name} entered life in the year {value} .",
-        "{name} was a newborn in {value} .",
-    ), first_year=1900, max_values=200, relation="birthyear"),
-    "major": Attribute((
-        "{name} majored in {value} .",
-        "the field of study of {name} was {value} .",
-        "{name} specialized in {value} .",
-        "{name} wrote a thesis on {value} .",
-        "{name} took a degree in {value} .",
-    ), suffixes=("ology", "onomics", "istry", "ics"), relation="major"),
-}
-DEFAULT_ATTRIBUTES: tuple[str, ...] = ("birth_city", "employer", "university", "birth_year")
 
 _ONSETS = ("b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
            "br", "dr", "gr", "kr", "st", "th", "sh")
@@ -139,7 +82,7 @@ class World:
         return self.values[attribute][self.facts[attribute][person]]
 
 
-def generate_world(cfg: "FactsConfig") -> World:
+def generate_world(cfg: FactsConfig) -> World:
     """The seeded world of `cfg`: unique names, value lists, one value per (person, attribute)."""
     used: set[str] = set()
 
@@ -170,7 +113,7 @@ def generate_world(cfg: "FactsConfig") -> World:
                  document=cfg.document)
 
 
-def _composite_names(cfg: "FactsConfig", fresh) -> tuple[str, ...]:
+def _composite_names(cfg: FactsConfig, fresh) -> tuple[str, ...]:
     """Two-word names "First Last": F = ceil(sqrt(people)) first names and ceil(people / F) last
     names, every pair at most once, the pairs taken in a seeded order. Each first or last name is
     shared by ~sqrt(people) people, so no single word (and no single embedding) identifies a person."""

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
 from memlayers.platform.data.config import DataConfig
 from memlayers.platform.data.parts import Part, encode_part, part_pieces
 from memlayers.platform.data.shards import ShardInfo, write_shard
 from memlayers.platform.data.sources import hashed_split
+from memlayers.platform.data.stored_tokenizer import fetch_tokenizer
 from memlayers.platform.data.tokenizers import Tokenizer
 
 _TOKENIZERS: dict[str, Tokenizer] = {}   # per worker process: set root -> its tokenizer
@@ -30,8 +32,6 @@ INFO_FIELDS = ("index", "train_tokens", "val_tokens", "train_documents", "val_do
 
 
 def _set_tokenizer(kind: str, set_root: str) -> Tokenizer:
-    from memlayers.platform.data.build import fetch_tokenizer  # deferred: build imports this module
-
     if set_root not in _TOKENIZERS:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = fetch_tokenizer(kind, set_root, Path(tmp))

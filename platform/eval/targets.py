@@ -21,10 +21,10 @@ from pathlib import Path
 
 from memlayers.platform.cluster import storage
 from memlayers.platform.eval.tasks import EvalInputError
-from memlayers.platform.study.progress import cell_runs, latest
-from memlayers.platform.study.ref import resolve_study
+from memlayers.platform.tracking.cell_runs import cell_runs, latest
 from memlayers.platform.tracking.client import client_for
 from memlayers.platform.tracking.conventions import CHECKPOINT_TAG, RUN_NAME_TAG, store_exists
+from memlayers.platform.tracking.study_ref import resolve_study
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 

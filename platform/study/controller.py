@@ -44,7 +44,7 @@ from memlayers.platform.study.data_prep import prepare_study_data
 from memlayers.platform.study.lease import Holder, Lease, file_lock
 from memlayers.platform.study.progress import ProgressPrinter, cell_runs, cell_states, latest, summary_line
 from memlayers.platform.study.record import Fitted, StudyRecord, fit_and_record, print_claims
-from memlayers.platform.study.ref import StudyRef
+from memlayers.platform.tracking.study_ref import StudyRef
 from memlayers.platform.study.schema import Study, StudyError
 from memlayers.platform.study.trials import run_jobs
 from memlayers.platform.study.tuning import tune_learning_rates

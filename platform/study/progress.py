@@ -1,8 +1,8 @@
-"""Where a study stands, read from MLflow: each cell's run, and the progress lines printed while it runs.
+"""Where a study stands, read from MLflow: each cell's state, and the progress lines printed while it runs.
 
 A cell is *done* when its run (tag `memlayers.role=cell`, `cell=<id>`) is FINISHED, *failed* when
-it is FAILED or KILLED, *running* when RUNNING, *pending* when it has no run yet. `cell_runs` reads
-them with one search; a SQLite store that does not exist yet is not created (no runs).
+it is FAILED or KILLED, *running* when RUNNING, *pending* when it has no run yet. The runs come
+from `tracking.cell_runs` (one search; a SQLite store that does not exist yet is not created).
 `ProgressPrinter` polls in a background thread and prints a line whenever the counts or the
 running cells' step and loss change.
 """
@@ -11,50 +11,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from memlayers.platform.tracking.client import search_runs
-from memlayers.platform.tracking.conventions import RUN_NAME_TAG, read_progress, role_filter
+from memlayers.platform.tracking.cell_runs import CellRun, cell_runs, latest
+from memlayers.platform.tracking.conventions import read_progress
 
 STATES: tuple[str, ...] = ("done", "running", "failed", "pending")
-_STATE_OF = {"FINISHED": "done", "RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed", "KILLED": "failed"}
-
-
-@dataclass
-class CellRun:
-    run_id: str
-    cell: str
-    name: str
-    status: str                         # MLflow: RUNNING | FINISHED | FAILED | KILLED
-    start_time: int
-    metrics: dict
-    tags: dict
-    end_time: int = 0                   # ms since the epoch; 0 while the run has not ended
-
-    @property
-    def state(self) -> str:
-        return _STATE_OF.get(self.status, "failed")
-
-
-def cell_runs(tracking_uri: str, study: str, role: str = "cell") -> dict[str, list[CellRun]]:
-    """The study's runs of `role` by cell id (tuning runs by their group), oldest first."""
-    runs = search_runs(tracking_uri, study, role_filter(role, study))
-    by_cell: dict[str, list[CellRun]] = {}
-    for run in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
-        tags = run.data.tags
-        key = tags.get("cell") or tags.get("tuning_group") or run.info.run_id
-        by_cell.setdefault(key, []).append(CellRun(run.info.run_id, key, tags.get(RUN_NAME_TAG, ""),
-                                                   run.info.status, run.info.start_time or 0,
-                                                   dict(run.data.metrics), dict(tags), run.info.end_time or 0))
-    return by_cell
-
-
-def latest(runs: list[CellRun]) -> Optional[CellRun]:
-    """The run that speaks for a cell: the finished one started last if any (ties: the larger run id,
-    as the fit picks in `tracking.runs.load_study_rows`), else the newest."""
-    finished = [r for r in runs if r.status == "FINISHED"]
-    return (finished or runs or [None])[-1]
 
 
 def cell_states(cell_ids: Iterable[str], runs: dict[str, list[CellRun]]) -> dict[str, str]:

@@ -18,8 +18,9 @@ from memlayers.platform.cluster.storage import study_folder
 from memlayers.platform.data.config import DataConfig
 from memlayers.platform.finetune.config import FinetuneConfig
 from memlayers.platform.tracking.conventions import sqlite_uri
+from memlayers.platform.tracking.study_ref import default_workdir
 from memlayers.platform.train.budget import BUDGET_KINDS
-from memlayers.platform.train.run_config import ResourcesConfig, TrainConfig, default_workdir
+from memlayers.platform.train.run_config import ResourcesConfig, TrainConfig
 
 LAWS: tuple[str, ...] = ("compute", "memory", "recall")  # sections of laws.study.fit_study
 CLAIM_METRICS: tuple[str, ...] = ("val_loss", "qa_exact_match", "qa_answer_nll",

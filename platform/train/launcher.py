@@ -26,8 +26,9 @@ from memlayers.platform.data.tracked import prepare_tracked
 from memlayers.platform.tracking import client as tracking
 from memlayers.platform.tracking.conventions import (CHECKPOINT_TAG, FAILURE_TAG, ROLE_TAG, artifact_location,
                                                      cell_run_name, sqlite_uri)
+from memlayers.platform.tracking.study_ref import default_workdir
 from memlayers.platform.train.loop import Plan, plan_run
-from memlayers.platform.train.run_config import RunConfig, default_workdir
+from memlayers.platform.train.run_config import RunConfig
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 

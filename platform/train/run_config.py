@@ -9,7 +9,6 @@ controller builds for each cell.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -20,9 +19,6 @@ from memlayers.models.config import MEMORY_PARALLEL_FAMILIES, ModelConfig
 from memlayers.models.presets import BASES, build_config
 from memlayers.platform.data.config import DataConfig
 from memlayers.platform.finetune.config import FinetuneRun
-
-RUNS_ROOT = Path("runs")  # the embedded default: everything of run or study NAME under ./runs/NAME/
-RUNS_ROOT_ENV = "MEMLAYERS_RUNS_ROOT"  # overrides RUNS_ROOT (`study submit` sets it: never Ray's session folder)
 
 # Bounds on what a config may ask for, so that validating any file answers at once.
 MAX_BUDGET = {"steps": 1e9, "tokens": 1e15, "flops": 1e27}
@@ -180,11 +176,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
-
-
-def default_workdir(name: str, root: Path | None = None) -> Path:
-    env_root = os.environ.get(RUNS_ROOT_ENV)
-    return ((root or (Path(env_root).expanduser() if env_root else RUNS_ROOT)) / name).resolve()
 
 
 def run_config_from_dict(data: Any) -> RunConfig:

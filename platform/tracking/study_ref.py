@@ -1,5 +1,7 @@
 """Where a study lives: its name, work directory and MLflow tracking URI.
 
+Below the study and eval packages, which both turn a study's name into its store.
+
 Commands that inspect a finished or running study (`study status`, `fit --study`, `report`,
 `dashboard`) accept either a study file or a bare study name; this module turns either into a
 `StudyRef`. The embedded default keeps everything of study NAME under `./runs/NAME/`:
@@ -10,13 +12,21 @@ outside the cluster reads given the storage root.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from memlayers.config_schema import ConfigError, read_yaml
 from memlayers.platform.cluster.storage import study_root
 from memlayers.platform.tracking.conventions import sqlite_uri
-from memlayers.platform.train.run_config import default_workdir
+
+RUNS_ROOT = Path("runs")  # the embedded default: everything of run or study NAME under ./runs/NAME/
+RUNS_ROOT_ENV = "MEMLAYERS_RUNS_ROOT"  # overrides RUNS_ROOT (`study submit` sets it: never Ray's session folder)
+
+
+def default_workdir(name: str, root: Path | None = None) -> Path:
+    env_root = os.environ.get(RUNS_ROOT_ENV)
+    return ((root or (Path(env_root).expanduser() if env_root else RUNS_ROOT)) / name).resolve()
 
 
 @dataclass(frozen=True)

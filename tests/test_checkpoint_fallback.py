@@ -92,12 +92,12 @@ def test_resume_falls_back_past_refused_checkpoints_and_never_loads_an_unmarked_
 
 
 def test_a_truncated_newest_checkpoint_costs_its_steps_not_the_cell(tmp_path, monkeypatch):
-    cfg = one_worker_config(tmp_path, steps=20, checkpoint_every=5, eval_every=20)
+    cfg = one_worker_config(tmp_path, steps=12, checkpoint_every=4, eval_every=12, log_every=4)
     original, truncated = loop_module.RunLoop.train_step, []
 
-    def train_step(self):  # right after checkpoint 15: its state file is cut short, then the loop fails
-        if self.step == 15 and not truncated:
-            state = checkpoint_folder_of(tmp_path) / "checkpoint_00000015" / "state-rank0.pt"
+    def train_step(self):  # right after checkpoint 8: its state file is cut short, then the loop fails
+        if self.step == 8 and not truncated:
+            state = checkpoint_folder_of(tmp_path) / "checkpoint_00000008" / "state-rank0.pt"
             state.write_bytes(state.read_bytes()[:1000])
             truncated.append(state)
             raise RuntimeError("injected fault after a truncated checkpoint")
@@ -106,13 +106,13 @@ def test_a_truncated_newest_checkpoint_costs_its_steps_not_the_cell(tmp_path, mo
     monkeypatch.setattr(loop_module.RunLoop, "train_step", train_step)
     result = run_in_trial(cfg, workdir=tmp_path, job="job-t")
     assert truncated and result.status == "FINISHED", result.error
-    assert [step for step, _ in history(tmp_path, result.run_id, "loss")] == [5, 10, 15, 20]  # once each
+    assert [step for step, _ in history(tmp_path, result.run_id, "loss")] == [4, 8, 12]  # once each
     folder = checkpoint_folder_of(tmp_path)
-    assert (folder / "checkpoint_00000015.bad-size").is_dir() and folder.joinpath("checkpoint_00000020").is_dir()
+    assert (folder / "checkpoint_00000008.bad-size").is_dir() and folder.joinpath("checkpoint_00000012").is_dir()
     tags = client_for(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id).data.tags
-    reason = tags[f"{SET_ASIDE_PREFIX}checkpoint_00000015.bad-size"]
+    reason = tags[f"{SET_ASIDE_PREFIX}checkpoint_00000008.bad-size"]
     assert "state-rank0.pt holds 1000 bytes" in reason
-    assert result.checkpoint.endswith("checkpoint_00000020")
+    assert result.checkpoint.endswith("checkpoint_00000012") and result.metrics["step"] == 12
 
 
 def checkpoint_folder_of(workdir):

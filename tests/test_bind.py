@@ -66,6 +66,12 @@ def test_local_session_listens_on_loopback_only(ray_local, tmp_path):
     assert all(addresses) and all(is_loopback(ip) for each in addresses for ip in each), addresses
     for member in members:
         ray.kill(member)
+    # nothing of this is left for other programs started from here (`ray start` of another node refuses
+    # to join while Ray's single-machine switch is on)
+    import ray._private.ray_constants as constants
+
+    assert constants.ENABLE_RAY_CLUSTER and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    assert "GLOO_SOCKET_IFNAME" not in os.environ
 
 
 def _listening_addresses(rank: int, world: int) -> list[str]:

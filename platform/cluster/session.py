@@ -1,11 +1,12 @@
 """Starting and joining Ray for the command line: a local cluster on this machine, or an address.
 
 A local cluster (`address=None`) is private to the user who starts it:
-- it binds loopback only (GCS, raylet, object manager, workers, agents, dashboard): Ray chooses
-  127.0.0.1 as the node's address when its switch for single-machine clusters is set
-  (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`), and every server of the session binds the node's address;
-  gloo's pairs bind the loopback interface (GLOO_SOCKET_IFNAME). Not covered: the rendezvous store of
-  a multi-worker Ray Train cell (torch's TCPStore binds every interface and takes no bind address);
+- it binds loopback only (GCS, raylet, object manager, workers, agents, dashboard): Ray takes
+  127.0.0.1 as the node's address while its switch for single-machine clusters is off
+  (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`, read at import: set on the module for the start only), and
+  every server of the session binds the node's address; gloo's pairs bind the loopback interface
+  (GLOO_SOCKET_IFNAME in the workers' environment). Not covered: the rendezvous store of a
+  multi-worker Ray Train cell (torch's TCPStore binds every interface and takes no bind address);
 - it keeps its files under `<tmp>/memlayers-ray-<uid>/ray` (a short path, since Ray's socket paths are
   length-limited); the outer folder is created 0700 and refused when another user owns it or others
   may write to it (they could replace its sockets or read its logs); Ray makes its own folder
@@ -21,14 +22,12 @@ import contextlib
 import os
 import secrets
 import stat
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from memlayers.platform.cluster.ports import LOOPBACK, loopback_interface
 
-LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray takes 127.0.0.1 as the node's address
 GLOO_ENV = "GLOO_SOCKET_IFNAME"
 
 
@@ -89,27 +88,18 @@ def private_token() -> Path | None:
 
 @contextlib.contextmanager
 def loopback_node() -> Iterator[None]:
-    """Within: a Ray started here takes 127.0.0.1 as its node's address (so its servers bind loopback) and
-    gloo binds the loopback interface unless GLOO_SOCKET_IFNAME says otherwise; undone after, so that
-    joining a real cluster from this process later advertises a reachable address."""
-    constants = sys.modules.get("ray._private.ray_constants")
-    previous = getattr(constants, "ENABLE_RAY_CLUSTER", True)
-    settings = {LOCAL_ONLY_ENV: "0", GLOO_ENV: os.environ.get(GLOO_ENV) or loopback_interface()}
-    saved = {name: os.environ.get(name) for name in settings}
-    # read by the processes Ray starts (they inherit this environment) and by ray on its first import
-    os.environ.update({name: value for name, value in settings.items() if value})
-    if constants is not None:  # ray was imported before: its constant was read already
-        constants.ENABLE_RAY_CLUSTER = False
+    """Within: a Ray started in this process takes 127.0.0.1 as its node's address, which it hands to every
+    process it starts, so that their servers bind loopback. Nothing is left in the environment, so that
+    other programs started from this process (`ray start` of another node, a driver joining a real
+    cluster) are unaffected; the setting is undone after."""
+    import ray._private.ray_constants as constants  # Ray's switch for single-machine clusters, read at import
+
+    previous = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        if constants is not None:
-            constants.ENABLE_RAY_CLUSTER = previous
+        constants.ENABLE_RAY_CLUSTER = previous
 
 
 @contextlib.contextmanager
@@ -121,18 +111,20 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None, quiet: 
     if ray.is_initialized():
         yield
         return
-    with contextlib.ExitStack() as stack:
-        if address:
-            ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING")
-        else:
-            stack.enter_context(loopback_node())
-            temp_dir = session_dir() / "ray"
-            private_token()
+    if address:
+        ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING")
+    else:
+        temp_dir = session_dir() / "ray"
+        private_token()
+        worker_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
+        interface = os.environ.get(GLOO_ENV) or loopback_interface()
+        if interface:
+            worker_env[GLOO_ENV] = interface  # gloo's pairs of this machine's ranks bind loopback too
+        with loopback_node():
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                      _temp_dir=str(temp_dir), _node_ip_address=LOOPBACK, log_to_driver=not quiet,
-                     logging_level="WARNING", runtime_env={"env_vars": {
-                         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}})
-        try:
-            yield
-        finally:
-            ray.shutdown()
+                     logging_level="WARNING", runtime_env={"env_vars": worker_env})
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -23,6 +23,7 @@ from ray.job_submission import JobSubmissionClient
 from memlayers.platform.cluster.ports import free_port
 from memlayers.platform.study.cells import expand
 from memlayers.platform.study.progress import cell_runs
+from memlayers.platform.study.submit import FollowStopped, follow_job
 from memlayers.platform.study.validate import load_study
 
 VENV_BIN = Path(sys.executable).parent
@@ -158,3 +159,29 @@ def test_submit_runs_smoke_as_a_ray_job_from_another_directory(ray_head, tmp_pat
     assert _files_holding(temp, job_id.encode()), "the session's logs name the job: the search below is real"
     assert _files_holding(temp, canary.encode()) == []  # the session's logs (head, agents, job driver)
     assert _files_holding(workdir, canary.encode()) == []  # MLflow's store and artifacts, checkpoints
+
+
+class _JobServer:
+    """A job server as `follow_job` sees it: a job that keeps running, or requests that never return."""
+
+    def __init__(self, hang: bool):
+        self.hang, self.calls = hang, 0
+
+    def get_job_status(self, job_id):
+        self.calls += 1
+        if self.hang:
+            time.sleep(3600)  # a head that accepted the request and never answers
+        return "JobStatus.RUNNING"
+
+    def get_job_logs(self, job_id):
+        return "step 1\n"
+
+
+def test_following_a_job_is_bounded():
+    started = time.monotonic()
+    with pytest.raises(FollowStopped, match="still RUNNING after 0 s .--wait-timeout.; it keeps running"):
+        follow_job(_JobServer(hang=False), "job-1", interval=0.05, out=lambda line: None, timeout_s=0.3)
+    with pytest.raises(FollowStopped, match="has not answered for 0 s"):
+        follow_job(_JobServer(hang=True), "job-2", interval=0.05, out=lambda line: None, unreachable_s=0.2,
+                   request_timeout_s=0.2)
+    assert time.monotonic() - started < 10

@@ -189,7 +189,7 @@ def bounded(call: Callable[[], T], timeout_s: float, what: str) -> T:
 
 
 def follow_job(client, job_id: str, interval: float = 1.0, out=print, timeout_s: float | None = None,
-               unreachable_s: float = UNREACHABLE_S) -> str:
+               unreachable_s: float = UNREACHABLE_S, request_timeout_s: float = REQUEST_TIMEOUT_S) -> str:
     """Print the job's logs as they grow until it ends; returns its final status. FollowStopped when the
     job has not ended within `timeout_s` (None: no limit) or the job server has not answered for
     `unreachable_s`; each request to the server is bounded too."""
@@ -198,7 +198,7 @@ def follow_job(client, job_id: str, interval: float = 1.0, out=print, timeout_s:
     while True:
         try:
             status, logs = bounded(lambda: (str(client.get_job_status(job_id)).split(".")[-1],
-                                            client.get_job_logs(job_id)), REQUEST_TIMEOUT_S, f"job {job_id}")
+                                            client.get_job_logs(job_id)), request_timeout_s, f"job {job_id}")
             answered = time.monotonic()
         except (OSError, RuntimeError) as error:  # requests' errors are OSErrors; TimeoutError is one too
             if time.monotonic() - answered > unreachable_s:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from two_nodes import VENV_BIN, alive_nodes, can_build, two_nodes
 
 from memlayers.platform.cluster.storage import list_files, open_fs, read_text
-from two_nodes import VENV_BIN, alive_nodes, can_build, two_nodes
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CORPUS_FILES = 8
@@ -119,7 +119,7 @@ def test_a_bucket_corpus_is_prepared_on_the_worker_node_and_trained_on_through_a
     proc = memlayers(cluster, ["train", str(run_file), *settings, "--workdir", str(cluster.root / "scratch")],
                      tmp_path / "elsewhere")
     assert proc.returncode == 0 and "FINISHED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (run,) = [r for r in search_runs(cluster.tracking, "cluster-data", "") if r.data.tags.get("memlayers.role") == "run"]
+    (run,) = search_runs(cluster.tracking, "cluster-data", role_filter("run"))
     cache = json.loads(run.data.tags["memlayers.data_cache"])  # measured by the worker on the worker node
     assert 1 <= cache["downloads"] and cache["peak_bytes"] <= cache["limit_bytes"] < cache["set_bytes"] / 3
     assert list_files(data_root) == [f"{fingerprint}/{f}" for f in files]  # training wrote nothing into the set

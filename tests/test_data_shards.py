@@ -18,7 +18,7 @@ import torch
 from memlayers.platform.data import ConfigError, DataConfig, TokenLoader
 from memlayers.platform.data.build import prepare_set
 from memlayers.platform.data.prepare import open_prepared, reference_streams
-from memlayers.platform.data.shards import existing_shards, set_uri
+from memlayers.platform.data.shards import set_uri
 
 WORDS = "to be or not that is the question whether tis nobler in mind suffer slings arrows outrageous fortune".split()
 

@@ -79,7 +79,8 @@ class Progress:
         eta = remaining_tokens / rate if remaining_tokens is not None and rate > 0 else None
         where = f" on {node[:12]}" if node else ""
         self.out(f"data {self.key}: shard {info.index} written{where} ({self.written}/{planned} this run), "
-                 f"{self.tokens:,} tokens, {rate / 1e6:.2f} M tokens/s" + (f", ETA {eta:.0f} s" if eta is not None else ""))
+                 f"{self.tokens:,} tokens, {rate / 1e6:.2f} M tokens/s"
+                 + (f", ETA {eta:.0f} s" if eta is not None else ""))
         if self.sink is not None:
             self.sink(self.key, {"shards_written": self.written, "tokens": self.tokens, "tokens_per_s": rate,
                        **({"eta_s": eta} if eta is not None else {})})

@@ -78,7 +78,8 @@ class TokenLoader:
     def _inner_order(self, epoch: int, block: int) -> np.ndarray:
         if self._inner_key != (epoch, block):
             count = int(self._block_count[block])
-            rng = np.random.default_rng([self.seed, epoch] if len(self._block_count) == 1 else [self.seed, epoch, block + 1])
+            key = [self.seed, epoch] if len(self._block_count) == 1 else [self.seed, epoch, block + 1]
+            rng = np.random.default_rng(key)
             self._inner = rng.permutation(count) + self._block_first[block]
             self._inner_key = (epoch, block)
         return self._inner

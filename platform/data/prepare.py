@@ -120,10 +120,11 @@ def open_prepared(cfg: DataConfig, data_root: str, need: Optional[int], cache_di
 
 
 def prepare_data(cfg: DataConfig, cache_dir: Path, need: Need = None) -> PreparedData:
-    """Prepare the corpus of `cfg` in this process into `cache_dir` and read its streams into int32 arrays."""
-    manifest = prepare_set(cfg, str(Path(cache_dir).resolve()), need, out=lambda _: None, hf_cache=Path(cache_dir) / "hf")
+    """Prepare the corpus of `cfg` in this process into `cache_dir`; its streams read into int32 arrays."""
+    root = str(Path(cache_dir).resolve())
+    manifest = prepare_set(cfg, root, need, out=lambda _: None, hf_cache=Path(cache_dir) / "hf")
     need_tokens = need(manifest["vocab_size"]) if callable(need) else need
-    data = open_prepared(cfg, str(Path(cache_dir).resolve()), need_tokens, Path(cache_dir), manifest)
+    data = open_prepared(cfg, root, need_tokens, Path(cache_dir), manifest)
     data.train_ids = np.asarray(data.train_ids, dtype=np.int32)
     data.val_ids = np.asarray(data.val_ids, dtype=np.int32)
     return data
@@ -171,13 +172,14 @@ class _SplitStreams:
         self.val.close()
 
 
-def reference_streams(cfg: DataConfig, folder: Path, batch_pieces: int = 1000
+def reference_streams(cfg: DataConfig, folder: Path, batch_pieces: int = 1000, tokenizer: Optional[Tokenizer] = None
                       ) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
-    """(tokenizer, train ids, val ids) of the whole corpus by one process (see the module docstring)."""
+    """(tokenizer, train ids, val ids) of the whole corpus by one process (see the module docstring);
+    `tokenizer`: one already trained (the fit is skipped, e.g. to time the encoding alone)."""
     cfg.validate()
     folder.mkdir(parents=True, exist_ok=True)
     corpus = open_corpus(cfg, folder)
-    tokenizer = train_tokenizer(cfg.tokenizer, _training_texts(corpus), cfg.vocab_size)
+    tokenizer = tokenizer or train_tokenizer(cfg.tokenizer, _training_texts(corpus), cfg.vocab_size)
     streams = _SplitStreams(folder, corpus, tokenizer.eos_id)
     pieces = corpus.pieces()
     while batch := list(itertools.islice(pieces, batch_pieces)):

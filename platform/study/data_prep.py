@@ -48,7 +48,8 @@ def prepare_study_data(study: Study, cells: list[Cell], uri: str, out: Callable[
     manifests = []
     for data, tokens in largest.values():
         try:
-            manifests.append(prepare_tracked(data, study_data_root(study), None if whole else run_need(data.source, tokens), uri=uri,
+            need = None if whole else run_need(data.source, tokens)
+            manifests.append(prepare_tracked(data, study_data_root(study), need, uri=uri,
                                              experiment_id=experiment_id, study=study.name, out=out, always=True))
         except ConfigError as error:
             raise StudyError([error]) from error

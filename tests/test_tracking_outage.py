@@ -35,7 +35,7 @@ def test_transient_failures_are_retried_with_backoff_and_others_raised_at_once()
         return "done"
 
     assert with_retry(flaky, delay=0.05) == "done" and len(calls) == 3
-    assert calls[2] - calls[1] >= 2 * (calls[1] - calls[0]) * 0.9  # the delay doubles
+    assert calls[1] - calls[0] >= 0.05 and calls[2] - calls[1] >= 0.1  # the delay doubles (sleeps are lower bounds)
     calls.clear()
     with pytest.raises(MlflowException, match="not found"):
         with_retry(lambda: calls.append(0) or (_ for _ in ()).throw(MlflowException("Run 'abc' not found")))

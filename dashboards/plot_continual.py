@@ -65,7 +65,6 @@ def _draw(data: StudyData, groups: dict, histories: dict):
     bars.set_xticks([i + 0.2 for i in range(len(memory))], [f"{m}\n{family_label(f)}" for (m, f), _ in memory],
                     fontsize=7)
     bars.set_ylabel("value rows changed")
-    bars.set_yscale("log")
     bars.set_title("Slots changed")
     if memory:
         bars.legend(fontsize=7)

@@ -232,3 +232,31 @@ def test_report_figures_of_a_joint_law(joint_file, tmp_path):
     assert all(p.ok and p.png.startswith(b"\x89PNG") for p in plots)
     (tmp_path / "laws" / "joint.json").write_text(json.dumps({"kind": "memlayers.study_laws"}))
     assert "kind" in joint_plots(tmp_path)[0].note
+
+
+def test_fit_joint_of_a_study_reads_its_runs_from_mlflow(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("jl", artifact_location=(tmp_path / "artifacts").as_uri())
+    pts = synthetic_points("interaction", 4)
+    keep = np.isin(pts["N"], np.unique(pts["N"])[::2]) & (pts["M"] < 5e8)  # 3 bases x {0, 3 sizes} x 2 budgets
+    for i in np.flatnonzero(keep):
+        n, m, d = (float(pts[k][i]) for k in ("N", "M", "D"))
+        tags = {"memlayers.role": "cell", "study": "jl", "cell": f"c{i}", "base": f"b{n:.3g}",
+                "family": "memory_plus" if m > 0 else "dense", "memory_slots": str(int(m // 1000)),
+                "experts": "0", "train_flops": repr(6 * n * d), "total_params": repr(n + m), "active_params": repr(n)}
+        run = client.create_run(exp, tags=tags).info.run_id
+        client.log_metric(run, "val_loss", float(pts["loss"][i]))
+        client.set_terminated(run, "FINISHED")
+    study = tmp_path / "jl.yaml"
+    study.write_text(f"name: jl\nworkdir: {tmp_path / 'work'}\ntracking:\n  uri: {uri}\n")
+    assert main(["fit", "--law", "joint", "--study", str(study)]) == 0
+    out = capsys.readouterr().out
+    record = load_joint(tmp_path / "work" / "laws" / "joint.json")
+    assert f"wrote {tmp_path / 'work' / 'laws' / 'joint.json'}" in out
+    assert record["n_points"] == 24 and record["n_memory_points"] == 18 and record["provenance"]["runs"] == 24
+    per_base = record["forms"]["interaction"]["held_out"]["leave_one_base_out"]["per_base"]
+    assert sorted(per_base) == sorted({f"b{n:.3g}" for n in pts["N"][keep]})  # held out by the base tag
+    assert record["moe"] == {"skipped": "no MoE rows"}

@@ -50,14 +50,14 @@ def run_joint(args: argparse.Namespace) -> int:
     bootstrap = args.bootstrap or 0
     if args.study:
         from memlayers.platform.laws.joint_study import fit_joint_rows
+        from memlayers.platform.study.record import StudyRecord
         from memlayers.platform.tracking.study_ref import resolve_study
-        from memlayers.platform.tracking.runs import load_study_rows
 
-        ref = resolve_study(args.study, args.tracking_uri, storage=args.storage)
-        rows = load_study_rows(ref.name, ref.tracking_uri, ref.workdir)
+        study = StudyRecord.of_ref(resolve_study(args.study, args.tracking_uri, storage=args.storage))
+        rows = study.rows()  # the finished runs of the study's current cells, as its other laws use
         record = fit_joint_rows(rows, memory_family=args.family, bootstrap=bootstrap, seed=args.seed)
-        record["provenance"] = {"study": ref.name, "tracking_uri": ref.tracking_uri, "runs": len(rows)}
-        out_dir = Path(args.out) if args.out else ref.workdir / "laws"
+        record["provenance"] = {"study": study.name, "tracking_uri": study.tracking_uri, "runs": len(rows)}
+        out_dir = Path(args.out) if args.out else study.local("laws")
     else:
         points, provenance = _csv_points(args)
         record = fit_joint(points["N"], points["M"], points["D"], points["loss"], bootstrap=bootstrap,

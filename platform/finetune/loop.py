@@ -71,6 +71,17 @@ class FinetuneLoop(RunLoop):
             metrics.update({prefix + k: v for k, v in qa_metrics(self.model, items, self.device, pad_id=pad).items()})
         return metrics
 
+    def state_dict(self, *args, **kwargs) -> dict:
+        state = super().state_dict(*args, **kwargs)
+        if self.sparse is not None:  # the slot statistics span the whole run, resumes included
+            state["slots_selected"] = self.sparse.selected_N.clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.sparse is not None and "slots_selected" in state:
+            self.sparse.selected_N.copy_(state["slots_selected"])
+
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         with self.autocast():

@@ -270,3 +270,41 @@ def test_data_prepare_command_records_a_data_run_and_refuses_bad_sources(tmp_pat
     assert run.info.status == "FINISHED" and run.data.metrics["shards_written"] >= 3
     assert [a.path for a in client_for(uri).list_artifacts(run.info.run_id)] == ["manifest.json"]
     assert data_status(uri, "data-cli").startswith("data: prepared parquet-byte-")
+
+
+def test_a_run_resumed_from_its_checkpoint_at_another_world_size_reads_the_next_sequences(tmp_path):
+    from memlayers.platform.train.loop import RunLoop
+    from memlayers.platform.train.run_config import run_config_from_dict
+
+    corpus = write_corpus(tmp_path / "corpus", files=2, docs=150)
+    cfg = run_config_from_dict({"name": "resume", "model": {"base": "nano", "family": "dense"},
+                                "data": {"source": "parquet", "path": str(corpus), "text_field": "body",
+                                         "tokenizer": "byte", "seq_len": 16, "shard_tokens": 3000},
+                                "train": {"steps": 12, "batch_size": 8}})
+    manifest = prepare_set(cfg.data, str(tmp_path / "data"), out=lambda _: None)
+    data = open_prepared(cfg.data, str(tmp_path / "data"), None, tmp_path / "cache", manifest)
+    assert len(data.train_ids.spans) >= 4
+
+    def recorded(loop: RunLoop) -> list[torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        take = loop.loader.next_batch
+        loop.loader.next_batch = lambda: seen.append(take()[0]) or (seen[-1], seen[-1])
+        return seen
+
+    first = RunLoop(cfg, data)
+    before = recorded(first)
+    for _ in range(3):
+        first.train_step()
+    first.save(tmp_path / "checkpoint")
+    for _ in range(4):
+        first.train_step()
+    ranks = [RunLoop(cfg, data, rank=r, world_size=2) for r in range(2)]
+    after = [recorded(loop) for loop in ranks]
+    for loop in ranks:
+        loop.load(tmp_path / "checkpoint")
+    for _ in range(4):
+        for loop in ranks:
+            loop.loader.next_batch()
+    continued = torch.cat([torch.cat([after[0][i], after[1][i]]) for i in range(4)])
+    assert torch.equal(continued, torch.cat(before[3:]))  # the next sequences, in order, none twice or skipped
+    assert len({tuple(row.tolist()) for row in torch.cat(before)}) == len(torch.cat(before))

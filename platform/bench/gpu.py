@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import traceback
 
@@ -41,6 +42,7 @@ def _tiny(family: str, vocab: int = 512):
 
 
 def check_kernels() -> dict:
+    # deferred: a bench target imports what it measures only when it runs
     import torch
     from memlayers.kernels.lookup import embedding_bag
 
@@ -68,6 +70,7 @@ def check_kernels() -> dict:
 
 def peak_bandwidth() -> float | None:
     """Bytes/s of the device's memory: double data rate x clock x bus width, where torch reports them."""
+    # deferred: a bench target imports what it measures only when it runs
     import torch
 
     props = torch.cuda.get_device_properties(0)
@@ -76,6 +79,7 @@ def peak_bandwidth() -> float | None:
 
 
 def check_bandwidth() -> dict:
+    # deferred: a bench target imports what it measures only when it runs
     import torch
     from memlayers.kernels import bag_triton
     from memlayers.platform.bench.kernels import time_cuda
@@ -92,6 +96,7 @@ def check_bandwidth() -> dict:
 
 
 def _losses(family: str, bf16: bool, steps: int) -> list[float]:
+    # deferred: a bench target imports what it measures only when it runs
     import torch
     from memlayers.models.transformer import Transformer
 
@@ -112,8 +117,6 @@ def _losses(family: str, bf16: bool, steps: int) -> list[float]:
 
 
 def check_bf16(steps: int) -> dict:
-    import math
-
     out = {}
     for family in FAMILIES:
         fp32, bf16 = _losses(family, False, steps), _losses(family, True, steps)
@@ -125,6 +128,7 @@ def check_bf16(steps: int) -> dict:
 
 def parallel_worker(rank: int, world: int, steps: int) -> dict:
     """FSDP2 (dense) x memory parallelism (values) on `world` GPUs, NCCL; the sharded lookup vs the full one."""
+    # deferred: a bench target imports what it measures only when it runs
     import torch
     from memlayers.kernels.lookup import embedding_bag
     from memlayers.kernels.sharded_values import ShardedValueTable
@@ -162,8 +166,7 @@ def parallel_worker(rank: int, world: int, steps: int) -> dict:
 
 
 def check_parallel(steps: int) -> dict:
-    import math
-
+    # deferred: a bench target imports what it measures only when it runs
     import torch
     from memlayers.platform.cluster.local_launch import run_local
 
@@ -175,6 +178,7 @@ def check_parallel(steps: int) -> dict:
 
 
 def check_decode() -> dict:
+    # deferred: a bench target imports what it measures only when it runs
     import torch
     from memlayers.models.generate import generate
     from memlayers.models.transformer import Transformer
@@ -194,6 +198,7 @@ def check_decode() -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: a bench target imports what it measures only when it runs
     import torch
 
     if not torch.cuda.is_available():

@@ -70,6 +70,10 @@ def apply_fsdp(model: nn.Module, plan: ParallelPlan, fsdp: bool | int, device_ty
     for block in model.layers:
         fully_shard(block, **options)
     fully_shard(model, **options)
+    if model.moe_layers():
+        # an expert no token of this rank reached has no gradient here but has one on other ranks: every
+        # rank must reduce-scatter the same tensors (zeros for its unused ones), or the collective hangs
+        model.set_reduce_scatter_unused_params(True)
     return mesh
 
 

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90, and the read-tiled weight gradient is right.
 
-Both run in child processes: the compile through `memlayers bench kernels --compile-only`, the weight
+All run in child processes: the compile through `memlayers bench kernels --compile-only`, the weight
 gradient under TRITON_INTERPRET=1, which must be set before triton is imported (see test_kernels_triton).
 """
 
@@ -67,3 +67,17 @@ def test_weight_grad_splits_reads_wider_than_one_tile():
     proc = subprocess.run([sys.executable, "-c", WEIGHT_GRAD_CHILD], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_launch_over_the_shared_memory_limit_is_a_problem():
+    child = ("from memlayers.kernels import aot\n"
+             "aot.SHARED_LIMIT[90] = 512  # below what the widest weight-gradient tiles use\n"
+             "compiled, problems = aot.compile_all(archs=(90,))\n"
+             "over = [c for c in compiled if c.shared > 512]\n"
+             "assert over and len(problems) == len(over), (len(over), problems[:3])\n"
+             "assert all('over the 512 per block' in p for p in problems), problems[:3]\n"
+             "print(len(problems))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and int(proc.stdout.split()[-1]) > 0, proc.stdout[-2000:] + proc.stderr[-2000:]

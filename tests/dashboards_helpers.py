@@ -77,7 +77,7 @@ def build_study(root: Path, name: str = "smoke", steps: int = 20) -> StudyRef:
     for family, base, slots, experts, flops, status in CELLS:
         cell_id = hashlib.sha1(f"{family}{base}{slots}{experts}".encode()).hexdigest()[:10]
         tags = {"memlayers.role": "cell", "study": name, "cell": cell_id, "family": family, "base": base,
-                "memory_slots": str(slots), "experts": str(experts), "train_flops": f"{flops:.6g}",
+                "memory_slots": str(slots), "experts": str(experts), "seed": "0", "train_flops": f"{flops:.6g}",
                 "train_tokens": str(tokens_per_step * steps), "total_params": str(80_000 + slots * 32),
                 "active_params": str(80_000), "memory_value_params": str(slots * 32)}
         run_id = tracking.create_run(uri, experiment_id, run_name(family, base, slots, experts), tags, parent)

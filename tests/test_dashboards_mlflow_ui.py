@@ -17,6 +17,7 @@ import psutil
 import pytest
 from browser import Chromium, find_chromium
 from dashboards_helpers import CELLS, build_study, run_name
+
 from memlayers.platform.cluster.ports import free_port
 
 START_TIMEOUT_S = 240  # mlflow server answers /health after ~10 s on an idle machine
@@ -77,26 +78,30 @@ def test_dashboard_serves_the_study_and_stops_cleanly(tmp_path):
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke",
                                     timeout=30) as response:
             experiment_id = json.loads(response.read())["experiment"]["experiment_id"]
-        assert url == f"{base}/#/experiments/{experiment_id}/runs"
+        assert url == (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey=memlayers-cells"
+                       "&workflowType=machine_learning")
         found = _post(f"{base}/api/2.0/mlflow/runs/search",
                       {"experiment_ids": [experiment_id], "filter": "tags.`memlayers.role` = 'cell'",
                        "max_results": 100})["runs"]
         names = {run["info"]["run_name"] for run in found}
         assert names == {run_name(f, b, s, e) for f, b, s, e, _, _ in CELLS}
 
-        with Chromium(width=1400, height=900) as browser:
+        with Chromium(width=1920, height=1000) as browser:
             browser.open(url)
-            browser.wait_for("document.querySelector('#root') && document.querySelector('#root').children.length > 0",
-                             timeout=120)
-            # the runs table lists the study's parent run; expanding it shows the cells nested under it
-            shown = browser.wait_for("document.body.innerText.includes('study-smoke') && document.body.innerText",
-                                     timeout=120)
-            assert f"{len(CELLS) + 1} matching runs" in shown
-            browser.evaluate("document.querySelector('button[data-component-id*=runnamecellrenderer]').click()")
-            shown = browser.wait_for("document.body.innerText.includes('dense-nano-seed0') && document.body.innerText",
-                                     timeout=60)
+            # the URL opens the cells' saved view: every cell listed flat (nothing to unfold), the parent
+            # run filtered out, and the columns that tell cells apart and say how they did
+            listed = " && ".join(f"document.body.innerText.includes('{name}')" for name in sorted(names))
+            shown = browser.wait_for(f"document.body.innerText.includes('{len(CELLS)} matching runs') "
+                                     f"&& {listed} && document.body.innerText", timeout=180)
+            header_text = ("Array.from(document.querySelectorAll('[role=columnheader]'))"
+                           ".map(e => e.innerText.trim()).join('\\n')")
+            headers = set(browser.wait_for(f"{header_text}.includes('val_loss') && {header_text}", timeout=60)
+                          .split("\n"))
             shot = browser.screenshot(tmp_path / "mlflow-ui.png", full_page=False)
-        assert all(name in shown for name in names), shown
+        assert "study-smoke" not in shown
+        assert {"family", "base", "memory_slots", "seed", "val_loss", "qa_exact_match"} <= headers, headers
+        # the UI in its "Model training" navigation: the model registry, none of the GenAI pages
+        assert "Model registry" in shown and not {"Judges", "Prompts", "Sessions"} & set(shown.split("\n")), shown
         assert shot.stat().st_size > 10_000
     finally:
         dashboard.send_signal(signal.SIGINT)
@@ -112,8 +117,25 @@ def test_dashboard_serves_the_study_and_stops_cleanly(tmp_path):
 
 
 def test_dashboard_unknown_study_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "dashboard", "no-such-study", "--port", "0"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "dashboard", "no-such-study",
+                             "--port", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "no tracking store" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_study_experiment_is_created_as_model_training(tmp_path, monkeypatch):
+    """The controller's parent run marks the study's experiment, so MLflow's UI opens its runs table."""
+    from dashboards_helpers import STUDY_YAML
+
+    from memlayers.platform.study.bookkeeping import parent_run
+    from memlayers.platform.study.validate import load_study
+    from memlayers.platform.tracking.client import client_for
+    from memlayers.platform.tracking.conventions import EXPERIMENT_KIND_TAG, sqlite_uri
+
+    monkeypatch.setenv("MEMLAYERS_RUNS_ROOT", str(tmp_path / "runs"))
+    (tmp_path / "kind.yaml").write_text(STUDY_YAML.format(name="kind").replace("moe]", "moe]\n  experts: [4]"))
+    uri = sqlite_uri(tmp_path)
+    parent_run(load_study(tmp_path / "kind.yaml"), uri)
+    experiment = client_for(uri).get_experiment_by_name("kind")
+    assert experiment.tags.get(EXPERIMENT_KIND_TAG) == "custom_model_development"

@@ -13,7 +13,8 @@ from memlayers.platform.study.record import StudyRecord
 from memlayers.platform.study.schema import Study
 from memlayers.platform.tracking import client as tracking
 from memlayers.platform.tracking.client import client_for, search_runs, with_retry
-from memlayers.platform.tracking.conventions import (CELLS_FILE, FAILURE_TAG, STORAGE_TAG, artifact_location,
+from memlayers.platform.tracking.conventions import (CELLS_FILE, EXPERIMENT_KIND_TAG, FAILURE_TAG,
+                                                     MODEL_TRAINING_KIND, STORAGE_TAG, artifact_location,
                                                      role_filter, run_tags)
 from memlayers.platform.tracking.runs import oldest
 
@@ -22,6 +23,8 @@ def parent_run(study: Study, uri: str) -> str:
     """The study's parent run: the oldest tagged memlayers.role=study, or a new one. Its status is
     left as it is: the controller marks it RUNNING once it holds the study (lease.py)."""
     experiment_id = tracking.ensure_experiment(uri, study.name, artifact_location(uri, study.storage_root()))
+    client = client_for(uri)  # a study's runs are model training: MLflow's UI then opens them, not its GenAI pages
+    with_retry(lambda: client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND))
     existing = oldest(search_runs(uri, study.name, role_filter("study", study.name)))
     if existing is not None:
         return existing
@@ -29,7 +32,7 @@ def parent_run(study: Study, uri: str) -> str:
     # two controllers starting a new study at once each create one: both take the oldest, the other is deleted
     chosen = oldest(search_runs(uri, study.name, role_filter("study", study.name))) or created
     if chosen != created:
-        with_retry(lambda: client_for(uri).delete_run(created))
+        with_retry(lambda: client.delete_run(created))
     return chosen
 
 

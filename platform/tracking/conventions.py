@@ -28,6 +28,11 @@ CHECKPOINT_TAG = "checkpoint"  # a finished run's final checkpoint folder
 EVAL_PREFIX = "eval/"  # downstream scores of a run's final checkpoint: eval/<task>/<metric>
 CELLS_FILE = "cells.json"  # a study's current cells: in its workdir, its storage folder and on its parent run
 CONTROLLER_TAG = "memlayers.controller"  # on a study's parent run: the lease of the controller running it (JSON)
+# On a study's experiment: MLflow's UI opens an experiment of this kind in its "Model training" view (the
+# runs table with metric columns) instead of its GenAI overview of traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # + a key, on an experiment: a saved view of its runs table (JSON)
 SET_ASIDE_PREFIX = "memlayers.set_aside/"  # + a refused checkpoint's new folder name: why it was not loaded
 
 

@@ -205,7 +205,7 @@ def run_run(args: argparse.Namespace) -> int:
 
     try:
         if not args.address:  # the local cluster's private folder, checked before anything starts
-            session_dir()
+            session_dir(create=False)
     except UnsafeSessionDir as error:
         print(f"memlayers study run: {error}", file=sys.stderr)
         return 2

@@ -42,10 +42,13 @@ def ray_env() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune configuration box or tables
 
 
-def session_dir(root: Path | None = None) -> Path:
+def session_dir(root: Path | None = None, create: bool = True) -> Path:
     """`<tmp>/memlayers-ray-<uid>`, created 0700 (tightened to 0700 if it is only readable by others);
-    UnsafeSessionDir if it is not a directory of this user's or others may write to it."""
+    UnsafeSessionDir if it is not a directory of this user's or others may write to it. With
+    `create=False` a folder that does not exist yet passes (a check before anything is started)."""
     path = Path(root or tempfile.gettempdir()) / f"memlayers-ray-{os.getuid()}"
+    if not create and not os.path.lexists(path):
+        return path
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
     info = os.lstat(path)

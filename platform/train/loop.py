@@ -33,7 +33,7 @@ from memlayers.platform.data.prepare import PreparedData
 from memlayers.platform.data.qa import select_items
 from memlayers.platform.train.budget import budget_steps
 from memlayers.platform.train.checkpoint import load_state, save_state
-from memlayers.platform.train.commit import write_commit_marker
+from memlayers.platform.train.commit import is_marker, write_commit_marker
 from memlayers.platform.train.evaluate import qa_metrics, validation_loss
 from memlayers.platform.train.fsdp import apply_fsdp, full_state, load_full_state
 from memlayers.platform.train.mesh import ParallelPlan, setup_parallel, value_param_names
@@ -217,11 +217,20 @@ class RunLoop:
                                                               "tokenizer": self.data.tokenizer.kind})
             self.data.tokenizer.save(Path(directory))
             wrote = True
-        if self.sharded:
-            wrote = bool(self.parallel.save_values(self.model, directory, self.optimizers.values)) or wrote
+        shards = self.parallel.save_values(self.model, directory, self.optimizers.values) if self.sharded else []
+        wrote = bool(shards) or wrote
         if wrote:  # last: the marker vouches for the files above (a checkpoint without it is never loaded)
-            write_commit_marker(Path(directory), writer=self.rank)
+            write_commit_marker(Path(directory), self._own_files(Path(directory), shards), writer=self.rank)
         return wrote
+
+    def _own_files(self, directory: Path, shards: list[Path]) -> list[str]:
+        """The files this rank wrote into a checkpoint folder that other ranks write into at the same time:
+        its value shards, and on rank 0 everything that is neither a shard nor a marker or temporary file."""
+        own = [Path(f).relative_to(directory).as_posix() for f in shards]
+        if self.rank == 0:
+            own += [p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                    if p.is_file() and not p.name.startswith((".", "values-")) and not is_marker(p.name)]
+        return sorted(set(own))
 
     def load(self, directory: Path) -> None:
         """Resume from a checkpoint directory written by `save` (any memory-parallel size)."""

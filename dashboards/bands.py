@@ -14,6 +14,7 @@ import importlib
 from dataclasses import dataclass
 
 import numpy as np
+
 from memlayers.platform.laws.power import bootstrap_samples
 from memlayers.platform.laws.recall import fit_recall
 from memlayers.platform.laws.result import LAW_MODULES, LawFit

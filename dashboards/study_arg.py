@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memlayers.platform.tracking.study_ref import StudyRef, resolve_study
 from memlayers.platform.tracking.conventions import role_filter, sqlite_path, sqlite_uri
+from memlayers.platform.tracking.study_ref import StudyRef, resolve_study
 
 
 class StudyNotFound(ValueError):

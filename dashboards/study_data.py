@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from memlayers.models.config import FAMILIES
 from memlayers.models.presets import BASES, memory_size_name
 from memlayers.platform.study.record import StudyRecord
-from memlayers.platform.tracking.study_ref import StudyRef
 from memlayers.platform.tracking.client import search_all_runs
-from memlayers.platform.tracking.runs import oldest
 from memlayers.platform.tracking.conventions import RUN_NAME_TAG, role_filter
+from memlayers.platform.tracking.runs import oldest
+from memlayers.platform.tracking.study_ref import StudyRef
 
 FINAL_METRICS = ("val_loss", "qa_exact_match", "qa_answer_nll", "loss")
 HISTORY_METRICS = ("loss", "tokens", "val_loss", "slot_fraction_read", "slot_gini")
@@ -106,7 +106,8 @@ class StudyData:
     parent_run_id: str | None = None
     parent_tags: dict[str, str] = field(default_factory=dict)
     cells: list[Cell] = field(default_factory=list)
-    histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)  # run -> metric -> (step, value)
+    # run -> metric -> (step, value)
+    histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
     definition: str | None = None                # the study YAML
     definition_source: str = ""                  # where it came from
 

@@ -3,7 +3,8 @@
 Same three parts as `memlayers.kernels.bag_torch` (forward, value-gradient rows, weight
 gradient); the forward is `cpu_ops.bag_forward` for fp32 rows of 16 to 64 entries with AVX-512
 (the same numbers as F.embedding_bag: one fused multiply-add per read in read order; with the
-value rows prefetched, which a training step's out-of-cache table needs), plus `value_grad`: the row-sparse value gradient in one C++ pass (a counting sort of
+value rows prefetched, which a training step's out-of-cache table needs), plus `value_grad`: the
+row-sparse value gradient in one C++ pass (a counting sort of
 the reads by slot, then each row summed in a register in the sorted segments' order), with no
 `Segments` tensors in between. On fp32/fp64 tables, when the C++ ops are built and selected
 (`memlayers.kernels.cpu_ops`), the weight gradient (a dot product of grad_y with every read row)

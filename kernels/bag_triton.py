@@ -132,7 +132,8 @@ def value_grad_rows(grad_y_TV: torch.Tensor, weights_TR: torch.Tensor, segs: Seg
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """-> (U, V) in the accumulation dtype, one program per (unique row, column block)."""
     U, V = segs.unique_U.numel(), grad_y_TV.shape[1]
-    rows_UV = torch.empty(U, V, dtype=accumulate_dtype(grad_y_TV.dtype), device=grad_y_TV.device) if out is None else out
+    rows_UV = (torch.empty(U, V, dtype=accumulate_dtype(grad_y_TV.dtype), device=grad_y_TV.device)
+               if out is None else out)
     weights_L = weights_TR.reshape(-1)[segs.read_L].contiguous()
     if U:
         grid = lambda meta: (U, triton.cdiv(V, meta["BLOCK_V"]))  # noqa: E731

@@ -45,7 +45,8 @@ import torch
 MODES = ("auto", "torch", "cpp")
 ENV = "MEMLAYERS_CPU_OPS"
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-FUNCTIONS = ["topk_merge", "search_forward", "search_backward", "rms_rows", "rms_rows_backward", "bag_forward", "bag_weight_grad",
+FUNCTIONS = ["topk_merge", "search_forward", "search_backward", "rms_rows", "rms_rows_backward", "bag_forward",
+             "bag_weight_grad",
              "sort_reads", "bag_value_grad",
              "lazy_adam_rows_", "adamw_", "row_adagrad_rows_", "slot_usage_update_"]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # native: the cache key names the CPU
@@ -66,7 +67,8 @@ def cache_dir() -> Path:
     if not root:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         root = str(Path(base) / "memlayers" / "extensions")
-    tag = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, sys.version, *FLAGS, _cpu()]).encode()).hexdigest()
+    tag = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, sys.version, *FLAGS, _cpu()])
+                         .encode()).hexdigest()
     return Path(root) / f"cpu_ops_{tag[:16]}"
 
 

@@ -53,7 +53,8 @@ When row sharding is better. Column sharding moves each token's output across ra
 sharding moves ids only to their owners but returns a partial V-vector from every owner a token
 touches, ~min(R, P-1) of them. With R >= P (the usual case: Memory+ reads heads*topk = 4*32 =
 128 rows per token, so h ~ P-1) the difference is column - row = (P-1)^2/P * (12R - 2 V b): row
-sharding wins only when V * b < 6R, narrow values read by many slots (V < 384 in bf16 at R = 128). Row sharding also wins when R << P (few
+sharding wins only when V * b < 6R, narrow values read by many slots (V < 384 in bf16 at R = 128).
+Row sharding also wins when R << P (few
 reads on very many ranks: at most R partial vectors per token), and it keeps every row whole on
 one rank, so per-row optimizer statistics (row-wise Adagrad's accumulator, per-row norms) need
 no communication, while column sharding must reduce them over the group. For the paper's shapes

@@ -17,7 +17,8 @@ O(U * V) whatever N is (the state tensors are allocated once, at the first step)
   tables with the C++ ops (`memlayers.kernels.cpu_ops`), the rows of a sparse gradient are updated
   in place in one pass (`lazy_adam_rows_`), with the same arithmetic as the torch path.
 - `RowAdagrad`: one accumulator per row (the mean over the row of the squared gradient), the
-  row-wise Adagrad used for large embedding tables: state is (N,) floats (fp32; fp64 for a fp64 table), so a 4M x 512 table
+  row-wise Adagrad used for large embedding tables: state is (N,) floats (fp32; fp64 for a fp64
+  table), so a 4M x 512 table
   needs 16 MB of optimizer state instead of 16 GB for Adam's moments. On CPU (as `LazyAdam`) the
   rows of a sparse gradient are updated in place by one C++ op (`row_adagrad_rows_`).
 - `make_value_optimizer`: "lazy_adam", "row_adagrad" or "adamw" (the paper-faithful dense AdamW,

@@ -13,7 +13,8 @@ from memlayers.models.init import trunc_normal_
 from memlayers.models.kv_cache import LayerKV
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_seq_len, head_dim/2) for rotary embeddings."""
     freqs_Y = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     positions_S = torch.arange(max_seq_len, device=device, dtype=torch.float32)

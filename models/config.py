@@ -95,7 +95,8 @@ class MoEConfig:
         return self.capacity_factor if self.routing == "expert_choice" else self.topk
 
     def validate(self, path: str = "moe") -> None:
-        require(1 <= self.experts <= MAX_EXPERTS, f"{path}.experts", f"must be in [1, {MAX_EXPERTS}], got {self.experts}")
+        require(1 <= self.experts <= MAX_EXPERTS, f"{path}.experts",
+                f"must be in [1, {MAX_EXPERTS}], got {self.experts}")
         require(1 <= self.topk <= self.experts, f"{path}.topk",
                 f"must be between 1 and experts={self.experts}, got {self.topk}")
         if self.expert_ffn_dim is not None:
@@ -105,7 +106,8 @@ class MoEConfig:
                 f"must be token_choice or expert_choice, got {self.routing!r}")
         require(self.capacity_factor > 0, f"{path}.capacity_factor", f"must be > 0, got {self.capacity_factor}")
         require(self.capacity_factor <= self.experts, f"{path}.capacity_factor",
-                f"must be at most experts={self.experts} (each token at most once per expert), got {self.capacity_factor}")
+                f"must be at most experts={self.experts} (each token at most once per expert), "
+                f"got {self.capacity_factor}")
 
 
 @dataclass
@@ -131,7 +133,8 @@ class PeerConfig:
 
     def validate(self, path: str = "peer") -> None:
         _check_product_keys(self, "experts", path)
-        require(self.activation in ("gelu", "relu"), f"{path}.activation", f"must be gelu or relu, got {self.activation!r}")
+        require(self.activation in ("gelu", "relu"), f"{path}.activation",
+                f"must be gelu or relu, got {self.activation!r}")
         require(self.score_norm in ("softmax", "sigmoid"), f"{path}.score_norm",
                 f"must be softmax or sigmoid, got {self.score_norm!r}")
         if self.n_layers is not None:

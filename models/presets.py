@@ -1,7 +1,8 @@
 """Named model shapes: tiny CPU bases, the paper's bases (134m ... 8b) and memory sizes.
 
 `build_config(base, family, memory_slots=..., experts=...)` turns a base into a `ModelConfig`
-of any family (for `peer`, `memory_slots` or `experts` is the number of experts). Shapes of the paper family: 373m is dim 1024 / 24 layers / 16 heads (the
+of any family (for `peer`, `memory_slots` or `experts` is the number of experts). Shapes of the
+paper family: 373m is dim 1024 / 24 layers / 16 heads (the
 reference configs); 8b is the Llama-3-8B shape. Bases up to 1.3b use a 32,000-token
 vocabulary, 8b Llama 3's 128,256. Names give the dense total parameter count, rounded.
 """
@@ -58,7 +59,8 @@ def memory_slots(size: int | str) -> int:
     """'1m' -> 1048576; an integer passes through."""
     if isinstance(size, str):
         if size not in MEMORY_SIZES:
-            raise ConfigError("memory_slots", f"unknown memory size {size!r} (expected one of {', '.join(MEMORY_SIZES)} or an integer)")
+            raise ConfigError("memory_slots", f"unknown memory size {size!r} "
+                                              f"(expected one of {', '.join(MEMORY_SIZES)} or an integer)")
         return MEMORY_SIZES[size]
     return size
 
@@ -103,7 +105,8 @@ def _peer_config(base: str, size: int | str | None, experts: int | None, peer: d
     if peer and memory:
         raise ConfigError("peer", "give the PEER options in `peer` or in `memory`, not both")
     if size is not None and experts is not None and memory_slots(size) != experts:
-        raise ConfigError("experts", f"memory_slots={size!r} and experts={experts} disagree on the number of PEER experts")
+        raise ConfigError("experts",
+                          f"memory_slots={size!r} and experts={experts} disagree on the number of PEER experts")
     defaults = dict(PEER_DEFAULTS[base])
     count = memory_slots(size if size is not None else experts if experts is not None else defaults.pop("experts"))
     defaults.pop("experts", None)

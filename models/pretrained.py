@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from memlayers.config_schema import ConfigError, from_dict
 from memlayers.models.attention import rope_tables
 from memlayers.models.config import ModelConfig

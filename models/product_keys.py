@@ -21,7 +21,6 @@ from torch import nn
 from memlayers.kernels import pk_search
 from memlayers.models.init import trunc_normal_
 
-
 RMS_EPS = 1e-6  # qk-norm: x * rsqrt(mean(x^2) + eps) over each half's Q dims
 
 

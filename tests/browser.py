@@ -163,7 +163,8 @@ class Chromium:
         if full_page:
             size = self.call("Page.getLayoutMetrics")["cssContentSize"]
             params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": max(size["width"], 1), "height": max(size["height"], 1), "scale": 1})
+                          clip={"x": 0, "y": 0, "width": max(size["width"], 1), "height": max(size["height"], 1),
+                                "scale": 1})
         data = self.call("Page.captureScreenshot", **params)["data"]
         path = Path(path)
         path.write_bytes(base64.b64decode(data))

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from memlayers.platform.tracking import client as tracking
-from memlayers.platform.tracking.study_ref import StudyRef
 from memlayers.platform.tracking.conventions import sqlite_uri
+from memlayers.platform.tracking.study_ref import StudyRef
 
 STUDY_YAML = """name: {name}
 data: {{source: facts, tokenizer: word, seq_len: 16}}

@@ -12,6 +12,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+
 from memlayers.models.config import MemoryConfig, ModelConfig, MoEConfig, PeerConfig
 from memlayers.models.transformer import Transformer
 from memlayers.platform.train.fsdp import apply_fsdp, full_state
@@ -54,7 +55,8 @@ def train_side_by_side(rank: int, world: int, family: str, memory_parallel: int,
         # the reference reads the global batch slice by slice, each with the shapes a rank sees: the
         # same forward arithmetic, so near-ties in a top-k do not flip on batching round-off
         ref_loss = sum(reference.loss(inputs[r * SEQ_PER_RANK:(r + 1) * SEQ_PER_RANK],
-                                      targets[r * SEQ_PER_RANK:(r + 1) * SEQ_PER_RANK])[0] for r in range(world)) / world
+                                      targets[r * SEQ_PER_RANK:(r + 1) * SEQ_PER_RANK])[0]
+                       for r in range(world)) / world
         ref_loss.backward()
         loss, _ = model.loss(inputs[mine], targets[mine])
         loss.backward()

@@ -75,7 +75,10 @@ def test_memory_slots_change_training_flops_only_by_sub_key_scoring():
     small = build_config("373m", "memory_plus", memory_slots="64k")
     large = build_config("373m", "memory_plus", memory_slots="16m")
     layers, heads, key_dim = len(small.memory_layers), small.memory.heads, small.key_dim
-    scoring = lambda cfg: 3 * layers * 2 * heads * cfg.memory.sub_keys * key_dim
+
+    def scoring(cfg):
+        return 3 * layers * 2 * heads * cfg.memory.sub_keys * key_dim
+
     delta = account(large).train_flops_per_token - account(small).train_flops_per_token
     assert delta == scoring(large) - scoring(small)
     assert account(large).memory_value_params == 256 * account(small).memory_value_params
@@ -92,7 +95,8 @@ def test_models_json_reports_the_8b_16m_value_parameters():
                           "--bases", "8b,nano", "--memory-sizes", "16m,4k"],
                          capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
-    row = next(r for r in rows if r["preset"] == "8b" and r["family"] == "memory_plus" and r["memory_slots"] == 4096 ** 2)
+    row = next(r for r in rows
+               if r["preset"] == "8b" and r["family"] == "memory_plus" and r["memory_slots"] == 4096 ** 2)
     assert row["memory_value_params"] == 68_719_476_736
     assert {"preset", "family", "memory_slots", "total_params", "memory_value_params", "active_params",
             "train_flops_per_token"} <= set(row)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from memlayers.platform.bench.baseline import FAMILIES, asset_path, baseline_losses, baseline_run
 
 

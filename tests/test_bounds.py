@@ -8,7 +8,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT
 
 TINY = REPO_ROOT / "studies" / "runs" / "tiny-memory-plus.yaml"

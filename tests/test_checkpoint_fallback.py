@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import torch
+from test_train_in_trial import history, one_worker_config, write_checkpoint
+
 from memlayers.platform.cluster import storage
 from memlayers.platform.tracking.client import client_for
 from memlayers.platform.tracking.conventions import SET_ASIDE_PREFIX
@@ -21,7 +23,6 @@ from memlayers.platform.train.checkpoint_folder import STAGING, CheckpointFolder
 from memlayers.platform.train.commit import COMMIT, CommitError, verify_commit, write_commit_marker
 from memlayers.platform.train.in_trial import FolderSession, run_in_trial
 from memlayers.platform.train.resume import resume_loop, sibling_candidates
-from test_train_in_trial import history, one_worker_config, write_checkpoint
 
 
 def test_a_commit_marker_vouches_for_every_file_and_names_what_is_wrong(tmp_path):
@@ -210,6 +211,7 @@ def test_a_bucket_checkpoint_folder_lists_committed_checkpoints_and_sets_aside_b
 
 def test_ranks_resume_from_one_checkpoint_only_when_all_of_them_loaded_it(tmp_path):
     import torch.distributed as dist
+
     from memlayers.platform.train.resume import all_ranks_agree
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO_ROOT
+from two_nodes import VENV_BIN, can_build, kill_worker, start_worker, two_nodes
+
 from memlayers.platform.cli.main import main
 from memlayers.platform.cluster.storage import list_files, read_text
 from memlayers.platform.study.cells import expand
 from memlayers.platform.study.progress import cell_runs
 from memlayers.platform.study.validate import load_study
 from memlayers.platform.tracking.client import client_for
-from two_nodes import VENV_BIN, can_build, kill_worker, start_worker, two_nodes
 
 SMOKE = REPO_ROOT / "studies" / "smoke.yaml"
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

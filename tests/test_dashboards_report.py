@@ -16,7 +16,8 @@ from memlayers.dashboards.report import SECTIONS, render, write_report
 from memlayers.dashboards.study_data import Cell, StudyData
 from memlayers.platform.tracking.study_ref import StudyRef
 
-needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(find_chromium() is None,
+                                    reason="Chromium is not installed (apt-get install chromium)")
 PLOT_KEYS = {"loss_vs_compute", "metrics_vs_memory", "compute_multipliers", "training_curves", "slot_usage"}
 ALL_PLOT_KEYS = PLOT_KEYS | {"factual_qa_vs_memory"}  # that one only with downstream scores (memlayers eval)
 

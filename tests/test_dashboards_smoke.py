@@ -10,6 +10,7 @@ import yaml
 from browser import find_chromium
 from conftest import REPO_ROOT
 from dashboards_helpers import inspect_report
+
 from memlayers.dashboards.report import SECTIONS, write_report
 
 SMOKE = REPO_ROOT / "studies" / "smoke.yaml"

@@ -34,7 +34,8 @@ def _train(opt, params, steps, seed, schedule=True):
 
 def _same(opt_a, params_a, opt_b, params_b) -> bool:
     return (all(torch.equal(a, b) for a, b in zip(params_a, params_b))
-            and all(torch.equal(opt_a.state[a][k], opt_b.state[b][k]) and opt_a.state[a][k].dtype == opt_b.state[b][k].dtype
+            and all(torch.equal(opt_a.state[a][k], opt_b.state[b][k])
+                    and opt_a.state[a][k].dtype == opt_b.state[b][k].dtype
                     for a, b in zip(params_a, params_b) for k in ("step", "exp_avg", "exp_avg_sq")))
 
 
@@ -113,13 +114,14 @@ def test_a_closure_runs_first_and_step_hooks_once_on_either_path(monkeypatch):
         ours, theirs = _params(torch.float32), _params(torch.float32)
         opt_ours, opt_theirs = CpuAdamW(ours, **options), torch.optim.AdamW(theirs, **options)
         calls = []
-        opt_ours.register_step_pre_hook(lambda *_: calls.append("pre"))
-        opt_ours.register_step_post_hook(lambda *_: calls.append("post"))
+        opt_ours.register_step_pre_hook(lambda *_, calls=calls: calls.append("pre"))
+        opt_ours.register_step_post_hook(lambda *_, calls=calls: calls.append("post"))
 
         def closure(params):
             loss = sum((p * p).sum() for p in params)
             loss.backward()
             return loss
-        assert float(opt_ours.step(lambda: closure(ours)).detach()) == float(opt_theirs.step(lambda: closure(theirs)).detach())
+        ours_loss = opt_ours.step(lambda ours=ours: closure(ours))
+        assert float(ours_loss.detach()) == float(opt_theirs.step(lambda theirs=theirs: closure(theirs)).detach())
         assert calls == ["pre", "post"]
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

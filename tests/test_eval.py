@@ -276,7 +276,7 @@ def test_the_laws_fit_downstream_scores_against_memory_size():
     rows = [{"run_id": f"r{m}", "base": "nano", "family": "memory_plus", "memory_slots": m, "val_loss": 3 - 0.1 * i,
              "eval/nq_open/exact_match": 0.1 + 0.1 * i, "eval/nq_open/answer_nll": 5 - 0.5 * i}
             for i, m in enumerate((1024, 4096, 16384, 65536))]
-    laws = fit_memory_laws(rows, skipped := [])["nano/memory_plus"]
+    laws = fit_memory_laws(rows, [])["nano/memory_plus"]
     assert laws["eval/nq_open/exact_match"]["law"] == "recall"
     assert laws["eval/nq_open/answer_nll"]["law"] == "memory"
     assert "eval/triviaqa/f1" not in laws
@@ -292,6 +292,7 @@ def test_the_laws_fit_downstream_scores_against_memory_size():
 def test_a_study_eval_section_is_validated_with_field_named_errors(section, words):
     import yaml
     from conftest import REPO_ROOT
+
     from memlayers.platform.study.schema import StudyError
     from memlayers.platform.study.validate import study_from_dict
 
@@ -309,6 +310,7 @@ def smoke_study(tmp_path_factory, ray_local):
     """The smoke study with an eval stage (facts_qa, limit 32), run once for the module."""
     import yaml
     from conftest import REPO_ROOT
+
     from memlayers.platform.study.controller import run_study
     from memlayers.platform.study.validate import load_study
 

@@ -1,13 +1,13 @@
 """`memlayers export`: a checkpoint as config.json + safetensors + tokenizer + card, read back by load_pretrained."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
 from memlayers.models.pretrained import load_pretrained
 from memlayers.platform.cluster.local_launch import run_local
 from memlayers.platform.data.prepare import prepare_data
@@ -62,7 +62,8 @@ def test_exported_folder_opens_with_safetensors_alone(trained, tmp_path):
     export_checkpoint(trained / "p1", tmp_path)
     child = ("import json, sys; from safetensors.numpy import load_file; "
              f"index = json.load(open({str(tmp_path / 'model.safetensors.index.json')!r})); "
-             f"arrays = {{}}; [arrays.update(load_file({str(tmp_path)!r} + '/' + f)) for f in set(index['weight_map'].values())]; "
+             f"arrays = {{}}; [arrays.update(load_file({str(tmp_path)!r} + '/' + f)) "
+             "for f in set(index['weight_map'].values())]; "
              "assert set(arrays) == set(index['weight_map']), 'names'; assert 'torch' not in sys.modules, 'torch'; "
              "print(len(arrays), arrays['memory_values.weight'].shape)")
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)

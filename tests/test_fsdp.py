@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from memlayers.platform.cli.main import main
 from memlayers.platform.cluster.local_launch import run_local
 

@@ -18,7 +18,10 @@ SHAPES = [(1, 8, 4, 3), (3, 16, 8, 5), (4, 12, 6, 12), (2, 32, 4, 16), (1, 64, 2
 
 def _queries(heads, n, half, tokens=20, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+
+    def make(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+
     return make(tokens, heads, half), make(tokens, heads, half), make(heads, n, half), make(heads, n, half)
 
 
@@ -88,7 +91,10 @@ def _canonical_topk(q1, q2, k1, k2, topk):
 def test_ties_are_ranked_deterministically_and_the_search_stays_exact(heads, n, half, topk, dtype, scoring):
     # small integer queries and keys: many equal sub-key scores and equal pair sums (exact in fp32 too)
     gen = torch.Generator().manual_seed(2)
-    ints = lambda *shape: torch.randint(-1, 2, shape, generator=gen).to(dtype)
+
+    def ints(*shape):
+        return torch.randint(-1, 2, shape, generator=gen).to(dtype)
+
     q1, q2, k1, k2 = ints(6, heads, half), ints(6, heads, half), ints(heads, n, half), ints(heads, n, half)
     scores, rows = pk_search.product_key_search(q1, q2, k1, k2, topk)
     ref_scores, ref_rows = _canonical_topk(q1, q2, k1, k2, topk)
@@ -137,8 +143,10 @@ def _layer_results(make_layer, monkeypatch, mode):
 
 
 LAYERS = {
-    "memory_plus": lambda: _init(MemoryLayer(16, MemoryConfig(slots=64, heads=2, topk=4), key_dim=8, qk_norm=True, gated=True)),
-    "pkm": lambda: _init(MemoryLayer(16, MemoryConfig(slots=64, heads=2, topk=4), key_dim=8, qk_norm=False, gated=False)),
+    "memory_plus": lambda: _init(MemoryLayer(16, MemoryConfig(slots=64, heads=2, topk=4), key_dim=8,
+                                             qk_norm=True, gated=True)),
+    "pkm": lambda: _init(MemoryLayer(16, MemoryConfig(slots=64, heads=2, topk=4), key_dim=8,
+                                     qk_norm=False, gated=False)),
     "peer": lambda: _init(PeerLayer(16, PeerConfig(experts=64, heads=2, topk=4, key_dim=8))),
 }
 

@@ -96,7 +96,8 @@ def test_leading_dims_and_reference_agree():
     weights = torch.rand(2, 3, 5)
     y = embedding_bag(values, slots, weights)
     assert y.shape == (2, 3, 4)
-    assert torch.allclose(y, embedding_bag_reference(values, slots.view(6, 5), weights.view(6, 5)).view(2, 3, 4), atol=1e-6)
+    assert torch.allclose(y, embedding_bag_reference(values, slots.view(6, 5), weights.view(6, 5)).view(2, 3, 4),
+                          atol=1e-6)
 
 
 def test_backward_is_deterministic():

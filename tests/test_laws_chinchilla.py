@@ -14,9 +14,10 @@ import sys
 
 import numpy as np
 import pytest
+from scipy.optimize import minimize_scalar
+
 from memlayers.platform.laws.frontier import compute_optimal
 from memlayers.platform.laws.io import chinchilla_csv_path, load_fit, sha256_file
-from scipy.optimize import minimize_scalar
 
 DATA = chinchilla_csv_path()
 needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"Chinchilla data not found at {DATA} "
@@ -91,7 +92,7 @@ def test_frontier_minimises_loss_at_fixed_compute(cli_fit):
     budgets = np.array([1e21, 5.76e23])
     opt = compute_optimal(p, budgets)
     for c, n_opt, loss in zip(budgets, opt["n_opt"], opt["loss"]):
-        along = minimize_scalar(lambda log_n: p["E"] + p["A"] * np.exp(-p["alpha"] * log_n)
+        along = minimize_scalar(lambda log_n, c=c: p["E"] + p["A"] * np.exp(-p["alpha"] * log_n)
                                 + p["B"] * (c / (6 * np.exp(log_n))) ** -p["beta"],
                                 bounds=(10, 40), method="bounded", options={"xatol": 1e-10})
         assert np.log(n_opt) == pytest.approx(along.x, abs=1e-4)

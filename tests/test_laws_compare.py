@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from memlayers.platform.laws.compare import compare_family, fit_constant, multipliers, reference_compute
 from memlayers.platform.laws.io import dumps
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from memlayers.platform.cli.main import main
 from memlayers.platform.laws.io import load_fit, read_columns, save_fit, sha256_file
 from memlayers.platform.laws.power import fit_power_law
@@ -52,7 +53,8 @@ def test_cli_compute_law_json_and_files(tmp_path, capsys):
     c = np.geomspace(1e15, 1e19, 8)
     loss = (1.9 + 60 * c ** -0.11) * np.exp(rng.normal(0, 0.002, c.size))
     path = tmp_path / "runs.csv"
-    path.write_text("flops,val\n" + "".join(f"{float(a)!r},{float(b)!r}\n" for a, b in zip(c, loss)) + f"{1e16!r},9.5\n")
+    path.write_text("flops,val\n" + "".join(f"{float(a)!r},{float(b)!r}\n" for a, b in zip(c, loss))
+                    + f"{1e16!r},9.5\n")
     out = tmp_path / "out"
     code = main(["fit", "--csv", str(path), "--law", "compute", "--c", "flops", "--loss", "val",
                  "--drop-highest", "1", "--bootstrap", "50", "--json", "--out", str(out)])

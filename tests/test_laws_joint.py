@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from scipy.optimize import approx_fprime
+
 from memlayers.platform.cli.main import main
 from memlayers.platform.laws.chinchilla import problem as chinchilla_problem
 from memlayers.platform.laws.io import chinchilla_csv_path
@@ -118,6 +119,7 @@ def test_degenerate_input_is_refused_naming_the_field(tmp_path, capsys):
 
 def test_memory_law_study_is_a_grid_the_joint_law_can_be_fitted_on():
     from conftest import REPO_ROOT
+
     from memlayers.platform.study.cells import expand
     from memlayers.platform.study.validate import load_study
 

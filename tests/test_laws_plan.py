@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 from scipy.optimize import minimize_scalar
+
 from memlayers.platform.cli.main import main
 from memlayers.platform.laws.frontier import compute_optimal
 from memlayers.platform.laws.joint import KIND, VERSION, load_joint
@@ -154,6 +155,7 @@ def test_joint_json_follows_its_schema(joint_file):
 
 def test_law_and_laws_json_follow_their_schemas(tmp_path):
     from test_laws_study import study_rows
+
     from memlayers.platform.laws.chinchilla import fit_chinchilla
     from memlayers.platform.laws.io import dumps, save_fit
     from memlayers.platform.laws.study import fit_study

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+
 from memlayers.platform.cli.main import main
 
 REF = {"A": 60.0, "E": 1.8, "alpha": 0.11}
@@ -142,9 +143,9 @@ def test_load_study_rows_keeps_the_cells_of_the_current_definition(mlflow_study,
     import json
 
     from memlayers.platform.study.record import StudyRecord
-    from memlayers.platform.tracking.study_ref import StudyRef
     from memlayers.platform.tracking.conventions import CELLS_FILE
     from memlayers.platform.tracking.runs import load_study_rows
+    from memlayers.platform.tracking.study_ref import StudyRef
 
     every = load_study_rows("toy", mlflow_study["uri"])
     current = sorted(r["cell"] for r in every)[: len(every) // 2]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.optimize import approx_fprime, minimize
+
 from memlayers.platform.cli.main import main
 from memlayers.platform.laws.chinchilla import fit_chinchilla
 from memlayers.platform.laws.chinchilla import predict as chinchilla_predict
@@ -13,7 +15,6 @@ from memlayers.platform.laws.logfit import PowerSumProblem
 from memlayers.platform.laws.power import fit_power_law
 from memlayers.platform.laws.recall import fit_recall
 from memlayers.platform.laws.recall import predict as recall_predict
-from scipy.optimize import approx_fprime, minimize
 
 
 def noisy(values, rng, sigma):
@@ -96,9 +97,12 @@ def test_recall_logistic_recovers_known_curve():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: fit_chinchilla([1e8, 2e8, 3e8, 4e8], [1e9, 2e9, 3e9, 4e9], [3, 2.9, 2.8, 2.7]), "need at least 5"),
-    (lambda: fit_chinchilla([1e8] * 6, np.geomspace(1e9, 1e11, 6), [3, 2.9, 2.8, 2.7, 2.6, 2.5]), "N (model size) takes 1"),
-    (lambda: fit_chinchilla(np.geomspace(1e8, 1e9, 6), np.geomspace(1e9, 1e11, 6), [3, 2.9, -1, 2.7, 2.6, 2.5]), "not positive"),
-    (lambda: fit_chinchilla(np.geomspace(1e8, 1e9, 6), np.geomspace(1e9, 1e11, 6), [3, 2.9, np.nan, 2.7, 2.6, 2.5]), "NaN"),
+    (lambda: fit_chinchilla([1e8] * 6, np.geomspace(1e9, 1e11, 6), [3, 2.9, 2.8, 2.7, 2.6, 2.5]),
+     "N (model size) takes 1"),
+    (lambda: fit_chinchilla(np.geomspace(1e8, 1e9, 6), np.geomspace(1e9, 1e11, 6), [3, 2.9, -1, 2.7, 2.6, 2.5]),
+     "not positive"),
+    (lambda: fit_chinchilla(np.geomspace(1e8, 1e9, 6), np.geomspace(1e9, 1e11, 6),
+                            [3, 2.9, np.nan, 2.7, 2.6, 2.5]), "NaN"),
     (lambda: fit_power_law([1e15, 1e16], [3.0, 2.8]), "need at least 3"),
     (lambda: fit_power_law([1e15, 1e15, 1e16, 1e16], [3.0, 2.9, 2.8, 2.7]), "takes 2 distinct"),
     (lambda: fit_power_law([1e15, 1e16, 1e17], [3.0, 0.0, 2.7], law="memory"), "not positive"),
@@ -117,7 +121,8 @@ def write_csv(path, header, rows):
 
 
 def test_cli_degenerate_input_exits_2_with_message(tmp_path, capsys):
-    single = write_csv(tmp_path / "single.csv", ["N", "C", "loss"], [(1e8, 10.0 ** k, 3 - 0.1 * k) for k in range(15, 21)])
+    single = write_csv(tmp_path / "single.csv", ["N", "C", "loss"],
+                       [(1e8, 10.0 ** k, 3 - 0.1 * k) for k in range(15, 21)])
     code = main(["fit", "--csv", str(single), "--law", "chinchilla", "--n", "N", "--c", "C", "--loss", "loss"])
     err = capsys.readouterr().err
     assert code == 2 and "model size" in err and "distinct" in err
@@ -143,5 +148,6 @@ def test_power_law_flags_an_exponent_at_its_bound():
     # a cliff between the first two sizes and flat after: only the largest exponent fits
     fit = fit_power_law([256, 1024, 4096, 256, 1024, 4096], [1.66, 0.36, 0.62, 0.86, 0.42, 0.72], law="memory")
     assert "sits at its bound" in fit.details["warning"]
-    smooth = fit_power_law([1e3, 4e3, 1.6e4, 6.4e4], [2.0 + 5 * m ** -0.4 for m in (1e3, 4e3, 1.6e4, 6.4e4)], law="memory")
+    smooth = fit_power_law([1e3, 4e3, 1.6e4, 6.4e4], [2.0 + 5 * m ** -0.4 for m in (1e3, 4e3, 1.6e4, 6.4e4)],
+                           law="memory")
     assert "warning" not in smooth.details

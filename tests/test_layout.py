@@ -23,7 +23,8 @@ def test_code_folders_are_namespace_packages():
 
 def test_memlayers_subpackages_import_from_the_repository():
     out = subprocess.run(
-        [sys.executable, "-c", "import memlayers.models.transformer as t, memlayers.platform.cli.main as c; print(t.__file__); print(c.__file__)"],
+        [sys.executable, "-c", "import memlayers.models.transformer as t, memlayers.platform.cli.main as c; "
+                               "print(t.__file__); print(c.__file__)"],
         cwd="/", capture_output=True, text=True, check=True,
     ).stdout.split()
     assert out[0] == str(REPO_ROOT / "models" / "transformer.py")

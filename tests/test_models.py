@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-
 from causality import later_token_changes
+
+from memlayers.config_schema import ConfigError, from_dict
 from memlayers.models.config import FAMILIES, MemoryConfig, ModelConfig, MoEConfig, PeerConfig
 from memlayers.models.memory import MemoryLayer
-from memlayers.config_schema import ConfigError, from_dict
 from memlayers.models.transformer import Transformer
-
 
 
 def tiny_config(family: str, **overrides) -> ModelConfig:
@@ -100,7 +99,8 @@ def test_memory_plus_places_three_evenly_spaced_layers():
     ({"family": "pkm"}, "model.memory"),
     ({"family": "moe", "moe": {"experts": 2, "topk": 3}}, "model.moe.topk"),
     ({"family": "dense", "moe": {"experts": 2}}, "model.moe"),
-    ({"family": "memory_plus", "n_layers": 2, "memory": {"slots": 64, "topk": 4, "layers": [0, 5]}}, "model.memory.layers"),
+    ({"family": "memory_plus", "n_layers": 2, "memory": {"slots": 64, "topk": 4, "layers": [0, 5]}},
+     "model.memory.layers"),
 ])
 def test_an_invalid_config_names_its_field(data, field):
     with pytest.raises(ConfigError) as error:

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from causality import later_token_changes
+
 from memlayers.models.moe import MoE, load_imbalance
 
 
@@ -18,7 +18,8 @@ def test_dropless_dispatch_equals_a_per_token_computation():
     gates = gates / gates.sum(-1, keepdim=True)
     for t in range(10):
         expected = sum(
-            gates[t, j] * (torch.nn.functional.silu(x[0, t] @ moe.w1_EDF[e]) * (x[0, t] @ moe.w3_EDF[e])) @ moe.w2_EFD[e]
+            gates[t, j] * (torch.nn.functional.silu(x[0, t] @ moe.w1_EDF[e]) * (x[0, t] @ moe.w3_EDF[e]))
+            @ moe.w2_EFD[e]
             for j, e in enumerate(experts[t].tolist())
         )
         torch.testing.assert_close(out[t], expected, rtol=1e-5, atol=1e-6)
@@ -32,7 +33,7 @@ def _train_router(balance_coef: float) -> float:
         moe.router.weight[:2] += 0.5 * torch.randn(16).sign()
     optimizer = torch.optim.Adam(moe.parameters(), lr=1e-2)
     target = torch.nn.Linear(16, 16)
-    for step in range(150):
+    for _ in range(150):
         x = torch.randn(256, 16)
         x = x.abs() * target.weight[0].detach().sign()  # inputs aligned with the skew
         loss = (moe(x[None])[0] - target(x).detach()).pow(2).mean() + balance_coef * moe.balance_loss
@@ -156,7 +157,8 @@ def test_expert_choice_accounting_counts_capacity_factor_experts_per_token():
 def test_moe_routing_options_are_validated_by_name():
     from memlayers.config_schema import ConfigError, from_dict
     from memlayers.models.config import ModelConfig
-    for moe, field in (({"routing": "random"}, "model.moe.routing"), ({"capacity_factor": 0}, "model.moe.capacity_factor")):
+    for moe, field in (({"routing": "random"}, "model.moe.routing"),
+                       ({"capacity_factor": 0}, "model.moe.capacity_factor")):
         with pytest.raises(ConfigError) as error:
             from_dict(ModelConfig, {"family": "moe", "moe": moe}, "model")
         assert str(error.value).startswith(field + ":"), str(error.value)

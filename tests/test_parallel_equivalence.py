@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from memlayers.kernels.sharded_values import comm_bytes_per_token, force_all_to_all_fallback
 from memlayers.kernels.value_optim import clip_value_grad_norm_
 from memlayers.models.config import MemoryConfig, ModelConfig
@@ -104,7 +105,8 @@ def compare(rank: int, world: int, memory_parallel: int, sparse_grad: bool, fall
         ref_opt.zero_grad(), opt.zero_grad()
         for name, p in model.named_parameters():
             worst("params", p, ref_params[name][:, lo:hi] if p is table.weight else ref_params[name])
-    summary = {"errors": errors, "relative": {k: errors[k] / scales[k] for k in keys}, "bytes": table.comm.total, "tokens": table.comm.tokens,
+    summary = {"errors": errors, "relative": {k: errors[k] / scales[k] for k in keys}, "bytes": table.comm.total,
+               "tokens": table.comm.tokens,
                "calls": dict(table.comm.calls), "columns": (lo, hi), "value_clip": value_clip,
                "shard_sum": float(table.weight.detach().sum())}
     return {"summary": summary, "model": model, "plan": plan, "opt": opt, "reference": reference, "ref_opt": ref_opt}
@@ -173,7 +175,8 @@ def assert_matches_reference(results: list[dict]) -> None:
                 relative = result[sparse]["relative"][key]
                 assert error < TOL, f"rank {rank} sparse_grad={sparse}: {key} differs by {error:.3g}"
                 # gradients are small: also hold them to fp32 round-off relative to their size
-                assert relative < REL_TOL, f"rank {rank} sparse_grad={sparse}: {key} differs by {relative:.3g} of its size"
+                assert relative < REL_TOL, (f"rank {rank} sparse_grad={sparse}: {key} differs by {relative:.3g} "
+                                            "of its size")
 
 
 def bytes_per_token(summary: dict) -> float:

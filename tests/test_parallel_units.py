@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from memlayers.config_schema import ConfigError
 from memlayers.kernels.sharded_values import ShardedValueTable, column_range, comm_bytes_per_token
 from memlayers.models.config import MemoryConfig, ModelConfig
@@ -39,8 +40,10 @@ def test_communication_volume_column_vs_row():
     assert column == 7 * 12 * 128 + 2 * 7 / 8 * 4096 * 2 == 25088
     assert comm_bytes_per_token(128, 4096, 8, layout="row", value_bytes=2) > 4 * column
     # row sharding wins only for narrow values: V * b < 6K
-    assert comm_bytes_per_token(128, 256, 8, layout="row", value_bytes=2) < comm_bytes_per_token(128, 256, 8, value_bytes=2)
-    assert comm_bytes_per_token(128, 512, 8, layout="row", value_bytes=2) > comm_bytes_per_token(128, 512, 8, value_bytes=2)
+    assert (comm_bytes_per_token(128, 256, 8, layout="row", value_bytes=2)
+            < comm_bytes_per_token(128, 256, 8, value_bytes=2))
+    assert (comm_bytes_per_token(128, 512, 8, layout="row", value_bytes=2)
+            > comm_bytes_per_token(128, 512, 8, value_bytes=2))
     assert comm_bytes_per_token(128, 4096, 1) == 0
 
 

@@ -4,8 +4,8 @@ accounting by hand, presets and the family registry."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from causality import later_token_changes
+
 from memlayers.config_schema import ConfigError, from_dict
 from memlayers.kernels.value_optim import make_value_optimizer
 from memlayers.models.accounting import account

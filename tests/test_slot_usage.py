@@ -92,6 +92,5 @@ def test_steps_kept_as_histograms_or_as_slots_count_alike(monkeypatch):
 
 
 def test_out_of_range_slots_are_refused():
-    usage = SlotUsage(3)
     with pytest.raises(ValueError, match="window"):
         SlotUsage(3, window=0)

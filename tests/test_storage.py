@@ -2,6 +2,7 @@
 
 import yaml
 from conftest import REPO_ROOT
+
 from memlayers.config_schema import ConfigError
 from memlayers.platform.cluster import storage
 from memlayers.platform.study.schema import StudyError
@@ -32,8 +33,10 @@ def test_local_storage_round_trip_and_publish(tmp_path):
     workdir = tmp_path / "wd"
     (workdir / "report").mkdir(parents=True)
     (workdir / "report" / "report.html").write_text("<html>")
-    assert storage.publish(workdir / "report" / "report.html", workdir, str(workdir)) == workdir / "report" / "report.html"
-    assert storage.publish(workdir / "report" / "report.html", workdir, root) == storage.join(root, "report", "report.html")
+    assert (storage.publish(workdir / "report" / "report.html", workdir, str(workdir))
+            == workdir / "report" / "report.html")
+    assert (storage.publish(workdir / "report" / "report.html", workdir, root)
+            == storage.join(root, "report", "report.html"))
     assert storage.list_files(root) == ["laws/laws.json", "report/report.html"]
     assert storage.download(storage.join(root, "report", "report.html"), tmp_path / "copy.html")
     assert (tmp_path / "copy.html").read_text() == "<html>"

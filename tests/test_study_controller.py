@@ -10,11 +10,12 @@ import psutil
 import pytest
 import yaml
 from conftest import REPO_ROOT
+
 from memlayers.platform.cli.main import main
 from memlayers.platform.study.cells import expand
 from memlayers.platform.study.progress import cell_runs
-from memlayers.platform.tracking.client import search_runs
 from memlayers.platform.study.validate import load_study
+from memlayers.platform.tracking.client import search_runs
 
 SMOKE = REPO_ROOT / "studies" / "smoke.yaml"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT
+
 from memlayers.platform.study.cells import expand
 from memlayers.platform.study.progress import cell_runs
 from memlayers.platform.study.validate import load_study

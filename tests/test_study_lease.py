@@ -15,6 +15,7 @@ import time
 import pytest
 import yaml
 from conftest import REPO_ROOT
+
 from memlayers.platform.study.lease import Holder, Lease, StudyLocked, file_lock
 from memlayers.platform.tracking import client as tracking
 from memlayers.platform.tracking.conventions import run_tags, sqlite_uri
@@ -73,8 +74,8 @@ def test_a_live_holder_is_refused_by_name_and_a_killed_ones_lock_and_lease_are_t
 def test_a_second_study_run_exits_2_naming_the_holder_and_the_first_finishes(tmp_path, ray_local):
     from memlayers.platform.study.controller import run_study
     from memlayers.platform.study.progress import cell_runs
-    from memlayers.platform.tracking.client import search_runs
     from memlayers.platform.study.validate import load_study
+    from memlayers.platform.tracking.client import search_runs
 
     data = yaml.safe_load((REPO_ROOT / "studies" / "smoke.yaml").read_text())
     data.update(name="twice", workdir=str(tmp_path / "wd"), fit={"enabled": False})

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO_ROOT
+
 from memlayers.platform.cli.main import main
 from memlayers.platform.study.cells import expand
 from memlayers.platform.study.record import LAWS_FILE, RecordError, StudyRecord, fit_and_record
-from memlayers.platform.tracking.study_ref import StudyRef
 from memlayers.platform.study.validate import load_study
 from memlayers.platform.tracking import client as tracking
+from memlayers.platform.tracking.study_ref import StudyRef
 
 SMOKE = REPO_ROOT / "studies" / "smoke.yaml"
 CLAIM = {"id": "memory_beats_dense", "claim": "Memory+ reaches a lower validation loss than dense",
@@ -120,6 +121,8 @@ def test_a_failed_fit_prints_no_verdict_and_a_truncated_laws_file_is_one_line(re
 def test_checkpoints_in_a_bucket_resolve_load_and_are_all_evaluated(recorded, tmp_path, monkeypatch):
     """Study cells whose checkpoint tag is an s3:// URI (moto on 127.0.0.1): every finished cell is a
     target whose checkpoint downloads and loads."""
+    from two_nodes import BUCKET, Cluster, can_build, start_moto
+
     from memlayers.platform.cluster import storage
     from memlayers.platform.data.prepare import prepare_data
     from memlayers.platform.eval.loading import load_trained
@@ -127,7 +130,6 @@ def test_checkpoints_in_a_bucket_resolve_load_and_are_all_evaluated(recorded, tm
     from memlayers.platform.eval.targets import study_targets
     from memlayers.platform.train.loop import RunLoop
     from memlayers.platform.train.run_config import run_config_from_dict
-    from two_nodes import BUCKET, Cluster, can_build, start_moto
 
     if "moto_server" in (can_build() or ""):
         pytest.skip(can_build())

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO_ROOT
 
 from memlayers.models.config import FAMILIES
-from conftest import REPO_ROOT
 from memlayers.platform.cli.main import main
 from memlayers.platform.study.cells import expand
 from memlayers.platform.study.schema import StudyError
@@ -49,9 +49,11 @@ DELETE = object()
 
 # (case id, study mapping, the field the one error line must name)
 MALFORMED = [
-    ("unknown-family", mutate("grid.families", ["dense", "memory_plus", "mem+"]), "grid.families[2]: unknown family 'mem+'"),
+    ("unknown-family", mutate("grid.families", ["dense", "memory_plus", "mem+"]),
+     "grid.families[2]: unknown family 'mem+'"),
     ("memory-not-square", mutate("grid.memory_sizes", [1000]), "grid.memory_sizes[0]: unknown memory size 1000"),
-    ("memory-unknown-name", mutate("grid.memory_sizes", ["4k", "3k"]), "grid.memory_sizes[1]: unknown memory size '3k'"),
+    ("memory-unknown-name", mutate("grid.memory_sizes", ["4k", "3k"]),
+     "grid.memory_sizes[1]: unknown memory size '3k'"),
     ("unknown-top-key", mutate("epochs", 3), "epochs: unknown key"),
     ("unknown-grid-key", mutate("grid.sizes", ["4k"]), "grid.sizes: unknown key"),
     ("unknown-facts-key", mutate("data.facts.persons", 10), "data.facts.persons: unknown key"),
@@ -62,7 +64,8 @@ MALFORMED = [
     ("batch-size-type", mutate("train.batch_size", "big"), "train.batch_size: expected an integer"),
     ("negative-budget", mutate("budget", {"tokens": -5}), "budget.tokens: must be > 0"),
     ("two-budgets", mutate("budget", {"tokens": 1000, "flops": 1e9}), "budget: give exactly one of"),
-    ("memory-parallel", mutate("resources", {"workers": 2, "memory_parallel": 3}), "resources.memory_parallel: must divide"),
+    ("memory-parallel", mutate("resources", {"workers": 2, "memory_parallel": 3}),
+     "resources.memory_parallel: must divide"),
     ("memory-parallel-dense", mutate("resources", {"workers": 2, "memory_parallel": 2}),
      "resources.memory_parallel: 2 needs a family with column-sharded tables"),
     ("unknown-base", mutate("grid.bases", ["nano", "huge"]), "grid.bases[1]: unknown base 'huge'"),
@@ -74,7 +77,8 @@ MALFORMED = [
     ("lr-twice", mutate("lr", 1e-3, mutate("train.lr", 1e-3)), "train.lr: the learning rate is given twice"),
     ("override-unknown-family", mutate("grid.overrides", {"moe": {"experts": [4]}}),
      "grid.overrides.moe: family 'moe' is not in grid.families"),
-    ("memory-heads-zero", mutate("grid.memory", {"heads": 0}), "grid.memory.heads: must be >= 1, got 0 (memory_plus on nano)"),
+    ("memory-heads-zero", mutate("grid.memory", {"heads": 0}),
+     "grid.memory.heads: must be >= 1, got 0 (memory_plus on nano)"),
     ("unknown-law", mutate("fit", {"laws": ["chinchila"]}), "fit.laws[0]: unknown law 'chinchila'"),
     ("missing-name", mutate("name", DELETE), "name: a study needs a name"),
     ("budget-buys-no-step", mutate("budget", {"flops": 10.0}), "budget.flops: 10 FLOPs buy no step"),
@@ -176,7 +180,8 @@ def test_cli_subprocess_exit_code_and_no_ray_files(tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
-    proc = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "study", "run", str(path)], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "study", "run", str(path)],
+                          cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"{path}: grid.families[2]: unknown family 'mem+' "
@@ -222,7 +227,8 @@ def test_flop_budget_makes_cells_flop_matched():
 def test_per_family_overrides_and_iso_flop_sweep():
     data = mutate("grid", {"bases": ["nano", "micro", "tiny"], "families": ["dense", "memory_plus", "moe"],
                            "memory_sizes": ["4k"], "experts": [4, 8],
-                           "overrides": {"memory_plus": {"bases": ["micro"], "memory_sizes": ["4k", "16k", 4096 * 4 * 4]},
+                           "overrides": {"memory_plus": {"bases": ["micro"],
+                                                         "memory_sizes": ["4k", "16k", 4096 * 4 * 4]},
                                          "moe": {"bases": ["nano"], "experts": [4]}}})
     study = study_from_dict(mutate("budget", {"iso_flops": [1e10, 3e10]}, data))
     cells = expand(study, vocab_size=300)

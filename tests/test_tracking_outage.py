@@ -10,12 +10,13 @@ import threading
 import time
 
 import pytest
+from mlflow.exceptions import MlflowException
+from test_train_in_trial import one_worker_config
+
 from memlayers.platform.cluster.ports import free_port
 from memlayers.platform.tracking.client import MetricBuffer, client_for, create_run, ensure_experiment
 from memlayers.platform.tracking.retry import TrackingUnavailable, transient, wait_for_tracking, with_retry
 from memlayers.platform.train.in_trial import run_in_trial
-from mlflow.exceptions import MlflowException
-from test_train_in_trial import one_worker_config
 
 OUTAGE_S = 60
 

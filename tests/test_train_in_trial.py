@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from conftest import REPO_ROOT
+
 from memlayers.platform.tracking.client import client_for, create_run, ensure_experiment, set_tags
 from memlayers.platform.tracking.conventions import ATTEMPT_TAG, ATTEMPTS_TAG
 from memlayers.platform.train import loop as loop_module

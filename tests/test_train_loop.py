@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+
 from memlayers.platform.data.prepare import prepare_data
 from memlayers.platform.train.checkpoint import load_state, save_state
 from memlayers.platform.train.loop import RunLoop, plan_run
@@ -57,7 +58,8 @@ def test_every_family_learns_and_reports_its_metrics(data, family):
     assert last["val_loss"] < first["val_loss"] - 0.5
     assert {"qa_exact_match", "qa_answer_nll"} <= set(last)
     assert 0 < last["qa_answer_nll"] < 50 and 0 <= last["qa_exact_match"] <= 1
-    assert metrics[-1]["train_flops"] == pytest.approx(30 * loop.plan.tokens_per_step * loop.plan.accounting.train_flops_per_token)
+    assert metrics[-1]["train_flops"] == pytest.approx(30 * loop.plan.tokens_per_step
+                                                       * loop.plan.accounting.train_flops_per_token)
     if family in ("pkm", "memory_plus"):
         assert 0 < metrics[-1]["slot_fraction_read"] <= 1 and "slot_gini" in metrics[-1]
     if family == "moe":

@@ -33,7 +33,8 @@ def test_two_worker_memory_plus_run_is_tracked_in_mlflow(ray_local, tmp_path):
     loss = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in loss] == list(range(5, 61, 5))
     assert loss[-1].value < loss[0].value
-    for key in ("val_loss", "qa_exact_match", "qa_answer_nll", "tokens_per_s", "train_flops", "slot_fraction_read", "lr"):
+    for key in ("val_loss", "qa_exact_match", "qa_answer_nll", "tokens_per_s", "train_flops", "slot_fraction_read",
+                "lr"):
         assert key in run.data.metrics, key
 
 
@@ -62,7 +63,8 @@ def test_a_bad_run_config_names_the_field_and_starts_nothing(tmp_path):
         data = yaml.safe_load(TINY.read_text())
         mutate(data)
         path.write_text(yaml.safe_dump(data))
-        proc = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "train", str(path), "--workdir", str(tmp_path / "w")],
+        proc = subprocess.run([sys.executable, "-m", "memlayers.platform.cli.main", "train", str(path),
+                               "--workdir", str(tmp_path / "w")],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2
         assert field in proc.stderr, proc.stderr

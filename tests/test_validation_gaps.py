@@ -7,9 +7,9 @@ import time
 
 import pytest
 import yaml
+from test_study_schema import BASE
 
 from memlayers.platform.cli.main import main
-from test_study_schema import BASE
 
 
 def _bomb(levels: int = 9) -> str:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from memlayers.kernels import cpu_ops, value_optim
-from memlayers.kernels.value_optim import (LazyAdam, RowAdagrad, clip_value_grad_norm_,
-                                           make_value_optimizer)
+from memlayers.kernels.value_optim import LazyAdam, RowAdagrad, clip_value_grad_norm_, make_value_optimizer
 from memlayers.models.config import MemoryConfig
 from memlayers.models.memory import MemoryLayer
 
@@ -185,7 +184,8 @@ def test_row_adagrad_and_clipping_work_in_every_table_dtype(dtype, tol):
     norm = clip_value_grad_norm_([p], max_norm=1e6)   # norm 5: nothing clipped
     assert abs(float(norm) - 5.0) <= tol * 5
     opt.step()   # G[1] = (9 + 16) / 2 = 12.5;  p[1] = -0.5 * [3, 4] / sqrt(12.5)
-    assert p.dtype == dtype and opt.state[p]["sum"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert p.dtype == dtype
+    assert opt.state[p]["sum"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     expected = -0.5 * torch.tensor([3.0, 4.0], dtype=torch.float64) / 12.5 ** 0.5
     assert (p[1].detach().double() - expected).abs().max() <= tol
     dense = torch.zeros(3, 2, dtype=dtype, requires_grad=True)

@@ -4,6 +4,7 @@
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from memlayers.kernels.value_optim import allreduce_value_grads_
 from memlayers.platform.cluster.ports import free_port
 

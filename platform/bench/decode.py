@@ -39,6 +39,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def measure(family: str, batch: int, args: argparse.Namespace) -> dict:
     # deferred: a bench target imports what it measures only when it runs
     import torch
+
     from memlayers.models.accounting import account
     from memlayers.models.generate import generate
     from memlayers.models.transformer import Transformer

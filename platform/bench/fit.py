@@ -85,6 +85,7 @@ def _loop(problem, starts, analytic: bool):
 def run(args: argparse.Namespace) -> int:
     # deferred: a bench target imports what it measures only when it runs
     import numpy as np
+
     from memlayers.platform.laws.chinchilla import (
         fit_chinchilla,
         grid_starts,

@@ -44,6 +44,7 @@ def _tiny(family: str, vocab: int = 512):
 def check_kernels() -> dict:
     # deferred: a bench target imports what it measures only when it runs
     import torch
+
     from memlayers.kernels.lookup import embedding_bag
 
     out = {}
@@ -81,6 +82,7 @@ def peak_bandwidth() -> float | None:
 def check_bandwidth() -> dict:
     # deferred: a bench target imports what it measures only when it runs
     import torch
+
     from memlayers.kernels import bag_triton
     from memlayers.platform.bench.kernels import time_cuda
 
@@ -98,6 +100,7 @@ def check_bandwidth() -> dict:
 def _losses(family: str, bf16: bool, steps: int) -> list[float]:
     # deferred: a bench target imports what it measures only when it runs
     import torch
+
     from memlayers.models.transformer import Transformer
 
     torch.manual_seed(0)
@@ -130,6 +133,7 @@ def parallel_worker(rank: int, world: int, steps: int) -> dict:
     """FSDP2 (dense) x memory parallelism (values) on `world` GPUs, NCCL; the sharded lookup vs the full one."""
     # deferred: a bench target imports what it measures only when it runs
     import torch
+
     from memlayers.kernels.lookup import embedding_bag
     from memlayers.kernels.sharded_values import ShardedValueTable
     from memlayers.models.transformer import Transformer
@@ -168,6 +172,7 @@ def parallel_worker(rank: int, world: int, steps: int) -> dict:
 def check_parallel(steps: int) -> dict:
     # deferred: a bench target imports what it measures only when it runs
     import torch
+
     from memlayers.platform.cluster.local_launch import run_local
 
     world = torch.cuda.device_count()
@@ -180,6 +185,7 @@ def check_parallel(steps: int) -> dict:
 def check_decode() -> dict:
     # deferred: a bench target imports what it measures only when it runs
     import torch
+
     from memlayers.models.generate import generate
     from memlayers.models.transformer import Transformer
 

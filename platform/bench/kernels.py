@@ -64,6 +64,7 @@ def _compile_only() -> int:
 def _interpreter_check() -> int:
     # deferred: a bench target imports what it measures only when it runs
     import torch
+
     from memlayers.kernels import bag_triton
     from memlayers.kernels.check import (
         backend_errors,
@@ -88,6 +89,7 @@ def _gpu_bandwidth(args: argparse.Namespace) -> int:
     # deferred: a bench target imports what it measures only when it runs
     import torch
     import torch.nn.functional as F
+
     from memlayers.kernels import bag_triton
     from memlayers.kernels.segments import segments_of
 
@@ -114,7 +116,8 @@ def _gpu_bandwidth(args: argparse.Namespace) -> int:
 
     cases = {
         "forward  triton": (lambda: bag_triton.forward(values_NV, slots_TK, weights_TK), rows_bytes + t * v * item),
-        "forward  F.embedding_bag": (lambda: F.embedding_bag(slots_TK, values_NV, per_sample_weights=weights_TK.to(dtype),
+        "forward  F.embedding_bag": (lambda: F.embedding_bag(slots_TK, values_NV,
+                                                             per_sample_weights=weights_TK.to(dtype),
                                                              mode="sum"), rows_bytes + t * v * item),
         # backward: grad rows written (<= T*K rows) + rows read for the weight gradient
         "backward triton": (ours_backward, 2 * rows_bytes),

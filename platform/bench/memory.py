@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"memory layer dim {DIM}, {HEADS} heads, top-{TOPK}, key dim {KEY_DIM}; batch {BATCH}x{SEQ}; "
               f"{THREADS} threads; {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds; "
-              f"memlayers values: {args.optimizer}; allocator: {'default' if args.default_allocator else 'tuned'} (both impls)")
+              f"memlayers values: {args.optimizer}; "
+              f"allocator: {'default' if args.default_allocator else 'tuned'} (both impls)")
         for size in sizes:
             if not args.skip_peer and size > args.peer_max_slots:
                 print(f"lucidrains at {size} slots: skipped, above --peer-max-slots {args.peer_max_slots} (its dense "
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     for r in range(args.rounds):
         rounds.append([_run_child(impl, size, args) for impl, size in (plan if r % 2 == 0 else plan[::-1])])
         if not args.json:
-            done = [f"{row['impl']} {row['slots']} " + ("failed" if row["step_ms"] is None else f"{row['step_ms']:.1f} ms")
+            done = [f"{row['impl']} {row['slots']} "
+                    + ("failed" if row["step_ms"] is None else f"{row['step_ms']:.1f} ms")
                     for row in rounds[-1]]
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(done), flush=True)
     rows = [_pooled([row for one in rounds for row in one if (row["impl"], row["slots"]) == key]) for key in plan]
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'impl':<16} {'slots':>9} {'ms/step (IQR)':>18} {'CPU ms/step (IQR)':>18} {'peak RSS GB':>12}")
         for row in rows:
             shown = ("failed" if row["step_ms"] is None else
-                     f"{row['step_ms']:9.1f} ({row['step_ms_iqr']:6.1f}) {row['cpu_ms']:9.1f} ({row['cpu_ms_iqr']:6.1f}) "
+                     f"{row['step_ms']:9.1f} ({row['step_ms_iqr']:6.1f}) "
+                     f"{row['cpu_ms']:9.1f} ({row['cpu_ms_iqr']:6.1f}) "
                      f"{row['peak_rss_gb']:12.2f}")
             print(f"{row['impl']:<16} {row['slots']:>9} {shown}")
         for line in _ratios(rounds, sizes):
@@ -130,7 +133,6 @@ def _run_child(impl: str, slots: int, args: argparse.Namespace) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--optimizer", args.optimizer]
     # deferred: a bench target imports what it measures only when it runs
     from memlayers.kernels.allocator import HUGE_PAGES_ENV
-
     from memlayers.kernels.cpu_ops import ENV
 
     env = dict(os.environ) if args.default_allocator else dict(os.environ, **HUGE_PAGES_ENV)
@@ -153,7 +155,8 @@ def _ratios(rounds: list[list[dict]], sizes: list[int]) -> list[str]:
     by = [{(r["impl"], r["slots"]): r for r in one if r["step_ms"] is not None} for one in rounds]
 
     def ratio(a: tuple[str, int], b: tuple[str, int], key: str = "step_ms") -> str | None:
-        values = [rnd[a][key] / rnd[b][key] for rnd in by if a in rnd and b in rnd and rnd[a].get(key) and rnd[b].get(key)]
+        values = [rnd[a][key] / rnd[b][key] for rnd in by
+                  if a in rnd and b in rnd and rnd[a].get(key) and rnd[b].get(key)]
         if not values:
             return None
         spread = f" [{min(values):.2f}, {max(values):.2f}]" if len(values) > 1 else ""
@@ -169,19 +172,22 @@ def _ratios(rounds: list[list[dict]], sizes: list[int]) -> list[str]:
         time = ratio(("memlayers", hi), ("memlayers", lo))
         if time and hi != lo:
             out.append(f"ours {hi} / ours {lo} slots: time {time} (target <= 2.0), "
-                       f"RSS {ratio(('memlayers', hi), ('memlayers', lo), 'peak_rss_gb')}{cpu(('memlayers', hi), ('memlayers', lo))}")
+                       f"RSS {ratio(('memlayers', hi), ('memlayers', lo), 'peak_rss_gb')}"
+                       f"{cpu(('memlayers', hi), ('memlayers', lo))}")
     both = [size for size in sizes if any(("memlayers", size) in rnd and ("lucidrains", size) in rnd for rnd in by)]
     if both:
         hi = max(both)
         if hi != lo and ratio(("lucidrains", hi), ("lucidrains", lo)):
             out.append(f"lucidrains {hi} / lucidrains {lo} slots: time {ratio(('lucidrains', hi), ('lucidrains', lo))}")
-        out.append(f"lucidrains / ours at {hi} slots: time {ratio(('lucidrains', hi), ('memlayers', hi))} (target >= 10), "
+        out.append(f"lucidrains / ours at {hi} slots: time {ratio(('lucidrains', hi), ('memlayers', hi))} "
+                   "(target >= 10), "
                    f"RSS {ratio(('lucidrains', hi), ('memlayers', hi), 'peak_rss_gb')} (target >= 2)"
                    f"{cpu(('lucidrains', hi), ('memlayers', hi))}")
     for size in sizes:
         time = ratio((OURS["torch"], size), ("memlayers", size))
         if time:
-            out.append(f"ours at {size} slots, torch path / C++ CPU ops: time {time}{cpu((OURS['torch'], size), ('memlayers', size))}")
+            out.append(f"ours at {size} slots, torch path / C++ CPU ops: time {time}"
+                       f"{cpu((OURS['torch'], size), ('memlayers', size))}")
     out.append("ratios: the median over the rounds of each round's ratio of medians [lowest, highest]")
     return out
 
@@ -218,6 +224,7 @@ def measure(impl: str, slots: int, steps: int, warmup: int, optimizer: str, tune
     import resource
 
     import torch
+
     from memlayers.platform.bench.timing import StepTimes
 
     if tuned_allocator:

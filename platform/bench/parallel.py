@@ -52,6 +52,7 @@ def _worker(rank: int, world: int, args: dict) -> dict:
     # deferred: a bench target imports what it measures only when it runs
     import torch
     import torch.nn.functional as F
+
     from memlayers.models.transformer import Transformer
     from memlayers.platform.train.mesh import setup_parallel
     from memlayers.platform.train.optim import build_optimizers

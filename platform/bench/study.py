@@ -108,4 +108,5 @@ def _print(measured: list[dict]) -> None:
         for row in out["rows"]:
             print(f"  {row['cell']:<32} start-up {row['startup_s']:6.1f} s   training {row['step_s'] or 0:6.1f} s")
         print(f"  wall {out['wall_s']:.1f} s; in training steps {out['step_s']:.1f} s (summed over cells); "
-              f"start-up per cell {out['startup_s_per_cell']:.1f} s mean, {out['startup_s_max']:.1f} s max (target <= 5)")
+              f"start-up per cell {out['startup_s_per_cell']:.1f} s mean, "
+              f"{out['startup_s_max']:.1f} s max (target <= 5)")

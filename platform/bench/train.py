@@ -60,6 +60,7 @@ def measure(families: list[str], modes: list[str], args: argparse.Namespace, cac
     """Build every (family, cpu-ops mode) row, warm each up, then time the steps round-robin."""
     # deferred: a bench target imports what it measures only when it runs
     import torch
+
     from memlayers.kernels.cpu_ops import ENV
     from memlayers.platform.bench.timing import StepTimes
 
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"memlayers bench train: --families: unknown {unknown} (expected {', '.join(MODELS)})")
         return 2
     if not modes or any(m not in CPU_OPS for m in modes):
-        print(f"memlayers bench train: --cpu-ops: expected a comma-separated subset of {', '.join(CPU_OPS)}, got {args.cpu_ops!r}")
+        print(f"memlayers bench train: --cpu-ops: expected a comma-separated subset of {', '.join(CPU_OPS)}, "
+              f"got {args.cpu_ops!r}")
         return 2
     with tempfile.TemporaryDirectory() as cache:
         rows = measure(families, modes, args, Path(cache))
@@ -117,6 +119,6 @@ def run(args: argparse.Namespace) -> int:
               f"{r['tokens_per_s']:>9,.0f} {ratio:>8}")
     if dense:
         print("vs dense: ratio of the median step times (= tokens/s ratio at equal tokens per step); "
-              f"on CPU time: " + ", ".join(f"{r['family']}/{r['cpu_ops']} {dense['cpu_ms'] / r['cpu_ms']:.2f}x"
+              "on CPU time: " + ", ".join(f"{r['family']}/{r['cpu_ops']} {dense['cpu_ms'] / r['cpu_ms']:.2f}x"
                                            for r in rows if r is not dense))
     return 0

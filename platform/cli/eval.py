@@ -22,8 +22,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="a checkpoint folder, an MLflow run id, or a study file or name")
     parser.add_argument("--tasks", required=True, help="comma-separated: nq_open,triviaqa,facts_qa,hellaswag,...")
     parser.add_argument("--data-dir", help="holds nq_open/validation.jsonl and triviaqa/validation.jsonl")
-    parser.add_argument("--limit", type=int, help="score only N items per task (facts_qa: the N the training loop scores)")
-    parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's, 0 for ours)")
+    parser.add_argument("--limit", type=int,
+                        help="score only N items per task (facts_qa: the N the training loop scores)")
+    parser.add_argument("--num-fewshot", type=int,
+                        help="few-shot examples per prompt (default: the task's, 0 for ours)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's, or $MLFLOW_TRACKING_URI)")
     parser.add_argument("--no-log", action="store_true", help="print the scores without logging them to MLflow")

@@ -87,6 +87,7 @@ def _require(args: argparse.Namespace, *names: str) -> None:
 def _read_points(args: argparse.Namespace) -> tuple[dict, dict, "np.ndarray", dict]:
     """(inputs by law input name, columns used, observed, provenance) after dropping rows."""
     import numpy as np
+
     from memlayers.platform.laws import checks
     from memlayers.platform.laws.io import file_provenance, read_columns
 

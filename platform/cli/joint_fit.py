@@ -19,6 +19,7 @@ JOINT_FILE = "joint.json"
 
 def _csv_points(args: argparse.Namespace) -> tuple[dict, dict]:
     import numpy as np
+
     from memlayers.platform.laws import checks
     from memlayers.platform.laws.io import file_provenance, read_columns
 

@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dashboard": ("memlayers.platform.cli.dashboard", "serve the MLflow UI over a study's store"),
     "eval": ("memlayers.platform.cli.eval", "downstream tasks (nq_open, triviaqa, facts_qa, lm_eval's) on checkpoints"),
     "bench": ("memlayers.platform.cli.bench", "benchmarks that print numbers"),
-    "export": ("memlayers.platform.cli.export", "a checkpoint or run as config.json, safetensors, tokenizer, model card"),
+    "export": ("memlayers.platform.cli.export",
+               "a checkpoint or run as config.json, safetensors, tokenizer, model card"),
 }
 
 

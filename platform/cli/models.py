@@ -12,7 +12,8 @@ from memlayers.models.presets import BASES, PAPER_BASES, PAPER_MEMORY_SIZES, bui
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument("--bases", default=",".join(PAPER_BASES), help=f"comma-separated bases (known: {', '.join(BASES)})")
+    parser.add_argument("--bases", default=",".join(PAPER_BASES),
+                        help=f"comma-separated bases (known: {', '.join(BASES)})")
     parser.add_argument("--memory-sizes", default=",".join(PAPER_MEMORY_SIZES), help="comma-separated memory sizes")
     parser.add_argument("--experts", type=int, default=8, help="experts of the moe rows")
     parser.set_defaults(func=run)

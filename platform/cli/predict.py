@@ -48,6 +48,7 @@ def law_entry(law: dict, form: str | None) -> tuple[str, dict]:
 
 def prediction(law: dict, n: float, m: float, d: float, form: str | None = None) -> dict:
     import numpy as np
+
     from memlayers.platform.laws.bootstrap import percentile_interval
     from memlayers.platform.laws.joint import predict, replicate_params
     from memlayers.platform.laws.joint_forms import DENSE

@@ -71,7 +71,8 @@ WAIT_TIMEOUT_S = 7 * 24 * 3600.0  # `submit --wait` follows a job at most a week
 
 
 def _add_cluster_settings(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage", help="where checkpoints, laws, report and the study's copy go: s3://bucket/prefix, "
+    parser.add_argument("--storage", help="where checkpoints, laws, report and the study's copy go: "
+                                          "s3://bucket/prefix, "
                                           "gs://..., or a path every node shares (overrides the study's storage)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://HOST:5000 (overrides tracking.uri)")
 
@@ -177,7 +178,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def _memory_per_gpu(study, cells: list, file: str) -> list[str] | None:
-    """Each cell's per-GPU memory plan ("ddp 12.3+9.1 GB": held + activations estimate), or None after printing the cells whose GPU plan
+    """Each cell's per-GPU memory plan ("ddp 12.3+9.1 GB": held + activations estimate), or None after
+    printing the cells whose GPU plan
     does not fit `resources.gpu_memory_gb`, naming `resources`."""
     from memlayers.platform.data.vocab import vocab_size_of
     from memlayers.platform.train.memory_plan import GB, cell_memory_plan
@@ -231,8 +233,7 @@ def run_submit(args: argparse.Namespace) -> int:
     import os
 
     from memlayers.platform.cluster.secrets import ShipRefused, shipped_env, uri_credentials_problem
-    from memlayers.platform.study.submit import (FollowStopped, follow_job, job_exit_code, last_error_line,
-                                                 submit_study)
+    from memlayers.platform.study.submit import FollowStopped, follow_job, job_exit_code, last_error_line, submit_study
 
     try:
         problem = uri_credentials_problem(args.address)

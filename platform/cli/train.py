@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ("loss", "val_loss", "qa_exact_match", "qa_answer_nll", "train_flops"):
         if key in result.metrics:
             print(f"  {key} = {result.metrics[key]:.6g}")
-    print(f"  MLflow: {cfg.tracking.uri or f'sqlite:///{workdir}/mlflow.db'} (experiment {cfg.tracking.experiment or cfg.name})")
+    print(f"  MLflow: {cfg.tracking.uri or f'sqlite:///{workdir}/mlflow.db'} "
+          f"(experiment {cfg.tracking.experiment or cfg.name})")
     if result.error:
         print(f"  error: {result.error}", file=sys.stderr)
     return 0 if result.status == "FINISHED" else 1

@@ -46,7 +46,8 @@ def uri_problem(uri: object) -> Optional[str]:
         return f"expected a URI (s3://bucket/prefix, gs://bucket/prefix) or a path, got {uri!r}"
     kind = scheme(uri)
     if kind is not None and kind not in SCHEMES:
-        return f"unknown scheme {kind}:// in {uri!r} (expected one of {', '.join(s + '://' for s in SCHEMES)} or a path)"
+        return (f"unknown scheme {kind}:// in {uri!r} "
+                f"(expected one of {', '.join(s + '://' for s in SCHEMES)} or a path)")
     if kind in ("s3", "gs", "gcs") and not uri[len(kind) + 3:].strip("/"):
         return f"{uri!r} names no bucket (expected {kind}://bucket/prefix)"
     return None

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from memlayers.config_schema import ConfigError
 from memlayers.platform.cluster.storage import local_path
 from memlayers.platform.tracking.conventions import sqlite_path
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 TRACKING_HINT = ("use an MLflow tracking server every node reaches (tracking.uri: http://HOST:5000, started with "
                  "`mlflow server --host 0.0.0.0 --artifacts-destination s3://BUCKET/mlartifacts`)")

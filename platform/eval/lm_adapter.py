@@ -23,10 +23,11 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from torch import nn
+
 from memlayers.models.generate import generate
 from memlayers.models.pretrained import load_pretrained, read_export_config
 from memlayers.platform.data.tokenizers import Tokenizer, load_tokenizer
-from torch import nn
 
 DEFAULT_MAX_GEN_TOKS = 32
 
@@ -119,7 +120,8 @@ class MemlayersLM(LM):
             text = self.tokenizer.decode(new)
             return any(s in text for s in until)
 
-        new_ids = generate(self.model, prompts, max_new, temperature=float(options.get("temperature", 1.0)) if sample else 0.0,
+        new_ids = generate(self.model, prompts, max_new,
+                           temperature=float(options.get("temperature", 1.0)) if sample else 0.0,
                            seed=self.seed, stop_ids=[self.tokenizer.eos_id], stop=stop if until else None,
                            pad_id=self.tokenizer.pad_id, use_cache=self.use_cache)
         return [cut_at_stop(self.tokenizer.decode(ids), until) for ids in new_ids]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from memlayers.config_schema import ConfigError
 from memlayers.models.transformer import Transformer
 from memlayers.platform.data import facts as facts_mod

@@ -17,11 +17,19 @@ from typing import Sequence
 
 import lm_eval
 from lm_eval.tasks import TaskManager
+
 from memlayers.platform.data.qa import select_items
 from memlayers.platform.eval.lm_adapter import MemlayersLM
 from memlayers.platform.eval.loading import TrainedModel
-from memlayers.platform.eval.tasks import (OWN_TASKS, EvalInputError, HarnessTask, check_data_file, data_file,
-                                           facts_task, factual_tasks)
+from memlayers.platform.eval.tasks import (
+    OWN_TASKS,
+    EvalInputError,
+    HarnessTask,
+    check_data_file,
+    data_file,
+    facts_task,
+    factual_tasks,
+)
 
 logging.getLogger("lm_eval").setLevel(logging.WARNING)
 SKIPPED_RESULT_KEYS = ("alias", "name", "sample_len", " ")
@@ -50,14 +58,16 @@ def check_tasks(names: Sequence[str], data_dir: str | Path | None, manager: Task
             check_data_file(name, data_file(name, data_dir))
         elif name != "facts_qa":
             if name not in manager.all_tasks:
-                raise EvalInputError(f"unknown task {name} (ours: {', '.join(OWN_TASKS)}; or an installed lm_eval task, "
+                raise EvalInputError(f"unknown task {name} (ours: {', '.join(OWN_TASKS)}; "
+                                     "or an installed lm_eval task, "
                                      "e.g. hellaswag, piqa, mmlu)")
             try:
                 manager.load([name])
             except Exception as error:  # datasets: ConnectionError / DatasetNotFoundError / OSError offline
                 reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
                 raise EvalInputError(f"task {name}: its data is not reachable ({reason}); offline, only tasks read "
-                                     f"from --data-dir ({', '.join(DATA_TASKS)}) or in the datasets cache run") from None
+                                     f"from --data-dir ({', '.join(DATA_TASKS)}) "
+                                     "or in the datasets cache run") from None
     return manager
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+
 from memlayers.platform.laws import checks
 from memlayers.platform.laws.bootstrap import intervals
 from memlayers.platform.laws.frontier import frontier_constants

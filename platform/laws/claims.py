@@ -21,6 +21,7 @@ from collections import defaultdict
 from typing import Any, Optional
 
 import numpy as np
+
 from memlayers.platform.laws.bootstrap import percentile_interval
 
 LOWER_IS_BETTER = ("val_loss", "qa_answer_nll", "loss", "forgetting")

@@ -15,11 +15,12 @@ reference law's uncertainty.
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+
 from memlayers.platform.laws import checks
 from memlayers.platform.laws.bootstrap import percentile_interval
 from memlayers.platform.laws.power import bootstrap_samples, fit_power_law
 from memlayers.platform.laws.result import LawFit
-from scipy.optimize import minimize_scalar
 
 LOG_K_BOUND = float(np.log(1e6))
 
@@ -62,16 +63,16 @@ def compare_family(ref_compute, ref_loss, compute, loss, *, labels: list[str] | 
                    bootstrap: int = 0, seed: int = 0, level: float = 0.95) -> dict:
     """Per-run multipliers and the fitted constant of `family` against `reference`."""
     c = checks.as_column(f"{family} compute", compute)
-    l = checks.as_column(f"{family} loss", loss)
-    if checks.same_length(compute=c, loss=l) == 0:
+    losses = checks.as_column(f"{family} loss", loss)
+    if checks.same_length(compute=c, loss=losses) == 0:
         raise ValueError(f"{family}: no runs with both compute and loss")
     ref_fit = ref_fit or fit_power_law(ref_compute, ref_loss, law="compute")
     ref = ref_fit.params
-    per_run = multipliers(ref, c, l)
-    log_k, at_bound = fit_constant(ref, c, l)
+    per_run = multipliers(ref, c, losses)
+    log_k, at_bound = fit_constant(ref, c, losses)
     labels = labels or [str(i) for i in range(len(c))]
     runs = [{"label": lab, "compute": float(ci), "loss": float(li), "multiplier": _finite_or_none(m),
-             "unbounded": bool(not np.isfinite(m))} for lab, ci, li, m in zip(labels, c, l, per_run)]
+             "unbounded": bool(not np.isfinite(m))} for lab, ci, li, m in zip(labels, c, losses, per_run)]
     out = {"reference": reference, "family": family, "reference_law": dict(ref), "k": float(np.exp(log_k)),
            "log10_k": log_k / np.log(10.0), "at_bound": at_bound, "n_runs": len(c), "runs": runs}
     if bootstrap > 0:
@@ -82,8 +83,8 @@ def compare_family(ref_compute, ref_loss, compute, loss, *, labels: list[str] | 
         for b in range(bootstrap):
             ref_b = {name: float(v[b]) for name, v in ref_samples.items()}
             idx = rng.integers(0, len(c), len(c))
-            k_B[b] = np.exp(fit_constant(ref_b, c[idx], l[idx])[0])
-            per_run_BR[b] = multipliers(ref_b, c, l) if ref_b["alpha"] > 0 else np.inf
+            k_B[b] = np.exp(fit_constant(ref_b, c[idx], losses[idx])[0])
+            per_run_BR[b] = multipliers(ref_b, c, losses) if ref_b["alpha"] > 0 else np.inf
         out["k_interval"] = percentile_interval(k_B, level)
         for r, run in enumerate(runs):
             run["interval"] = percentile_interval(per_run_BR[:, r], level)

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from memlayers.platform.laws.result import LawFit
 
 CHINCHILLA_ENV = "MEMLAYERS_CHINCHILLA_CSV"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from memlayers.platform.laws import checks
 from memlayers.platform.laws.bootstrap import intervals
 from memlayers.platform.laws.chinchilla import fit_chinchilla, grid_starts

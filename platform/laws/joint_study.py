@@ -11,6 +11,7 @@ cell's base model (the `base` tag) labels its points for leave-one-base-out.
 from __future__ import annotations
 
 import numpy as np
+
 from memlayers.platform.laws.joint import fit_joint, fit_moe
 
 

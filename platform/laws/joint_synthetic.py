@@ -9,6 +9,7 @@ mean is the fit's m_ref, so the true memory parameters are those of the fitted l
 from __future__ import annotations
 
 import numpy as np
+
 from memlayers.platform.laws.joint_forms import form
 
 MODEL_SIZES = np.geomspace(2e7, 1e9, 5)

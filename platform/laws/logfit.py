@@ -22,9 +22,10 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import minimize
+
 from memlayers.platform.laws.bootstrap import resample_counts
 from memlayers.platform.laws.lbfgs import minimize_batch
-from scipy.optimize import minimize
 
 
 def one_blas_thread(fit):

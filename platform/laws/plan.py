@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+
 from memlayers.platform.laws.bootstrap import percentile_interval
 from memlayers.platform.laws.frontier import frontier_constants
 from memlayers.platform.laws.joint import predict as joint_predict

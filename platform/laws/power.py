@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+
 from memlayers.platform.laws import checks
 from memlayers.platform.laws.bootstrap import intervals
 from memlayers.platform.laws.logfit import PowerSumProblem, bootstrap_theta, fit_starts

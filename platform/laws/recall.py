@@ -20,12 +20,13 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from scipy.optimize import least_squares
+from scipy.special import expit
+
 from memlayers.platform.laws import checks
 from memlayers.platform.laws.bootstrap import intervals, resample_counts
 from memlayers.platform.laws.logfit import one_blas_thread
 from memlayers.platform.laws.result import LawFit
-from scipy.optimize import least_squares
-from scipy.special import expit
 
 PARAM_NAMES = ("floor", "ceiling", "slope", "log_m_mid")
 MAX_SLOPE = 20.0

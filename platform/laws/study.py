@@ -21,6 +21,7 @@ from collections import defaultdict
 from typing import Callable
 
 import numpy as np
+
 from memlayers.platform.laws.compare import compare_family
 from memlayers.platform.laws.power import fit_power_law
 from memlayers.platform.laws.recall import fit_recall
@@ -170,9 +171,9 @@ def fit_multipliers(rows: list[dict], reference: str, compute_laws: dict, skippe
     ref_c, ref_l, _ = _points([r for r in rows if str(r.get("family")) == reference])
     out = {}
     for family in sorted({str(r.get("family")) for r in rows} - {reference}):
-        c, l, labels = _points([r for r in rows if str(r.get("family")) == family])
+        c, losses, labels = _points([r for r in rows if str(r.get("family")) == family])
         out[family] = _attempt(f"multipliers {family} vs {reference}", skipped, compare_family,
-                               ref_c, ref_l, c, l, labels=labels, reference=reference, family=family,
+                               ref_c, ref_l, c, losses, labels=labels, reference=reference, family=family,
                                ref_fit=ref_fit, bootstrap=bootstrap, seed=seed)
     return out
 

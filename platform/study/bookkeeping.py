@@ -13,9 +13,16 @@ from memlayers.platform.study.record import StudyRecord
 from memlayers.platform.study.schema import Study
 from memlayers.platform.tracking import client as tracking
 from memlayers.platform.tracking.client import client_for, search_runs, with_retry
-from memlayers.platform.tracking.conventions import (CELLS_FILE, EXPERIMENT_KIND_TAG, FAILURE_TAG,
-                                                     MODEL_TRAINING_KIND, STORAGE_TAG, artifact_location,
-                                                     role_filter, run_tags)
+from memlayers.platform.tracking.conventions import (
+    CELLS_FILE,
+    EXPERIMENT_KIND_TAG,
+    FAILURE_TAG,
+    MODEL_TRAINING_KIND,
+    STORAGE_TAG,
+    artifact_location,
+    role_filter,
+    run_tags,
+)
 from memlayers.platform.tracking.runs import oldest
 
 

@@ -111,7 +111,8 @@ class Cell:
                                   run_id=run_id, tags=self.tags(role), system_metrics=system_metrics)
         cfg = RunConfig(name=name, model=self.model, data=self.data, train=train, resources=self.resources,
                         tracking=tracking, storage=storage, finetune=self.finetune,
-                        workdir=str(workdir / "cells" / f"{self.name}-{self.id}" if role == "cell" else workdir / role / name))
+                        workdir=str(workdir / "cells" / f"{self.name}-{self.id}" if role == "cell"
+                                    else workdir / role / name))
         train.validate("train")
         cfg.validate()
         return cfg
@@ -174,7 +175,8 @@ def _account(cell: Cell, vocab_size: int, seq_len: int) -> bool:
     if steps < 1:
         return False
     cell.steps, cell.tokens = steps, steps * per_step
-    cell.flops_per_token, cell.params, cell.active_params = acc.train_flops_per_token, acc.total_params, acc.active_params
+    cell.flops_per_token, cell.params, cell.active_params = (acc.train_flops_per_token, acc.total_params,
+                                                             acc.active_params)
     cell.train_flops = float(cell.tokens * acc.train_flops_per_token)
     return True
 

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import memlayers
 import ray
+
+import memlayers
 from memlayers.platform.cluster.reaper import reaper
 from memlayers.platform.cluster.session import ray_cluster, ray_env
 from memlayers.platform.cluster.visibility import shared_problems
@@ -44,13 +45,13 @@ from memlayers.platform.study.data_prep import prepare_study_data
 from memlayers.platform.study.lease import Holder, Lease, file_lock
 from memlayers.platform.study.progress import ProgressPrinter, cell_runs, cell_states, latest, summary_line
 from memlayers.platform.study.record import Fitted, StudyRecord, fit_and_record, print_claims
-from memlayers.platform.tracking.study_ref import StudyRef
 from memlayers.platform.study.schema import Study, StudyError
 from memlayers.platform.study.trials import run_jobs
 from memlayers.platform.study.tuning import tune_learning_rates
 from memlayers.platform.tracking import client as tracking
 from memlayers.platform.tracking.conventions import is_remote
 from memlayers.platform.tracking.retry import wait_for_tracking
+from memlayers.platform.tracking.study_ref import StudyRef
 
 # The report writer is handed in by the CLI (dashboards sit above platform): StudyRef -> path or None.
 ReportWriter = Callable[[StudyRef], Optional[Path]]

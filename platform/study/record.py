@@ -27,11 +27,11 @@ from memlayers.platform.cluster import storage
 from memlayers.platform.laws.claims import check_claims, claim_line
 from memlayers.platform.laws.io import dumps
 from memlayers.platform.laws.study import fit_study, rows_sha256
-from memlayers.platform.tracking.study_ref import StudyRef
 from memlayers.platform.study.schema import FitConfig, Study, StudyError
 from memlayers.platform.tracking.client import client_for
 from memlayers.platform.tracking.conventions import CELLS_FILE, store_exists
 from memlayers.platform.tracking.runs import load_study_rows, log_laws_artifact, parent_run_id
+from memlayers.platform.tracking.study_ref import StudyRef
 
 DEFINITION_FILE = "study.yaml"
 LAWS_FILE = "laws/laws.json"

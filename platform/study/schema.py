@@ -169,11 +169,13 @@ class ClaimConfig:
         if not self.id or not self.claim:
             raise ConfigError(path, "a claim needs an id and the sentence it claims")
         if self.metric not in CLAIM_METRICS:
-            raise ConfigError(f"{path}.metric", f"unknown metric {self.metric!r} (expected one of {', '.join(CLAIM_METRICS)})")
+            raise ConfigError(f"{path}.metric",
+                              f"unknown metric {self.metric!r} (expected one of {', '.join(CLAIM_METRICS)})")
         for part in ("subject", "reference"):
             for key in getattr(self, part):
                 if key not in SELECTOR_KEYS:
-                    raise ConfigError(f"{path}.{part}.{key}", f"unknown key (expected one of {', '.join(SELECTOR_KEYS)})")
+                    raise ConfigError(f"{path}.{part}.{key}",
+                                      f"unknown key (expected one of {', '.join(SELECTOR_KEYS)})")
         if not self.subject:
             raise ConfigError(f"{path}.subject", "name the cells the claim is about (e.g. family: memory_plus)")
         if self.kind == "pairwise" and not self.reference:
@@ -212,14 +214,16 @@ class EvalConfig:
 
     def validate(self, path: str = "eval") -> None:
         if not self.tasks:
-            raise ConfigError(f"{path}.tasks", "name at least one task (nq_open, triviaqa, facts_qa, or an lm_eval task)")
+            raise ConfigError(f"{path}.tasks",
+                              "name at least one task (nq_open, triviaqa, facts_qa, or an lm_eval task)")
         for i, task in enumerate(self.tasks):
             if not isinstance(task, str) or not task or "," in task:
                 raise ConfigError(f"{path}.tasks[{i}]", f"expected a task name, got {task!r}")
             if task in self.tasks[:i]:
                 raise ConfigError(f"{path}.tasks[{i}]", f"task {task} named twice")
             if task in ("nq_open", "triviaqa") and not self.data_dir:
-                raise ConfigError(f"{path}.data_dir", f"task {task} reads its questions from data_dir/{task}/validation.jsonl")
+                raise ConfigError(f"{path}.data_dir",
+                                  f"task {task} reads its questions from data_dir/{task}/validation.jsonl")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"{path}.limit", f"must be >= 1, got {self.limit}")
         if self.num_fewshot is not None and self.num_fewshot < 0:

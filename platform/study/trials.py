@@ -21,6 +21,7 @@ from pathlib import Path
 
 import ray
 import ray.tune
+
 from memlayers.platform.cluster.storage import join
 from memlayers.platform.tracking.client import search_runs
 from memlayers.platform.tracking.conventions import ATTEMPT_TAG, STARTED_TAG

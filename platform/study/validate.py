@@ -14,9 +14,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from memlayers.config_schema import ConfigError, from_dict, join, name_problem, read_yaml
-from memlayers.platform.cluster.storage import uri_problem
-from memlayers.models.config import FAMILIES, MEMORY_FAMILIES, MEMORY_PARALLEL_FAMILIES, MemoryConfig, ModelConfig, MoEConfig
+from memlayers.models.config import (
+    FAMILIES,
+    MEMORY_FAMILIES,
+    MEMORY_PARALLEL_FAMILIES,
+    MemoryConfig,
+    ModelConfig,
+    MoEConfig,
+)
 from memlayers.models.presets import BASES, MEMORY_SIZES
+from memlayers.platform.cluster.storage import uri_problem
 from memlayers.platform.data.config import TOKENIZERS, DataConfig
 from memlayers.platform.finetune.config import FinetuneConfig
 from memlayers.platform.study.cells import grid_points, model_spec, parse_memory_size
@@ -47,7 +54,8 @@ def load_study(path: str | Path) -> Study:
 def study_from_dict(data: Any, file: Path | None = None) -> Study:
     """Validate a mapping into a Study; raises StudyError listing every problem."""
     if not isinstance(data, dict):
-        raise StudyError([ConfigError("study", f"expected a mapping of {', '.join(TOP_KEYS)}, got {type(data).__name__}")])
+        raise StudyError([ConfigError("study", f"expected a mapping of {', '.join(TOP_KEYS)}, "
+                                               f"got {type(data).__name__}")])
     errors: list[ConfigError] = []
     for key in data:
         if key not in TOP_KEYS:
@@ -86,7 +94,8 @@ def study_from_dict(data: Any, file: Path | None = None) -> Study:
                   workdir=workdir, storage=storage, report=report, eval=eval_cfg, finetune=finetune, file=file)
     if grid is not None and data.get("finetune") is None:
         _check_grid(study, errors)
-    if grid is not None and fit is not None and data.get("finetune") is None:  # finetuning cells: known once sources resolve
+    # finetuning cells: known once sources resolve
+    if grid is not None and fit is not None and data.get("finetune") is None:
         _check_claims(study, errors)
     if not errors:
         _check_models(study, errors)
@@ -108,7 +117,8 @@ def _section(cls: type, data: Any, path: str, errors: list[ConfigError], fixed: 
         if key in known:
             clean[key] = value
         else:
-            errors.append(ConfigError(join(path, str(key)), f"unknown key (expected one of {', '.join(sorted(known))})"))
+            errors.append(ConfigError(join(path, str(key)),
+                                      f"unknown key (expected one of {', '.join(sorted(known))})"))
     before = len(errors)
     while True:
         try:
@@ -218,7 +228,10 @@ def _check_grid(study: Study, errors: list[ConfigError]) -> None:
         if family not in FAMILIES:
             continue
         fg, own = study.family_grid(family), grid.overrides.get(family, FamilyGrid())
-        where = (lambda key: f"grid.overrides.{family}.{key}" if getattr(own, key) is not None else f"grid.{key}")
+
+        def where(key: str, family: str = family, own: FamilyGrid = own) -> str:
+            return f"grid.overrides.{family}.{key}" if getattr(own, key) is not None else f"grid.{key}"
+
         if not fg.bases:
             errors.append(ConfigError(where("bases"), f"family {family!r} needs at least one base"))
         if family in MEMORY_FAMILIES and not fg.memory_sizes:
@@ -292,10 +305,12 @@ def _check_lists(grid: GridConfig | FamilyGrid, path: str, errors: list[ConfigEr
             errors.append(ConfigError(f"{path}.experts[{i}]", f"duplicate expert count {experts}"))
     for key, cls in (("memory", MemoryConfig), ("moe", MoEConfig), ("model", ModelConfig)):
         known = {f.name for f in dataclasses.fields(cls)} - ({"slots"} if cls is MemoryConfig else
-                                                            {"experts"} if cls is MoEConfig else {"family", "memory", "moe"})
+                                                            {"experts"} if cls is MoEConfig else
+                                                            {"family", "memory", "moe"})
         for name in getattr(grid, key):
             if name not in known:
-                errors.append(ConfigError(f"{path}.{key}.{name}", f"unknown key (expected one of {', '.join(sorted(known))})"))
+                errors.append(ConfigError(f"{path}.{key}.{name}",
+                                          f"unknown key (expected one of {', '.join(sorted(known))})"))
 
 
 def _check_models(study: Study, errors: list[ConfigError]) -> None:
@@ -317,10 +332,12 @@ def _grid_path(study: Study, family: str, error: ConfigError) -> tuple[str, str]
     section = parts[1] if len(parts) > 2 and parts[1] in ("memory", "moe") else "model"
     leaf = parts[-1]
     override = study.grid.overrides.get(family, FamilyGrid())
-    for where, options in ((f"grid.overrides.{family}", getattr(override, section)), ("grid", getattr(study.grid, section))):
+    for where, options in ((f"grid.overrides.{family}", getattr(override, section)),
+                           ("grid", getattr(study.grid, section))):
         if leaf in options:
             return f"{where}.{section}.{leaf}", error.reason
-    for where, options in ((f"grid.overrides.{family}", getattr(override, section)), ("grid", getattr(study.grid, section))):
+    for where, options in ((f"grid.overrides.{family}", getattr(override, section)),
+                           ("grid", getattr(study.grid, section))):
         if options:  # a derived field broke: blame the options that were given
             return f"{where}.{section}", f"{error.path}: {error.reason}"
     return error.path, error.reason

@@ -30,8 +30,9 @@ def search_all_runs(client, experiment_id: str, filter_string: str) -> list:
     """Every run of the experiment matching `filter_string`, across result pages."""
     runs, token = [], None
     while True:
-        page = with_retry(lambda: client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
-                                                     page_token=token), SEARCH_DEADLINE_S)
+        page = with_retry(lambda token=token: client.search_runs([experiment_id], filter_string=filter_string,
+                                                                 max_results=1000, page_token=token),
+                          SEARCH_DEADLINE_S)
         runs.extend(page)
         token = page.token
         if not token:
@@ -83,7 +84,7 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     flat = {k: str(v)[:6000] for k, v in flatten(params).items() if k not in existing}
     items = [Param(k, v) for k, v in flat.items()]
     for start in range(0, len(items), 100):
-        with_retry(lambda: client.log_batch(run_id, params=items[start:start + 100]))
+        with_retry(lambda start=start: client.log_batch(run_id, params=items[start:start + 100]))
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, Any], deadline_s: float = RETRY_DEADLINE_S) -> None:
@@ -108,7 +109,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
     batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
     client = client_for(uri)
     for start in range(0, len(batch), 500):
-        with_retry(lambda: client.log_batch(run_id, metrics=batch[start:start + 500]))
+        with_retry(lambda start=start: client.log_batch(run_id, metrics=batch[start:start + 500]))
 
 
 def _metrics(records: list[Record]) -> list:
@@ -138,7 +139,8 @@ class MetricBuffer:
         client = client_for(self.uri)
         run = with_retry(lambda: client.get_run(self.run_id))
         keys = [k for k in run.data.metrics if not k.startswith("system/")]  # own steps
-        steps = [m.step for key in keys for m in with_retry(lambda: client.get_metric_history(self.run_id, key))]
+        steps = [m.step for key in keys
+                 for m in with_retry(lambda key=key: client.get_metric_history(self.run_id, key))]
         self.logged_through = max([*steps, self.spool.max_step() if self.spool else -1], default=-1)
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
@@ -211,6 +213,6 @@ class MetricBuffer:
         client = client_for(self.uri)
         for start in range(0, len(records), 500):
             batch = _metrics(records[start:start + 500])
-            with_retry(lambda: client.log_batch(self.run_id, metrics=batch), deadline_s=deadline_s)
+            with_retry(lambda batch=batch: client.log_batch(self.run_id, metrics=batch), deadline_s=deadline_s)
             if acknowledge is not None:
                 acknowledge(len(batch))

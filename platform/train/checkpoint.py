@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from memlayers.platform.cluster.storage import write_local_atomic
 from memlayers.platform.train.commit import fsync_dir
 

@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 
 import psutil
 import pyarrow.fs as pafs
+
 from memlayers.platform.cluster import storage
 from memlayers.platform.train.commit import COMMIT, aside_name, fsync_dir, fsync_tree, is_marker
 

@@ -12,8 +12,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from memlayers.platform.data.loader import TokenLoader
 from torch import nn
+
+from memlayers.platform.data.loader import TokenLoader
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+
 from memlayers.config_schema import to_dict
 from memlayers.models.accounting import account
 from memlayers.models.pretrained import CONFIG_FILE, EXPORT_FORMAT, INDEX_FILE
@@ -105,7 +106,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, source: str | 
     with torch.device("meta"):
         skeleton = Transformer(plan.model)
     names = value_param_names(skeleton, skeleton.value_parameters())
-    table_of = {n: i for i, t in enumerate(skeleton.value_tables()) for n in names if skeleton.get_parameter(n) is t.weight}
+    table_of = {n: i for i, t in enumerate(skeleton.value_tables())
+                for n in names if skeleton.get_parameter(n) is t.weight}
     state = torch.load(state_file(checkpoint, 0), map_location="cpu", weights_only=True, mmap=True)["model"]
     entries = []
     for name in skeleton.state_dict():

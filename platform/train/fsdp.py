@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from memlayers.platform.train.mesh import ParallelPlan
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -31,6 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from memlayers.platform.train.mesh import ParallelPlan
 
 
 def shard_degree(fsdp: bool | int, data_parallel: int) -> int:

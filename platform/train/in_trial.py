@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+
 from memlayers.platform.cluster.storage import join
 from memlayers.platform.tracking.client import client_for, with_retry
 from memlayers.platform.tracking.conventions import ATTEMPT_TAG, ATTEMPTS_TAG
@@ -58,7 +59,8 @@ class FolderSession:
 
 def device_for(cfg: RunConfig) -> torch.device:
     """The trial's GPU (Ray made it the only visible one) when the cell asks for one, else the CPU."""
-    return torch.device("cuda") if cfg.resources.gpus_per_worker > 0 and torch.cuda.is_available() else torch.device("cpu")
+    use_gpu = cfg.resources.gpus_per_worker > 0 and torch.cuda.is_available()
+    return torch.device("cuda") if use_gpu else torch.device("cpu")
 
 
 def checkpoint_folder(run: OpenedRun) -> CheckpointFolder:

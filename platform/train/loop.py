@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
 from memlayers.config_schema import ConfigError
 from memlayers.kernels.allocator import keep_freed_memory
 from memlayers.kernels.usage import SlotUsage
@@ -40,7 +42,6 @@ from memlayers.platform.train.mesh import ParallelPlan, setup_parallel, value_pa
 from memlayers.platform.train.optim import build_optimizers
 from memlayers.platform.train.run_config import RunConfig
 from memlayers.platform.train.shard_checkpoint import load_values
-from torch import nn
 
 
 class NonFiniteLoss(RuntimeError):
@@ -146,7 +147,8 @@ class RunLoop:
 
     def _step_metrics(self, ce: float, lr: float, grad_norm: float, value_grad_norm: float) -> dict[str, float]:
         metrics = {"loss": ce, "lr": lr, "grad_norm": grad_norm, "tokens": float(self.step * self.plan.tokens_per_step),
-                   "train_flops": float(self.step * self.plan.tokens_per_step * self.plan.accounting.train_flops_per_token)}
+                   "train_flops": float(self.step * self.plan.tokens_per_step
+                                        * self.plan.accounting.train_flops_per_token)}
         if self.usage:
             metrics["value_grad_norm"] = value_grad_norm
             for usage, table in zip(self.usage, self.model.value_tables()):
@@ -158,7 +160,8 @@ class RunLoop:
                 for key in per_table[0]:
                     metrics[key] = sum(m[key] for m in per_table) / len(per_table)
         if self.model.moe_layers():
-            metrics["moe_imbalance"] = sum(load_imbalance(m.last_load_E) for m in self.model.moe_layers()) / len(self.model.moe_layers())
+            metrics["moe_imbalance"] = (sum(load_imbalance(m.last_load_E) for m in self.model.moe_layers())
+                                        / len(self.model.moe_layers()))
         return metrics
 
     def throughput(self) -> float:

@@ -89,7 +89,8 @@ def check_memory_plan(cfg: RunConfig, model: ModelConfig) -> MemoryPlan:
     if not cfg.resources.fsdp:
         sharded = memory_plan(cfg, model, fsdp=True)
         hint = f"fsdp: true would hold {sharded.state / GB:.1f} GB per GPU" + ("" if sharded.fits else f"; {hint}")
-    raise ConfigError("resources", f"the plan needs {plan.summary()}, over gpu_memory_gb={cfg.resources.gpu_memory_gb:g}"
+    raise ConfigError("resources", f"the plan needs {plan.summary()}, "
+                                   f"over gpu_memory_gb={cfg.resources.gpu_memory_gb:g}"
                                    f" ({hint})")
 
 

@@ -29,11 +29,12 @@ from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
 from memlayers.config_schema import ConfigError
 from memlayers.kernels.sharded_values import ShardedValueTable
 from memlayers.kernels.value_optim import allreduce_value_grads_
 from memlayers.platform.train.shard_checkpoint import save_sharded_values
-from torch import nn
 
 
 # ---- the mesh ---------------------------------------------------------------------------------
@@ -181,7 +182,8 @@ class ParallelPlan:
                 (p.grad._values() if p.grad.is_sparse else p.grad).mul_(coef.to(p.grad.dtype))
         return norm
 
-    def save_values(self, model: nn.Module, directory: str | Path, optimizer: torch.optim.Optimizer | None = None) -> list[Path]:
+    def save_values(self, model: nn.Module, directory: str | Path,
+                    optimizer: torch.optim.Optimizer | None = None) -> list[Path]:
         """Write this rank's shards (only the first data-parallel replica writes; the others hold copies)."""
         if self.mesh.dp_rank != 0:
             return []

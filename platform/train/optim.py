@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from memlayers.kernels.dense_adamw import CpuAdamW
 from memlayers.kernels.value_optim import clip_value_grad_norm_, make_value_optimizer
 from memlayers.platform.train.run_config import TrainConfig
-from torch import nn
 
 
 def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -90,6 +91,9 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Op
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=cfg.lr, betas=tuple(cfg.betas))
     values = make_value_optimizer(cfg.value_optimizer, value_params, lr=cfg.value_lr) if value_params else None
-    schedule = lambda step: lr_factor(step, total_steps, cfg)
+
+    def schedule(step: int) -> float:
+        return lr_factor(step, total_steps, cfg)
+
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in (dense, values) if opt is not None]
     return Optimizers(dense, values, schedulers, dense_params, value_params)

@@ -34,7 +34,8 @@ def memory_per_rank(cfg: ModelConfig, memory_parallel: int, value_optimizer: str
     row_adagrad: one fp32 accumulator per row (every column shard keeps all N rows); sgd: none.
     """
     if value_optimizer not in OPTIMIZER_STATES:
-        raise ConfigError("train.value_optimizer", f"must be one of {', '.join(OPTIMIZER_STATES)}, got {value_optimizer!r}")
+        raise ConfigError("train.value_optimizer",
+                          f"must be one of {', '.join(OPTIMIZER_STATES)}, got {value_optimizer!r}")
     total = account(cfg, 1).memory_value_params
     if total:
         column_range(cfg.dim, memory_parallel, 0)  # validates that P divides V

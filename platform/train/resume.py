@@ -17,6 +17,7 @@ from typing import Callable, ContextManager, Iterable, Iterator, Optional, Proto
 import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
+
 from memlayers.platform.train.checkpoint_folder import set_aside
 from memlayers.platform.train.commit import CommitError, verify_commit
 

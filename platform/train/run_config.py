@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from memlayers.config_schema import ConfigError, from_dict, name_problem, parse_yaml, read_yaml, require, to_dict
-from memlayers.platform.cluster.storage import uri_problem
 from memlayers.models.config import MEMORY_PARALLEL_FAMILIES, ModelConfig
 from memlayers.models.presets import BASES, build_config
+from memlayers.platform.cluster.storage import uri_problem
 from memlayers.platform.data.config import DataConfig
 from memlayers.platform.finetune.config import FinetuneRun
 
@@ -87,7 +87,8 @@ class TrainConfig:
 
     def validate(self, path: str = "train") -> None:
         budgets = [name for name in ("steps", "tokens", "flops") if getattr(self, name) is not None]
-        require(len(budgets) == 1, f"{path}.steps", f"give exactly one of steps, tokens, flops (got {budgets or 'none'})")
+        require(len(budgets) == 1, f"{path}.steps",
+                f"give exactly one of steps, tokens, flops (got {budgets or 'none'})")
         for name in budgets:
             value = getattr(self, name)
             require(value > 0 and math.isfinite(value), f"{path}.{name}", f"must be a finite number > 0, got {value}")
@@ -118,7 +119,8 @@ class ResourcesConfig:
     memory_parallel: int = 1            # ranks sharing one value table (divides workers)
     max_failures: int = 2               # worker-group restarts before the run fails
     runner: str = "auto"                # a study cell's: trial (in its Tune trial), train (Ray Train), auto
-    fsdp: Union[bool, int] = False      # FSDP2 of the dense weights: true (over all data-parallel ranks) or a shard degree
+    # FSDP2 of the dense weights: true (over all data-parallel ranks) or a shard degree
+    fsdp: Union[bool, int] = False
     gpu_memory_gb: float = 80.0         # what one GPU holds: the memory plan refuses runs that do not fit
 
     def validate(self, path: str = "resources") -> None:
@@ -162,7 +164,8 @@ class RunConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     workdir: Optional[str] = None       # None -> ./runs/<name>
-    storage: Optional[str] = None       # s3://bucket/prefix, gs://..., or a shared path: checkpoints in <storage>/<name>/
+    # s3://bucket/prefix, gs://..., or a shared path: checkpoints in <storage>/<name>/
+    storage: Optional[str] = None
     finetune: Optional[FinetuneRun] = None  # a finetuning cell: start from a checkpoint, learn new facts
 
     def validate(self, path: str = "") -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from memlayers.kernels.sharded_values import ShardedValueTable
 from memlayers.platform.train.checkpoint import atomic_save
-from torch import nn
 
 FORMAT = 1
 

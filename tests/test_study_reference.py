@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from conftest import REPO_ROOT
+
 from memlayers.platform.cli.main import main
 from memlayers.platform.study.reference import _sections, field_comments, render
 from memlayers.platform.study.schema import Study

@@ -119,8 +119,7 @@ class ResourcesConfig:
     memory_parallel: int = 1            # ranks sharing one value table (divides workers)
     max_failures: int = 2               # worker-group restarts before the run fails
     runner: str = "auto"                # a study cell's: trial (in its Tune trial), train (Ray Train), auto
-    # FSDP2 of the dense weights: true (over all data-parallel ranks) or a shard degree
-    fsdp: Union[bool, int] = False
+    fsdp: Union[bool, int] = False      # FSDP2 of the dense weights: true (all data-parallel ranks) or a shard degree
     gpu_memory_gb: float = 80.0         # what one GPU holds: the memory plan refuses runs that do not fit
 
     def validate(self, path: str = "resources") -> None:

@@ -57,6 +57,7 @@ def write_corpus(folder: Path, megabytes: float, files: int = 8) -> int:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from memlayers.platform.data.shakespeare import plays
 
     texts = [text for _, text in plays()]
@@ -78,6 +79,7 @@ def _prepare_timed(cfg, root: Path, tokenizer, cpus: int) -> float:
     """Seconds `prepare_set` takes on a local Ray of `cpus` CPUs, with the tokenizer already stored."""
     # deferred: a bench target imports what it measures only when it runs
     import ray.data
+
     from memlayers.platform.cluster.session import ray_cluster
     from memlayers.platform.data.build import prepare_set
     from memlayers.platform.data.identity import fingerprint

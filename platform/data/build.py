@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import pyarrow.fs as pafs
+
 from memlayers.config_schema import ConfigError
 from memlayers.platform.cluster.storage import join, local_path, open_fs
 from memlayers.platform.data.claim import claimed
@@ -29,9 +30,19 @@ from memlayers.platform.data.config import FILE_SOURCES, DataConfig
 from memlayers.platform.data.identity import DATA_VERSION, identity, key_of
 from memlayers.platform.data.parts import Part, encode_part, part_pieces, plan_parts, source_files
 from memlayers.platform.data.qa import save_qa, tokenize_pairs
-from memlayers.platform.data.shards import (ShardInfo, existing_shards, info_dicts, publish_bytes, read_manifest,
-                                            read_shard_header, set_uri, shard_infos, token_dtype, write_manifest,
-                                            write_shard)
+from memlayers.platform.data.shards import (
+    ShardInfo,
+    existing_shards,
+    info_dicts,
+    publish_bytes,
+    read_manifest,
+    read_shard_header,
+    set_uri,
+    shard_infos,
+    token_dtype,
+    write_manifest,
+    write_shard,
+)
 from memlayers.platform.data.sources import Corpus, hashed_split, open_corpus
 from memlayers.platform.data.stored_tokenizer import fetch_tokenizer, save_tokenizer
 from memlayers.platform.data.tokenizers import Tokenizer, train_tokenizer

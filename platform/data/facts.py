@@ -104,7 +104,8 @@ def generate_world(cfg: FactsConfig) -> World:
         else:
             values[name] = tuple(str(attr.first_year + i) for i in range(cfg.values_per_attribute))
             used.update(values[name])
-    names = _composite_names(cfg, fresh) if cfg.name_words == 2 else tuple(fresh("person", p) for p in range(cfg.people))
+    names = (_composite_names(cfg, fresh) if cfg.name_words == 2
+             else tuple(fresh("person", p) for p in range(cfg.people)))
     facts = {name: tuple(draw(cfg.seed, "fact", name, p) % cfg.values_per_attribute
                          for p in range(cfg.people))
              for name in cfg.attributes}

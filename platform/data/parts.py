@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
+
 from memlayers.config_schema import ConfigError
 from memlayers.platform.cluster.storage import is_local, open_fs
 from memlayers.platform.data.config import DataConfig

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import numpy as np
+
 from memlayers.platform.cluster.storage import join, local_path, read_bytes
-from memlayers.platform.data.build import Need, TOKENIZER_TRAIN_CHARS, fetch_tokenizer, prepare_set
+from memlayers.platform.data.build import TOKENIZER_TRAIN_CHARS, Need, fetch_tokenizer, prepare_set
 from memlayers.platform.data.cache import TokenWriter, read_tokens
 from memlayers.platform.data.config import DataConfig
 from memlayers.platform.data.identity import DATA_VERSION, fingerprint

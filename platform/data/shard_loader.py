@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
 from memlayers.platform.cluster.storage import join, local_path
 from memlayers.platform.data.shards import HEADER_BYTES, ShardInfo, download, shard_name
 

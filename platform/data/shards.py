@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow.fs as pafs
+
 from memlayers.platform.cluster.storage import join, local_path, open_fs, read_bytes, write_bytes
 
 MAGIC = b"MLTOKSH1"

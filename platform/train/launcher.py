@@ -24,8 +24,14 @@ from memlayers.platform.data.build import run_need
 from memlayers.platform.data.prepare import PreparedData, open_prepared
 from memlayers.platform.data.tracked import prepare_tracked
 from memlayers.platform.tracking import client as tracking
-from memlayers.platform.tracking.conventions import (CHECKPOINT_TAG, FAILURE_TAG, ROLE_TAG, artifact_location,
-                                                     cell_run_name, sqlite_uri)
+from memlayers.platform.tracking.conventions import (
+    CHECKPOINT_TAG,
+    FAILURE_TAG,
+    ROLE_TAG,
+    artifact_location,
+    cell_run_name,
+    sqlite_uri,
+)
 from memlayers.platform.tracking.study_ref import default_workdir
 from memlayers.platform.train.loop import Plan, plan_run
 from memlayers.platform.train.run_config import RunConfig
@@ -153,8 +159,9 @@ def open_run(cfg: RunConfig, workdir: Path | None = None) -> OpenedRun:
 def run_training(cfg: RunConfig, *, workdir: Path | None = None, threads_per_worker: int | None = None) -> TrainResult:
     """Train `cfg` on the current Ray cluster; returns the MLflow run id, status and final metrics."""
     import ray.train  # deferred: ray is heavy and only this path needs it
-    from memlayers.platform.train.worker import train_loop_per_worker  # deferred: the worker brings ray.train
     from ray.train.torch import TorchConfig, TorchTrainer  # deferred: ray is heavy and only this path needs it
+
+    from memlayers.platform.train.worker import train_loop_per_worker  # deferred: the worker brings ray.train
 
     run = open_run(cfg, workdir)
     use_gpu = cfg.resources.gpus_per_worker > 0

@@ -22,15 +22,16 @@ from typing import Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
+
 from memlayers.platform.data.prepare import PreparedData, open_prepared
 from memlayers.platform.data.shard_loader import ShardStream
 from memlayers.platform.tracking.client import MetricBuffer
 from memlayers.platform.tracking.conventions import FIRST_STEP_TAG, progress_tags, set_aside_tags
-
-DATA_CACHE_TAG = "memlayers.data_cache"  # rank 0's shard cache at the run's end: bound, peak, downloads (JSON)
 from memlayers.platform.train.loop import NonFiniteLoss, RunLoop
 from memlayers.platform.train.resume import Candidate, all_ranks_agree, resume_loop, sibling_candidates
 from memlayers.platform.train.run_config import RunConfig, run_config_from_dict
+
+DATA_CACHE_TAG = "memlayers.data_cache"  # rank 0's shard cache at the run's end: bound, peak, downloads (JSON)
 
 
 class Session(Protocol):

@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench figure clean gpu-check
+.PHONY: setup demo test test-fast lint bench figure clean gpu-check
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test: $(STAMP)
 # The edit-test loop: everything but the tests that start Ray, drive Chromium or run a study.
 test-fast: $(STAMP)
 	$(PY) tests/run_suite.py -q tests -m "not ray and not browser and not slow"
+
+# Lint (rules in pyproject.toml [tool.ruff]); CI runs it after the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(VENV)/bin/memlayers bench memory

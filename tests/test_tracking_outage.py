@@ -96,7 +96,8 @@ def test_a_cell_trains_through_a_minute_without_its_tracking_server(tmp_path):
     port = free_port()
     uri, server = f"http://127.0.0.1:{port}", _server(tmp_path, port)
     try:
-        cfg = one_worker_config(tmp_path / "cell", steps=60, checkpoint_every=10, eval_every=60, log_every=5)
+        # long enough (tens of seconds even on an idle machine) to be training when the server goes away
+        cfg = one_worker_config(tmp_path / "cell", steps=1200, checkpoint_every=300, eval_every=1200, log_every=20)
         cfg.tracking.uri = uri
         results = []  # the cell starts while the server still boots: its first calls wait for it
         cell = threading.Thread(target=lambda: results.append(run_in_trial(cfg, workdir=tmp_path / "cell", job="j")))
@@ -117,7 +118,7 @@ def test_a_cell_trains_through_a_minute_without_its_tracking_server(tmp_path):
         assert not cell.is_alive() and results and results[0].status == "FINISHED", results
         run = client.get_run(results[0].run_id)
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
-        assert steps == list(range(5, 61, 5)) and run.info.status == "FINISHED"
+        assert steps == list(range(20, 1201, 20)) and run.info.status == "FINISHED"
         assert not list(spool.glob("*.jsonl")) and not list(spool.glob("*.tags.json"))  # all of it acknowledged
         assert not client.search_runs([run.info.experiment_id], "attributes.status = 'FAILED'")
     finally:

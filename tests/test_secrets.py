@@ -74,3 +74,30 @@ def test_study_run_refuses_credentials_in_uris(flag, value, field, capsys, tmp_p
     assert code == 2 and len(err) == 1 and f": {field}: " in err[0], err
     assert not any(secret in err[0] for secret in ("SECRETY", "TOKENZ", "AKIAX")), err
     assert list(tmp_path.iterdir()) == []  # no work directory, no MLflow store
+
+
+@pytest.mark.parametrize("flag, value, field", [("--storage", "s3://AKIAX:SECRETY@bucket/p", "storage"),
+                                                 ("--tracking-uri", "https://me:TOKENZ@mlflow:5000", "tracking.uri")])
+def test_train_refuses_credentials_in_uris(flag, value, field, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = str(REPO_ROOT / "studies" / "runs" / "tiny-memory-plus.yaml")
+    code = main(["train", run, flag, value, "--workdir", str(tmp_path / "wd")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f": {field}: " in err[0], err
+    assert not any(secret in err[0] for secret in ("SECRETY", "TOKENZ", "AKIAX")), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_refuses_a_session_folder_others_may_write(capsys, tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    folder = tmp_path / f"memlayers-ray-{os.getuid()}"
+    folder.mkdir()
+    folder.chmod(0o777)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    run = str(REPO_ROOT / "studies" / "runs" / "tiny-memory-plus.yaml")
+    code = main(["train", run, "--workdir", str(tmp_path / "wd")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "writable by others" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]

@@ -39,17 +39,31 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"memlayers train: {args.config}: {error}", file=sys.stderr)
         return 2
+    from memlayers.platform.cluster.secrets import credential_problems
+
+    problems = credential_problems({"storage": cfg.storage, "tracking.uri": cfg.tracking.uri,
+                                    "data.path": cfg.data.path})
+    for field, reason in problems:  # they would be written to MLflow, checkpoints and printed lines
+        print(f"memlayers train: {args.config}: {field}: {reason}", file=sys.stderr)
+    if problems:
+        return 2
 
     if args.dry_run:
         return print_plan(cfg, args.config)
     if cfg.resources.gpus_per_worker > 0 and planned(cfg, args.config) is None:  # refused before Ray starts
         return 2
 
-    from memlayers.platform.cluster.session import ray_cluster
+    from memlayers.platform.cluster.session import UnsafeSessionDir, ray_cluster, session_dir
     from memlayers.platform.cluster.visibility import shared_problems
     from memlayers.platform.tracking.conventions import sqlite_uri
     from memlayers.platform.train.launcher import resolve_workdir, run_training, storage_root
 
+    try:
+        if not args.address:  # the local cluster's private folder, checked before anything starts
+            session_dir(create=False)
+    except UnsafeSessionDir as error:
+        print(f"memlayers train: {error}", file=sys.stderr)
+        return 2
     workdir = resolve_workdir(cfg, Path(args.workdir) if args.workdir else None)
     with ray_cluster(args.address, num_cpus=None):
         problems = shared_problems(cfg.tracking.uri or sqlite_uri(workdir), storage_root(cfg, workdir))

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as folder:
         outcomes = Path(folder) / "outcomes.tsv"
         outcomes.touch()
-        env = {**os.environ, OUTCOMES_ENV: str(outcomes)}
+        env = {**os.environ, OUTCOMES_ENV: str(outcomes), "PYTHONUNBUFFERED": "1"}  # progress as it happens
         proc = subprocess.Popen([sys.executable, "-m", "pytest", *argv], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         for sig in (signal.SIGINT, signal.SIGTERM):  # pytest left our group: pass an interrupt on

@@ -202,14 +202,11 @@ def run_run(args: argparse.Namespace) -> int:
     import contextlib
 
     from memlayers.dashboards.report import write_report
-    from memlayers.platform.cluster.session import UnsafeSessionDir, ray_cluster, session_dir
+    from memlayers.platform.cluster.session import ray_cluster, session_dir_problem
     from memlayers.platform.study.controller import run_study
 
-    try:
-        if not args.address:  # the local cluster's private folder, checked before anything starts
-            session_dir(create=False)
-    except UnsafeSessionDir as error:
-        print(f"memlayers study run: {error}", file=sys.stderr)
+    if problem := session_dir_problem(args.address):
+        print(f"memlayers study run: {problem}", file=sys.stderr)
         return 2
     try:
         # joining a cluster first lets the controller check, before anything starts, that every node

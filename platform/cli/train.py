@@ -53,16 +53,13 @@ def run(args: argparse.Namespace) -> int:
     if cfg.resources.gpus_per_worker > 0 and planned(cfg, args.config) is None:  # refused before Ray starts
         return 2
 
-    from memlayers.platform.cluster.session import UnsafeSessionDir, ray_cluster, session_dir
+    from memlayers.platform.cluster.session import ray_cluster, session_dir_problem
     from memlayers.platform.cluster.visibility import shared_problems
     from memlayers.platform.tracking.conventions import sqlite_uri
     from memlayers.platform.train.launcher import resolve_workdir, run_training, storage_root
 
-    try:
-        if not args.address:  # the local cluster's private folder, checked before anything starts
-            session_dir(create=False)
-    except UnsafeSessionDir as error:
-        print(f"memlayers train: {error}", file=sys.stderr)
+    if problem := session_dir_problem(args.address):
+        print(f"memlayers train: {problem}", file=sys.stderr)
         return 2
     workdir = resolve_workdir(cfg, Path(args.workdir) if args.workdir else None)
     with ray_cluster(args.address, num_cpus=None):

@@ -67,6 +67,18 @@ def session_dir(root: Path | None = None, create: bool = True) -> Path:
     return path
 
 
+def session_dir_problem(address: str | None) -> str | None:
+    """Why a local cluster cannot start in this user's private folder (checked before anything starts,
+    creating nothing), or None; a joined cluster (`address`) needs no local folder."""
+    if address:
+        return None
+    try:
+        session_dir(create=False)
+    except UnsafeSessionDir as error:
+        return str(error)
+    return None
+
+
 def private_token() -> Path | None:
     """Make the token a new local cluster uses readable by this user only: write `~/.ray/auth_token` 0600
     when no token is set up yet (Ray would write it with the default umask, world-readable), or tighten a
